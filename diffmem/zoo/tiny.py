@@ -1,0 +1,180 @@
+"""Tiny Stable Diffusion pipelines built from configs, with a small word-level CLIP BPE vocabulary.
+
+Used by the tests, the benchmarks and the memorizer's training script. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["bytes_to_unicode", "write_word_vocab", "build_tiny_pipeline", "DEFAULT_WORDS"]
+
+DEFAULT_WORDS = (
+    "a an the of on in with and photo picture painting red green blue yellow white black orange purple "
+    "pink gray brown cat dog car tree house circle square triangle star emblem logo background sky"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Return the reversible byte -> printable unicode map used by byte-level BPE (GPT-2 / CLIP)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+def write_word_vocab(folder: str | Path, words: Iterable[str]) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a byte-level CLIP BPE that spells each word as one token.
+
+    The vocabulary holds the 256 byte symbols, the same with ``</w>``, one merge chain per word and the two
+    special tokens, so that any text tokenizes (unknown words fall back to smaller pieces).
+
+    Args:
+        folder: Output folder; created if missing.
+        words: Words that should become single tokens (lower-cased).
+
+    Returns:
+        The folder, ready for ``CLIPTokenizer.from_pretrained``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab: list[str] = symbols + [s + "</w>" for s in symbols]
+    seen = set(vocab)
+    merges: list[tuple[str, str]] = []
+    byte_map = bytes_to_unicode()
+    for word in sorted({w.lower() for w in words if w.strip()}):
+        chars = [byte_map[b] for b in word.encode("utf-8")]
+        chars[-1] = chars[-1] + "</w>"
+        left = chars[0]
+        for right in chars[1:]:
+            pair = (left, right)
+            merged = left + right
+            if merged not in seen:
+                merges.append(pair)
+                vocab.append(merged)
+                seen.add(merged)
+            left = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok_config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True))
+    return folder
+
+
+def build_tiny_pipeline(
+    tokenizer_dir: str | Path | None = None,
+    words: Iterable[str] = DEFAULT_WORDS,
+    seed: int = 0,
+    sample_size: int = 8,
+    text_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int | None = None,
+    zero_snr: bool = False,
+):
+    """Build a seeded, randomly initialised tiny ``StableDiffusionPipeline`` (about 1 M UNet parameters).
+
+    Args:
+        tokenizer_dir: Where to write the tokenizer vocabulary; a temporary folder when ``None``.
+        words: Words the tokenizer spells as single tokens.
+        seed: Seed of the weight initialisation.
+        sample_size: Latent size of the UNet (the image is ``sample_size * 2`` px with this VAE).
+        text_dim: Width of the CLIP text encoder.
+        block_out_channels: UNet channels per level.
+        cross_attention_dim: Defaults to ``text_dim``.
+        zero_snr: Use a zero-terminal-SNR, v-prediction DDIM scheduler (Lin et al. 2023).
+
+    Returns:
+        A ``StableDiffusionPipeline`` on the CPU in fp32.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="diffmem-tok-")
+    write_word_vocab(tokenizer_dir, words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim or text_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size * 2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=text_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    sched_kwargs = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    if zero_snr:
+        sched_kwargs.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    scheduler = DDIMScheduler(**sched_kwargs)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
