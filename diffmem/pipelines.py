@@ -1,0 +1,134 @@
+"""Load diffusers pipelines safely: safetensors only unless pickles are explicitly allowed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .targets import get_denoiser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_pipeline", "get_denoiser", "looks_like_path"]
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether a model string names a local path rather than a hub id.
+
+    A hub id is ``name`` or ``org/name``; anything starting with ``.``, ``/`` or ``~``, holding a backslash,
+    a drive letter or more than one ``/``, or otherwise not shaped like a hub id is a path.
+
+    Args:
+        model: The user's model argument.
+
+    Returns:
+        ``True`` for a path.
+    """
+    if model.startswith((".", "/", "~")) or "\\" in model or re.match(r"^[A-Za-z]:", model):
+        return True
+    return _HUB_ID.fullmatch(model) is None
+
+
+def _pickle_only_components(folder: Path) -> list[str]:
+    """Components of a pipeline folder whose weights exist only as pickles."""
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    found = []
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = [p.name for p in sub.iterdir() if p.is_file()]
+        has_safe = any(f.endswith(".safetensors") for f in files)
+        has_pickle = any(f.endswith(_PICKLE_SUFFIXES) for f in files)
+        if has_pickle and not has_safe:
+            found.append(name)
+    return found
+
+
+def _dtype_kwargs(torch_dtype: torch.dtype | None) -> dict[str, Any]:
+    if torch_dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (diffusers that takes `dtype`)
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": torch_dtype}
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = (str(err).strip() or type(err).__name__).splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Load a diffusers pipeline from a local folder or a hub id.
+
+    Without ``allow_pickle`` only safetensors weights are read (``use_safetensors=True``); a local folder whose
+    weights exist only as pickles (``.bin``) is refused before anything is loaded. A path that does not exist
+    fails at once, without touching the network.
+
+    Args:
+        model: A diffusers pipeline folder (with ``model_index.json``) or a hub id such as ``org/name``.
+        allow_pickle: Also accept pickled (``.bin``) weights. Pickles can run code when loaded.
+        torch_dtype: Weight dtype (default: as stored).
+        device: Device to move the pipeline to (default: leave on the CPU).
+
+    Returns:
+        The loaded ``DiffusionPipeline``.
+
+    Raises:
+        ModelLoadError: The path is missing or not a pipeline folder, the weights are pickles only, or loading
+            failed; the message is one line.
+    """
+    from diffusers import DiffusionPipeline
+
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    is_local = path.exists()
+    parent_is_local = "/" in text and Path(text.split("/")[0]).expanduser().is_dir()
+    if not is_local and (looks_like_path(text) or parent_is_local):
+        raise ModelLoadError(f"model path not found: {text}")
+    if is_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model path is not a folder: {text} (expected a diffusers pipeline folder)")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"not a diffusers pipeline folder (no model_index.json): {text}")
+        try:
+            pickled = _pickle_only_components(path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read {path / 'model_index.json'}: {_first_line(err)}") from None
+        if pickled and not allow_pickle:
+            raise ModelLoadError(
+                f"{text} has only pickle (.bin) weights for {', '.join(pickled)}; "
+                "pass --allow-pickle (allow_pickle=True) to load them, only if you trust the source"
+            )
+    kwargs: dict[str, Any] = {"use_safetensors": True if not allow_pickle else None, **_dtype_kwargs(torch_dtype)}
+    source = str(path) if is_local else text
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as err:  # diffusers and huggingface_hub raise many error types
+        message = _first_line(err)
+        hint = "; pass --allow-pickle if the weights are .bin only" if "safetensors" in message.lower() else ""
+        raise ModelLoadError(f"cannot load {text!r}: {message}{hint}") from None
+    if device is not None:
+        pipe = pipe.to(device)
+    logger.info("loaded %s (%s, denoiser %s)", text, type(pipe).__name__, type(get_denoiser(pipe)).__name__)
+    return pipe
