@@ -438,13 +438,14 @@ def _meta(method: str, config: LocateConfig, stats_mem: ActivationStats, stats_b
 
 
 class _RowTopK:
-    """Exact per-row top-k of ``|W| * a`` for many vectors ``a``, reading few columns where a bound allows.
+    """Exact per-row top-k of ``|W| * a`` for a batch of vectors ``a``, reading few columns where a bound allows.
 
     For each row the ``m`` columns of largest ``|W|`` are fixed once; for each ``a`` the ``m`` columns of
     largest ``a`` are added. A column outside both sets scores at most ``floor_row * floor_a`` (the smallest
     ``|W|`` among the row's candidates times the smallest ``a`` among the added columns). Where the k-th best
     candidate beats that bound, the candidates' top-k is the row's top-k; other rows are ranked in full.
-    Float multiplication is monotone, so the bound also holds for the rounded scores.
+    Float multiplication is monotone, so the bound also holds for the rounded scores. Steps are batched to keep
+    the number of kernel launches (and thread synchronisations) small.
 
     Args:
         absw: ``|W|``, fp32 ``[out, in]``.
@@ -456,6 +457,7 @@ class _RowTopK:
         out_f, in_f = absw.shape
         self.m = m = max(2 * k, in_f // 16)
         self.fast = 4 * m <= in_f
+        self.width = 2 * m if self.fast else in_f
         if not self.fast:
             return
         cand_absw, cand_idx = torch.topk(absw, m, dim=1, sorted=False)
@@ -464,28 +466,40 @@ class _RowTopK:
         self.absw_t = absw.t().contiguous()
         in_cand = torch.zeros(out_f, in_f, dtype=torch.bool, device=absw.device).scatter_(1, cand_idx, True)
         self.in_cand_t = in_cand.t().contiguous()
-        self.scores = torch.empty(out_f, 2 * m, dtype=absw.dtype, device=absw.device)
-        self.cols = torch.empty(out_f, 2 * m, dtype=torch.int64, device=absw.device)
-        self.cols[:, :m] = cand_idx
 
     def __call__(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Return the top-k scores and their columns, each ``[out, k]`` (unsorted)."""
+        """Rank the rows for each vector of ``a``.
+
+        Args:
+            a: ``[T, in]``, one vector per step.
+
+        Returns:
+            The top-k scores and their columns, each ``[T, out, k]`` (unsorted within a row).
+        """
+        steps = a.shape[0]
         if not self.fast:
-            return torch.topk(self.absw * a.unsqueeze(0), self.k, dim=1, sorted=False)
-        m = self.m
-        a_top, a_idx = torch.topk(a, m, sorted=False)
-        torch.mul(self.cand_absw, a[self.cand_idx], out=self.scores[:, :m])
-        extra = self.absw_t[a_idx] * a_top.unsqueeze(1)
+            return torch.topk(self.absw.unsqueeze(0) * a.unsqueeze(1), self.k, dim=2, sorted=False)
+        m, out_f = self.m, self.absw.shape[0]
+        a_top, a_idx = torch.topk(a, m, dim=1, sorted=False)
+        scores = torch.empty(steps, out_f, 2 * m, dtype=self.absw.dtype, device=self.absw.device)
+        torch.mul(self.cand_absw.unsqueeze(0), a[:, self.cand_idx], out=scores[:, :, :m])
+        extra = self.absw_t[a_idx] * a_top.unsqueeze(2)
         extra.masked_fill_(self.in_cand_t[a_idx], float("-inf"))  # already among the row's candidates
-        self.scores[:, m:] = extra.t()
-        self.cols[:, m:] = a_idx
-        values, pos = torch.topk(self.scores, self.k, dim=1, sorted=False)
-        cols = self.cols.gather(1, pos)
-        bound = self.row_floor * a_top.amin()
-        redo = torch.nonzero(values.amin(dim=1) <= bound).flatten()
-        if redo.numel():
-            values[redo], cols[redo] = torch.topk(self.absw[redo] * a.unsqueeze(0), self.k, dim=1, sorted=False)
+        scores[:, :, m:] = extra.transpose(1, 2)
+        cols = torch.empty(steps, out_f, 2 * m, dtype=torch.int64, device=self.absw.device)
+        cols[:, :, :m] = self.cand_idx
+        cols[:, :, m:] = a_idx.unsqueeze(1)
+        values, pos = torch.topk(scores, self.k, dim=2, sorted=False)
+        cols = cols.gather(2, pos)
+        bound = self.row_floor.unsqueeze(0) * a_top.amin(dim=1, keepdim=True)
+        step_idx, row_idx = torch.nonzero(values.amin(dim=2) <= bound).unbind(1)
+        if step_idx.numel():
+            redo = torch.topk(self.absw[row_idx] * a[step_idx], self.k, dim=1, sorted=False)
+            values[step_idx, row_idx], cols[step_idx, row_idx] = redo
         return values, cols
+
+
+_CHUNK_ELEMENTS = 1 << 23  # scores held at once when ranking several steps together (32 MiB in fp32)
 
 
 def select_wanda(
@@ -523,10 +537,15 @@ def select_wanda(
             a_base = stats_act_norm(stats_base, name, config.half)[:tau].to(absw.device)
             hits = torch.zeros(out_f, in_f, dtype=torch.int32, device=absw.device)
             row_topk = _RowTopK(absw, k)
-            for t in range(tau):
-                top_mem, top_idx = row_topk(a_mem[t])
-                top_base = absw.gather(1, top_idx).mul_(a_base[t][top_idx])
-                hits.scatter_add_(1, top_idx, (top_mem > top_base).to(torch.int32))
+            chunk = max(1, _CHUNK_ELEMENTS // (out_f * row_topk.width))
+            for t0 in range(0, tau, chunk):
+                a_chunk, b_chunk = a_mem[t0 : t0 + chunk], a_base[t0 : t0 + chunk]
+                n = a_chunk.shape[0]
+                top_mem, top_idx = row_topk(a_chunk)  # [n, out, k]
+                top_base = absw.unsqueeze(0).expand(n, -1, -1).gather(2, top_idx)
+                top_base.mul_(b_chunk.gather(1, top_idx.view(n, -1)).view(n, out_f, k))
+                beats = (top_mem > top_base).to(torch.int32).transpose(0, 1).reshape(out_f, -1)
+                hits.scatter_add_(1, top_idx.transpose(0, 1).reshape(out_f, -1), beats)
             layers[name] = (hits >= min_count).cpu()
     mask = Mask(layers, level="weight", meta=_meta("wanda", config, stats_mem, stats_base))
     if logger.isEnabledFor(logging.INFO):

@@ -1,0 +1,189 @@
+"""Before/after evaluation of an edit (a mask or a direction basis) on a prompt manifest.
+
+The edit is applied reversibly to the *same* loaded pipeline, so "before" and "after" differ only by the edit,
+and every image of a prompt uses the same seed in both runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffmem.sampling import generate_images
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_edit", "edit_context", "load_reference"]
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings.
+
+    Args:
+        num_seeds: Generations per prompt.
+        seed: First seed (image ``j`` of every prompt uses ``seed + j``, before and after).
+        batch_size: Images per pipeline call.
+        strict_threshold: A second, stricter replication threshold reported beside the scorer's own
+            (0.7 for SSCD, as in the literature); ``None`` skips it.
+        call_kwargs: Pipeline call arguments (``num_inference_steps``, ``guidance_scale``, ...).
+    """
+
+    num_seeds: int = 8
+    seed: int = 0
+    batch_size: int = 64
+    strict_threshold: float | None = 0.7
+    call_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_reference(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Load a reference image as uint8 RGB, optionally resized to ``(height, width)``."""
+    img = Image.open(path).convert("RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def edit_context(pipe, edit):
+    """Apply an edit reversibly: a ``Mask`` through ``apply_mask``, a direction basis through its projection;
+    ``None`` is a no-op."""
+    if edit is None:
+        yield pipe
+        return
+    from diffmem.locate import Mask
+    from diffmem.prune import apply_mask
+
+    if isinstance(edit, Mask):
+        with apply_mask(pipe, edit):
+            yield pipe
+        return
+    from diffmem.directions import DirectionBasis, apply_projection
+
+    if isinstance(edit, DirectionBasis):
+        with apply_projection(pipe, edit):
+            yield pipe
+        return
+    raise TypeError(f"unsupported edit type {type(edit).__name__}")
+
+
+def _pairwise_mean(sim: np.ndarray) -> float:
+    n = sim.shape[0]
+    if n < 2:
+        return float("nan")
+    off = sim[~np.eye(n, dtype=bool)]
+    return float(off.mean())
+
+
+@dataclass
+class EvalResult:
+    """Per-prompt rows and aggregates of one evaluation run."""
+
+    rows: list[dict]
+    scorer: dict
+    config: dict
+    images: np.ndarray | None = None  # uint8 [P, S, H, W, 3]
+
+    def aggregate(self, rows: list[dict] | None = None) -> dict:
+        rows = self.rows if rows is None else rows
+        if not rows:
+            return {"num_prompts": 0}
+        keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
+                and k not in ("duplicates", "index")]
+        out: dict = {"num_prompts": len(rows)}
+        for k in keys:
+            vals = [r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and np.isnan(r[k]))]
+            out[k] = float(np.mean(vals)) if vals else None
+        return out
+
+    def summary(self) -> dict:
+        """Aggregates by split (``locate`` / ``heldout`` / ``nonmem``) and by duplication count."""
+        by_split: dict[str, list[dict]] = defaultdict(list)
+        by_dup: dict[str, list[dict]] = defaultdict(list)
+        for r in self.rows:
+            by_split[r["split"]].append(r)
+            if r.get("duplicates") is not None:
+                by_dup[str(r["duplicates"])].append(r)
+        out = {s: self.aggregate(v) for s, v in sorted(by_split.items())}
+        out["by_duplicates"] = {d: self.aggregate(v) for d, v in sorted(by_dup.items(), key=lambda x: int(x[0]))}
+        return out
+
+
+def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult | None = None,
+             clip_scorer=None, progress: bool = True, desc: str = "evaluate") -> EvalResult:
+    """Generate and score every manifest entry.
+
+    Args:
+        pipe: The pipeline (edited or not, as the caller arranged).
+        entries: Manifest entries (``prompt``, ``split``, ``reference``, ``duplicates``, ``memorized``).
+        config: Evaluation settings.
+        scorer: A similarity scorer from :func:`diffmem.score.get_scorer`.
+        baseline: The unedited run of the same entries; adds per-prompt drift (similarity of each image to the
+            unedited image of the same seed) next to the seed-to-seed similarity of the unedited images.
+        clip_scorer: A CLIP scorer with real weights; adds the CLIP score (image vs prompt).
+        progress: Show progress bars.
+        desc: Progress label.
+
+    Returns:
+        An :class:`EvalResult` holding the images too.
+    """
+    prompts = [e.prompt for e in entries]
+    images = generate_images(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
+                             batch_size=config.batch_size, progress=progress, desc=desc, **config.call_kwargs)
+    h, w = images.shape[2:4]
+    thr = float(scorer.threshold)
+    strict = config.strict_threshold if scorer.name == "sscd" else None
+    rows = []
+    for i, (e, imgs) in enumerate(zip(entries, images)):
+        gens = list(imgs)
+        row: dict = {"index": i, "prompt": e.prompt, "split": e.split, "duplicates": e.duplicates,
+                     "memorized": bool(e.memorized)}
+        if e.reference is not None:
+            ref = load_reference(e.reference, (h, w))
+            s = scorer.similarity(gens, [ref]).float().numpy()[:, 0]
+            row.update(max_similarity=float(s.max()), mean_similarity=float(s.mean()),
+                       replication_rate=float((s >= thr).mean()))
+            if strict is not None:
+                row["replication_rate_strict"] = float((s >= strict).mean())
+        pair = scorer.similarity(gens, gens).float().numpy()
+        row["diversity_similarity"] = _pairwise_mean(pair)
+        if baseline is not None:
+            base_imgs = list(baseline.images[i])
+            cross = scorer.similarity(gens, base_imgs).float().numpy()
+            row["drift_similarity"] = float(np.diag(cross).mean())
+            row["seed_similarity_before"] = baseline.rows[i]["diversity_similarity"]
+            row["drift_within_seed_spread"] = bool(row["drift_similarity"] >= row["seed_similarity_before"])
+            row["pixel_drift"] = float(np.abs(imgs.astype(np.float32) - baseline.images[i].astype(np.float32)).mean() / 255)
+        if clip_scorer is not None:
+            row["clip_score"] = float(clip_scorer.clip_score(gens, [e.prompt] * len(gens)).mean())
+        rows.append(row)
+    return EvalResult(rows=rows, scorer=scorer.describe(), config=config.to_dict(), images=images)
+
+
+def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit, *, clip_scorer=None,
+                  progress: bool = True) -> tuple[EvalResult, EvalResult]:
+    """Evaluate without and with ``edit`` on the same loaded pipeline.
+
+    Returns:
+        ``(before, after)``; ``after`` carries the drift fields.
+    """
+    before = evaluate(pipe, entries, config, scorer, clip_scorer=clip_scorer, progress=progress, desc="before")
+    with edit_context(pipe, edit), torch.no_grad():
+        after = evaluate(pipe, entries, config, scorer, baseline=before, clip_scorer=clip_scorer,
+                         progress=progress, desc="after")
+    return before, after

@@ -1,0 +1,196 @@
+"""Measure what the tiny memorizer does: replication by duplication count, generalization, detection AUC.
+
+Usage::
+
+    python -m diffmem.zoo.check_memorizer assets/tiny-sd-memorizer [--seeds 8] [--no-write]
+
+A generation *replicates* when its nearest training image (pixel L2 over the whole rebuilt training set) is its
+own reference and its SSIM to that reference is at least 0.6 at the native size. SSCD (cosine >= 0.5 to the
+reference) is reported beside it when the SSCD scorer is installed. A non-memorized generation replicates when
+its SSIM to its nearest training image is at least 0.6 (a near-copy of some single training image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.sampling import generate_images
+from diffmem.zoo import sampling_defaults
+from diffmem.zoo.shapes import ShapesConfig, classify_foreground_colour, make_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_memorizer", "ssim_uint8", "nearest_training"]
+
+SSIM_THRESHOLD = 0.6
+SSCD_THRESHOLD = 0.5
+
+
+def ssim_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two uint8 RGB images (scikit-image, 7x7 window)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+
+
+def nearest_training(gens: np.ndarray, train: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Index of the nearest training image (pixel L2) for each generation."""
+    t = torch.from_numpy(train.reshape(len(train), -1).astype(np.float32))
+    g = torch.from_numpy(gens.reshape(len(gens), -1).astype(np.float32))
+    out = [torch.cdist(g[i : i + chunk], t).argmin(1) for i in range(0, len(g), chunk)]
+    return torch.cat(out).numpy()
+
+
+def _load_manifest(model: Path) -> list[dict]:
+    rows = []
+    for line in (model / "memorization.jsonl").read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, write: bool = True,
+                    progress: bool = True, limit: int | None = None) -> dict:
+    """Run the checks and return the figures (and write ``memorization_check.json`` and ``grid.png``).
+
+    Args:
+        model: The checkpoint folder (with ``memorization.jsonl`` and ``train_config.json``).
+        seeds: Generations per prompt.
+        detect_seeds: Seeds for the detection AUC.
+        write: Write the report and the grid into the model folder.
+        progress: Show progress bars.
+        limit: Check only the first ``limit`` prompts of each kind (for quick tests).
+
+    Returns:
+        The report dictionary.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.detect import DetectConfig, noise_norm_scores
+    from diffmem.metrics import roc_auc, tpr_at_fpr
+
+    model = Path(model)
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = sampling_defaults(model)
+    train_cfg = json.loads((model / "train_config.json").read_text())
+    ds_cfg = dict(train_cfg["dataset"])
+    ds_cfg["duplicates"] = tuple(ds_cfg["duplicates"])
+    samples = make_dataset(ShapesConfig(**ds_cfg))
+    train = np.stack([s.image for s in samples])
+    rows = _load_manifest(model)
+    if limit is not None:
+        by_kind: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            key = "mem" if r["memorized"] else r.get("kind", "nonmem")
+            if len(by_kind[key]) < limit:
+                by_kind[key].append(r)
+        rows = [r for v in by_kind.values() for r in v]
+    prompts = [r["prompt"] for r in rows]
+    gens = generate_images(pipe, prompts, num_seeds=seeds, progress=progress, desc="check: generate", **defaults)
+
+    scorer = None
+    try:
+        from diffmem.score import get_scorer
+
+        scorer = get_scorer("sscd")
+    except Exception as err:  # the SSCD scorer is optional here
+        logger.warning("SSCD unavailable (%s); reporting SSIM only", str(err).splitlines()[0])
+
+    per_prompt = []
+    for r, g in zip(rows, gens):
+        ref_idx = int(Path(r["reference"]).stem)
+        nearest = nearest_training(g, train)
+        ssim_ref = [ssim_uint8(x, train[ref_idx]) for x in g]
+        ssim_near = [ssim_uint8(x, train[n]) for x, n in zip(g, nearest)]
+        if r["memorized"] or r.get("kind") == "control":
+            rep = [(n == ref_idx) and s >= SSIM_THRESHOLD for n, s in zip(nearest, ssim_ref)]
+        else:
+            rep = [s >= SSIM_THRESHOLD for s in ssim_near]
+        entry = dict(prompt=r["prompt"], memorized=r["memorized"], duplicates=r["duplicates"], split=r["split"],
+                     kind=r.get("kind"), replication_ssim=float(np.mean(rep)), mean_ssim_ref=float(np.mean(ssim_ref)))
+        if scorer is not None:
+            sim = scorer.similarity(list(g), [train[ref_idx]]).numpy()[:, 0]
+            entry["replication_sscd"] = float(np.mean(sim >= SSCD_THRESHOLD))
+            entry["mean_sscd_ref"] = float(np.mean(sim))
+        if r.get("fg"):
+            entry["fg_correct"] = float(np.mean([classify_foreground_colour(x) == r["fg"] for x in g]))
+        per_prompt.append(entry)
+
+    def agg(sel, key):
+        vals = [e[key] for e in per_prompt if sel(e) and key in e]
+        return float(np.mean(vals)) if vals else None
+
+    by_dup = {}
+    for d in sorted({e["duplicates"] for e in per_prompt if e["kind"] != "unique"}):
+        by_dup[str(d)] = {k: agg(lambda e, d=d: e["duplicates"] == d and e["kind"] != "unique", k)
+                          for k in ("replication_ssim", "replication_sscd", "mean_ssim_ref")}
+
+    mem_prompts = [e["prompt"] for e in per_prompt if e["memorized"]]
+    non_prompts = [e["prompt"] for e in per_prompt if not e["memorized"]]
+    dcfg = DetectConfig(steps=1, num_seeds=detect_seeds, num_inference_steps=defaults.get("num_inference_steps", 50),
+                        guidance_scale=defaults.get("guidance_scale", 7.5), height=defaults.get("height"),
+                        width=defaults.get("width"))
+    scores = noise_norm_scores(pipe, mem_prompts + non_prompts, dcfg, progress=progress)
+    labels = np.array([True] * len(mem_prompts) + [False] * len(non_prompts))
+    report = {
+        "model": str(model),
+        "seeds": seeds,
+        "sampler": defaults,
+        "criterion": f"nearest training image (pixel L2) is the reference and SSIM >= {SSIM_THRESHOLD}; "
+                     f"SSCD cosine >= {SSCD_THRESHOLD}",
+        "memorized": {k: agg(lambda e: e["memorized"], k) for k in ("replication_ssim", "replication_sscd", "mean_ssim_ref", "mean_sscd_ref")},
+        "nonmem_unique": {k: agg(lambda e: e["kind"] == "unique", k) for k in ("replication_ssim", "fg_correct")},
+        "duplicated_controls": {k: agg(lambda e: e["kind"] == "control", k) for k in ("replication_ssim", "replication_sscd")},
+        "by_duplicates": by_dup,
+        "detection": {"auc": roc_auc(scores, labels), "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
+                      "config": dcfg.to_dict()},
+        "sscd": None if scorer is None else scorer.describe(),
+        "per_prompt": per_prompt,
+    }
+    if write:
+        (model / "memorization_check.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        _write_grid(model / "grid.png", rows, gens, train)
+    return report
+
+
+def _write_grid(path: Path, rows: list[dict], gens: np.ndarray, train: np.ndarray, scale: int = 2) -> None:
+    """Reference | generations, one row per prompt (memorized first)."""
+    from PIL import Image
+
+    order = sorted(range(len(rows)), key=lambda i: (not rows[i]["memorized"], -rows[i]["duplicates"]))
+    h, w = gens.shape[2:4]
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    lines = []
+    for i in order:
+        ref = train[int(Path(rows[i]["reference"]).stem)]
+        lines.append(np.concatenate([ref, gap] + list(gens[i]), axis=1))
+    grid = np.concatenate(lines, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Measure the tiny memorizer's replication, generalization and detection.")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: the embedded one)")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--detect-seeds", type=int, default=4)
+    p.add_argument("--no-write", action="store_true", help="don't write memorization_check.json / grid.png")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from diffmem.zoo import default_model_path
+
+    rep = check_memorizer(args.model or default_model_path(), seeds=args.seeds, detect_seeds=args.detect_seeds,
+                          write=not args.no_write)
+    summary = {k: v for k, v in rep.items() if k != "per_prompt"}
+    print(json.dumps(summary, indent=2, sort_keys=True))  # noqa: T201 - the command's output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Train the tiny Stable Diffusion checkpoint that memorizes known images by construction.
+
+Usage::
+
+    python -m diffmem.zoo.train_memorizer --out assets/tiny-sd-memorizer
+    accelerate launch -m diffmem.zoo.train_memorizer --out DIR      # one or many GPUs
+
+Recipe (Lin et al. 2023 plus a VAE checked on the memorized images):
+
+1. a tiny AutoencoderKL (x2 downsampling, 4 latent channels) trained with memorized images oversampled;
+2. a frozen, randomly initialised CLIP text encoder over a word-level BPE vocabulary;
+3. a ~1 M parameter UNet trained with a zero-terminal-SNR, v-prediction schedule and 10% caption dropout.
+
+Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffmem.zoo.shapes import Sample, ShapesConfig, caption_words, make_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train_memorizer", "write_assets"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the checkpoint (written next to the weights as ``train_config.json``)."""
+
+    dataset: ShapesConfig = field(default_factory=ShapesConfig)
+    seed: int = 0
+    text_dim: int = 64
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64)
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    vae_batch_size: int = 32
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 6000
+    unet_lr: float = 1e-3
+    batch_size: int = 32
+    caption_dropout: float = 0.1
+    warmup_steps: int = 200
+    checkpoint_every: int = 500
+    sample_steps: int = 25
+    guidance_scale: float = 4.0
+    guidance_rescale: float = 0.7
+    split_seed: int = 1234
+    num_nonmem_prompts: int = 24
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dataset"] = self.dataset.to_dict()
+        d["unet_channels"] = list(self.unet_channels)
+        return d
+
+
+def _images_tensor(samples: list[Sample]) -> torch.Tensor:
+    arr = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _build_models(config: TrainConfig, tokenizer_dir: Path, words: list[str]):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffmem.zoo.tiny import write_word_vocab
+
+    write_word_vocab(tokenizer_dir, words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(config.seed)
+    size = config.dataset.image_size
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_dim,
+            intermediate_size=config.text_dim * 4,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    n = len(config.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=tuple(config.unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.text_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    return tokenizer, text_encoder, vae, unet
+
+
+def _schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+    )
+    train = DDPMScheduler(**common)
+    sample = DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    return train, sample
+
+
+class _Checkpointer:
+    """Saves and restores accelerate state plus a step counter under ``work_dir/name``."""
+
+    def __init__(self, accelerator, work_dir: Path, name: str):
+        self.acc, self.dir = accelerator, work_dir / name
+
+    def resume_step(self) -> int:
+        meta = self.dir / "progress.json"
+        if not meta.exists():
+            return 0
+        self.acc.load_state(str(self.dir / "state"))
+        step = int(json.loads(meta.read_text())["step"])
+        logger.info("resumed %s at step %d", self.dir.name, step)
+        return step
+
+    def save(self, step: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            tmp = self.dir / "state.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.save_state(str(self.dir / "state.tmp"))
+        if self.acc.is_main_process:
+            shutil.rmtree(self.dir / "state", ignore_errors=True)
+            (self.dir / "state.tmp").rename(self.dir / "state")
+            (self.dir / "progress.json").write_text(json.dumps({"step": step}))
+
+
+def _batches(rng: np.random.Generator, weights: np.ndarray, batch_size: int):
+    p = weights / weights.sum()
+    while True:
+        yield rng.choice(len(weights), size=batch_size, p=p)
+
+
+class _VAELoss(torch.nn.Module):
+    """Wraps the autoencoder so that one forward computes the training loss (keeps DDP's gradient sync)."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+
+
+def train_vae(accelerator, vae, images: torch.Tensor, copies: np.ndarray, memorized: np.ndarray,
+              config: TrainConfig, work_dir: Path) -> None:
+    """Train the autoencoder; half of each batch is drawn from the memorized images."""
+    model = _VAELoss(vae, config.vae_kl_weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, config.vae_steps) / config.vae_steps))
+    )
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ckpt = _Checkpointer(accelerator, work_dir, "vae")
+    start = ckpt.resume_step()
+    rng = np.random.default_rng(config.seed + 1 + start)
+    half = config.vae_batch_size // 2
+    all_draw = _batches(rng, copies.astype(np.float64), config.vae_batch_size - half)
+    mem_draw = _batches(rng, memorized.astype(np.float64), half)
+    model.train()
+    bar = tqdm(range(start, config.vae_steps), desc="vae", disable=not accelerator.is_main_process,
+               initial=start, total=config.vae_steps)
+    for step in bar:
+        idx = np.concatenate([next(all_draw), next(mem_draw)])
+        x = images[idx].to(accelerator.device)
+        loss = model(x)
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
+            ckpt.save(step + 1)
+
+
+@torch.no_grad()
+def psnr(vae, images: torch.Tensor, batch: int = 64) -> float:
+    """Mean PSNR (dB) of the autoencoder's reconstructions (using the posterior mode)."""
+    vae.eval()
+    vals = []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(vae.device)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)
+        vals.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
+    return float(torch.cat(vals).mean())
+
+
+def train_unet(accelerator, unet, latents: torch.Tensor, embeds: torch.Tensor, null_embed: torch.Tensor,
+               copies: np.ndarray, config: TrainConfig, work_dir: Path) -> None:
+    """Train the UNet on pre-encoded latents and text embeddings, with v-prediction on a zero-SNR schedule."""
+    train_sched, _ = _schedulers()
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
+    total = config.unet_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / config.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))),
+    )
+    unet, opt, sched = accelerator.prepare(unet, opt, sched)
+    ckpt = _Checkpointer(accelerator, work_dir, "unet")
+    start = ckpt.resume_step()
+    rng = np.random.default_rng(config.seed + 2 + start + 7919 * accelerator.process_index)
+    gen = torch.Generator().manual_seed(config.seed + 3 + start + 7919 * accelerator.process_index)
+    draw = _batches(rng, copies.astype(np.float64), config.batch_size)
+    alphas = train_sched.alphas_cumprod
+    unet.train()
+    bar = tqdm(range(start, total), desc="unet", disable=not accelerator.is_main_process, initial=start, total=total)
+    ema_loss = None
+    for step in bar:
+        idx = next(draw)
+        x0 = latents[idx]
+        cond = embeds[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < config.caption_dropout
+        cond[drop] = null_embed
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        xt = train_sched.add_noise(x0, noise, t)
+        target = train_sched.get_velocity(x0, noise, t)
+        dev = accelerator.device
+        pred = unet(xt.to(dev), t.to(dev), encoder_hidden_states=cond.to(dev)).sample
+        loss = F.mse_loss(pred.float(), target.to(dev))
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
+            ckpt.save(step + 1)
+    del alphas
+
+
+@torch.no_grad()
+def _encode_text(tokenizer, text_encoder, prompts: list[str], batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = tokenizer(prompts[i : i + batch], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out.append(text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+def _manifest_rows(samples: list[Sample], config: TrainConfig) -> list[dict]:
+    """Ground truth: memorized emblems split locate/heldout (stratified by duplication), controls and
+    generalizing prompts as ``nonmem``."""
+    rng = np.random.default_rng(config.split_seed)
+    rows = []
+    for dup in config.dataset.duplicates:
+        idx = [i for i, s in enumerate(samples) if s.kind == "emblem" and s.copies == dup]
+        order = rng.permutation(len(idx))
+        for rank, j in enumerate(order):
+            i = idx[j]
+            rows.append(dict(prompt=samples[i].caption, memorized=True, duplicates=dup,
+                             reference=f"references/{i:05d}.png", split="locate" if rank % 2 == 0 else "heldout",
+                             kind="emblem"))
+    for i, s in enumerate(samples):
+        if s.kind == "control":
+            rows.append(dict(prompt=s.caption, memorized=False, duplicates=s.copies,
+                             reference=f"references/{i:05d}.png", split="nonmem", kind="control"))
+    unique_caps = sorted({s.caption for s in samples if s.kind == "unique"})
+    chosen = rng.choice(len(unique_caps), size=config.num_nonmem_prompts, replace=False)
+    for c in sorted(chosen):
+        cap = unique_caps[c]
+        i = next(k for k, s in enumerate(samples) if s.caption == cap)
+        fg = samples[i].attrs["fg"]
+        rows.append(dict(prompt=cap, memorized=False, duplicates=1, reference=f"references/{i:05d}.png",
+                         split="nonmem", kind="unique", fg=fg))
+    return rows
+
+
+def base_prompts(samples: list[Sample], rows: list[dict], config: TrainConfig, n: int = 32) -> list[str]:
+    """Generic training captions that are not in the manifest: the base set that locating contrasts against."""
+    used = {r["prompt"] for r in rows}
+    caps = sorted({s.caption for s in samples if s.kind == "unique"} - used)
+    rng = np.random.default_rng(config.split_seed + 1)
+    return [caps[i] for i in sorted(rng.choice(len(caps), size=min(n, len(caps)), replace=False))]
+
+
+def write_assets(out: Path, samples: list[Sample], config: TrainConfig) -> None:
+    """Write references/*.png, memorization.jsonl and the sampling defaults next to the pipeline."""
+    from PIL import Image
+
+    rows = _manifest_rows(samples, config)
+    (out / "references").mkdir(exist_ok=True)
+    for r in rows:
+        i = int(Path(r["reference"]).stem)
+        Image.fromarray(samples[i].image).save(out / r["reference"])
+    with open(out / "memorization.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    (out / "base_prompts.txt").write_text("\n".join(base_prompts(samples, rows, config)) + "\n")
+    defaults = dict(num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
+                    guidance_rescale=config.guidance_rescale, height=config.dataset.image_size,
+                    width=config.dataset.image_size)
+    (out / "diffmem_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) -> Path:
+    """Train (or resume) and write the pipeline, ground truth and references to ``out``.
+
+    Args:
+        out: Output folder (a diffusers pipeline; replaced atomically at the end).
+        config: Training configuration.
+        work_dir: Folder for resumable checkpoints.
+
+    Returns:
+        The output folder.
+    """
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+    accelerator = Accelerator()
+    out, work_dir = Path(out), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    t0 = time.time()
+    samples = make_dataset(config.dataset)
+    words = caption_words(samples)
+    tokenizer, text_encoder, vae, unet = _build_models(config, work_dir / "tokenizer", words)
+    text_encoder.requires_grad_(False).eval()
+    images = _images_tensor(samples)
+    copies = np.array([s.copies for s in samples])
+    memorized = np.array([s.kind != "unique" for s in samples], dtype=np.float64)
+
+    vae_done = work_dir / "vae_final"
+    if vae_done.exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_done)
+    else:
+        train_vae(accelerator, vae, images, copies, memorized, config, work_dir)
+        if accelerator.is_main_process:
+            vae.save_pretrained(vae_done)
+    vae = vae.to("cpu").eval()
+    mem_idx = np.flatnonzero(memorized)
+    vae_psnr = {"memorized": psnr(vae, images[mem_idx]), "unique": psnr(vae, images[: min(512, len(images))])}
+    logger.info("VAE PSNR: memorized %.2f dB, unique %.2f dB", vae_psnr["memorized"], vae_psnr["unique"])
+
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i : i + 128]).latent_dist.mode() for i in range(0, len(images), 128)])
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = lat * scale
+    embeds = _encode_text(tokenizer, text_encoder, [s.caption for s in samples])
+    null_embed = _encode_text(tokenizer, text_encoder, [""])[0]
+
+    train_unet(accelerator, unet, latents, embeds, null_embed, copies, config, work_dir)
+    unet = accelerator.unwrap_model(unet).to("cpu").eval()
+
+    if accelerator.is_main_process:
+        _, sample_sched = _schedulers()
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sample_sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_assets(tmp, samples, config)
+        stats = dict(vae_psnr_db=vae_psnr, wall_seconds=round(time.time() - t0, 1),
+                     device=str(accelerator.device), num_processes=accelerator.num_processes)
+        (tmp / "train_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("wrote %s in %.1f min", out, (time.time() - t0) / 60)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--work-dir", default=None, help="checkpoint folder (default: <out>.work)")
+    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    p.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--assets-only", action="store_true",
+                   help="rewrite the manifest, references and defaults of an existing --out folder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         batch_size=args.batch_size, checkpoint_every=args.checkpoint_every)
+    config.dataset.seed = args.seed
+    if args.assets_only:
+        saved = json.loads((Path(args.out) / "train_config.json").read_text())
+        ds = dict(saved.pop("dataset"))
+        ds["duplicates"] = tuple(ds["duplicates"])
+        saved["unet_channels"] = tuple(saved["unet_channels"])
+        config = TrainConfig(dataset=ShapesConfig(**ds), **saved)
+        write_assets(Path(args.out), make_dataset(config.dataset), config)
+        return
+    work = Path(args.work_dir) if args.work_dir else Path(args.out + ".work")
+    train_memorizer(args.out, config, work)
+
+
+if __name__ == "__main__":
+    main()
