@@ -482,9 +482,12 @@ class _RowTopK:
         m, out_f = self.m, self.absw.shape[0]
         a_top, a_idx = torch.topk(a, m, dim=1, sorted=False)
         scores = torch.empty(steps, out_f, 2 * m, dtype=self.absw.dtype, device=self.absw.device)
-        torch.mul(self.cand_absw.unsqueeze(0), a[:, self.cand_idx], out=scores[:, :, :m])
-        extra = self.absw_t[a_idx] * a_top.unsqueeze(2)
-        extra.masked_fill_(self.in_cand_t[a_idx], float("-inf"))  # already among the row's candidates
+        a_cand = a.index_select(1, self.cand_idx.flatten()).view(steps, out_f, m)
+        torch.mul(self.cand_absw.unsqueeze(0), a_cand, out=scores[:, :, :m])
+        flat_idx = a_idx.flatten()
+        extra = self.absw_t.index_select(0, flat_idx).view(steps, m, out_f).mul_(a_top.unsqueeze(2))
+        in_cand = self.in_cand_t.index_select(0, flat_idx).view(steps, m, out_f)
+        extra.masked_fill_(in_cand, float("-inf"))  # already among the row's candidates
         scores[:, :, m:] = extra.transpose(1, 2)
         cols = torch.empty(steps, out_f, 2 * m, dtype=torch.int64, device=self.absw.device)
         cols[:, :, :m] = self.cand_idx

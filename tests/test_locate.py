@@ -173,22 +173,23 @@ def test_fast_row_topk_is_exact(dist: str) -> None:
     absw = torch.randn(40, 512, generator=g).abs()
     if dist == "constant_rows":  # ties everywhere: the bound fails and these rows are ranked in full
         absw[::3] = 1.0
-    for step in range(3):
-        a = {
-            "uniform": torch.rand(512, generator=g),
-            "lognormal": (2 * torch.randn(512, generator=g)).exp(),
-            "outliers": torch.rand(512, generator=g).index_fill_(0, torch.arange(step, 512, 97), 100.0),
-            "constant_rows": torch.ones(512) if step == 0 else torch.rand(512, generator=g),
-        }[dist]
-        for k in (1, 6, 16):
-            helper = _RowTopK(absw, k)
-            assert helper.fast
-            values, cols = helper(a)
-            ref_values, ref_cols = torch.topk(absw * a, k, dim=1)
-            assert torch.equal(values.sort(dim=1).values, ref_values.sort(dim=1).values)
-            assert torch.equal(absw.gather(1, cols) * a[cols], values)
+    a = {
+        "uniform": torch.rand(3, 512, generator=g),
+        "lognormal": (2 * torch.randn(3, 512, generator=g)).exp(),
+        "outliers": torch.rand(3, 512, generator=g).index_fill_(1, torch.arange(0, 512, 97), 100.0),
+        "constant_rows": torch.cat([torch.ones(1, 512), torch.rand(2, 512, generator=g)]),
+    }[dist]
+    for k in (1, 6, 16):
+        helper = _RowTopK(absw, k)
+        assert helper.fast
+        values, cols = helper(a)
+        assert values.shape == cols.shape == (3, 40, k)
+        for t in range(3):
+            ref_values, ref_cols = torch.topk(absw * a[t], k, dim=1)
+            assert torch.equal(values[t].sort(dim=1).values, ref_values.sort(dim=1).values)
+            assert torch.equal(absw.gather(1, cols[t]) * a[t][cols[t]], values[t])
             if dist != "constant_rows":
-                assert torch.equal(cols.sort(dim=1).values, ref_cols.sort(dim=1).values)
+                assert torch.equal(cols[t].sort(dim=1).values, ref_cols.sort(dim=1).values)
 
 
 def test_half_both_pools_counts_before_the_square_root() -> None:
@@ -262,14 +263,25 @@ def test_locate_on_a_model_records_provenance() -> None:
         locate(model, wrong, wrong, config)
 
 
-def test_locate_directions_needs_its_module() -> None:
-    import importlib.util
+def test_locate_dispatches_through_the_selector_registry(monkeypatch) -> None:
+    import sys
 
-    if importlib.util.find_spec("diffmem.directions") is not None:
-        pytest.skip("diffmem.directions is installed")
+    import diffmem.locate as locate_module
+
     mem, base = hand_stats()
-    with pytest.raises(DiffmemError, match="diffmem.directions"):
-        locate(nn.Linear(4, 2), mem, base, LocateConfig(method="directions"))
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Module()])
+    model.blocks[0].ff = nn.Module()
+    model.blocks[0].ff.net = nn.ModuleList([nn.Identity(), nn.Identity(), nn.Linear(4, 2)])
+    calls = []
+    monkeypatch.setitem(locate_module._SELECTORS, "directions", lambda *args: calls.append(args) or "basis")
+    assert locate(model, mem, base, LocateConfig(method="directions")) == "basis"
+    assert calls and calls[0][2][LAYER] is model.blocks[0].ff.net[2].weight
+
+    monkeypatch.delitem(locate_module._SELECTORS, "directions")
+    monkeypatch.setitem(sys.modules, "diffmem.directions", None)  # as if the module were absent
+    with pytest.raises(DiffmemError, match="needs diffmem.directions"):
+        locate(model, mem, base, LocateConfig(method="directions"))
 
 
 def two_layer_mask(a: list[int], b: list[int], level: str = "weight") -> Mask:
