@@ -98,6 +98,7 @@ class EvalResult:
     scorer: dict
     config: dict
     images: np.ndarray | None = None  # uint8 [P, S, H, W, 3]
+    embeddings: torch.Tensor | None = None  # [P, S, D] for embedding scorers
 
     def aggregate(self, rows: list[dict] | None = None) -> dict:
         rows = self.rows if rows is None else rows
@@ -148,9 +149,16 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
     h, w = images.shape[2:4]
     thr = float(scorer.threshold)
     strict = config.strict_threshold if scorer.name == "sscd" else None
+    n_seeds = images.shape[1]
+    from diffmem.score import EmbeddingScorer
+
+    # embedding scorers: embed every image once and compare embeddings
+    embeddings = None
+    if isinstance(scorer, EmbeddingScorer):
+        embeddings = scorer.embed(list(images.reshape(-1, h, w, 3))).view(len(entries), n_seeds, -1)
     rows = []
     for i, (e, imgs) in enumerate(zip(entries, images)):
-        gens = list(imgs)
+        gens = embeddings[i] if embeddings is not None else list(imgs)
         row: dict = {"index": i, "prompt": e.prompt, "split": e.split, "duplicates": e.duplicates,
                      "memorized": bool(e.memorized)}
         if e.reference is not None:
@@ -163,16 +171,17 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
         pair = scorer.similarity(gens, gens).float().numpy()
         row["diversity_similarity"] = _pairwise_mean(pair)
         if baseline is not None:
-            base_imgs = list(baseline.images[i])
-            cross = scorer.similarity(gens, base_imgs).float().numpy()
+            base = baseline.embeddings[i] if baseline.embeddings is not None else list(baseline.images[i])
+            cross = scorer.similarity(gens, base).float().numpy()
             row["drift_similarity"] = float(np.diag(cross).mean())
             row["seed_similarity_before"] = baseline.rows[i]["diversity_similarity"]
             row["drift_within_seed_spread"] = bool(row["drift_similarity"] >= row["seed_similarity_before"])
             row["pixel_drift"] = float(np.abs(imgs.astype(np.float32) - baseline.images[i].astype(np.float32)).mean() / 255)
         if clip_scorer is not None:
-            row["clip_score"] = float(clip_scorer.clip_score(gens, [e.prompt] * len(gens)).mean())
+            row["clip_score"] = float(clip_scorer.clip_score(list(imgs), [e.prompt] * len(imgs)).mean())
         rows.append(row)
-    return EvalResult(rows=rows, scorer=scorer.describe(), config=config.to_dict(), images=images)
+    return EvalResult(rows=rows, scorer=scorer.describe(), config=config.to_dict(), images=images,
+                      embeddings=embeddings)
 
 
 def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit, *, clip_scorer=None,
