@@ -95,6 +95,8 @@ def cmd_record(args) -> None:
     from diffmem.hooks import record
 
     prompts = read_prompts(args.prompts)
+    if args.add_empty_prompt:
+        prompts = [""] + prompts
     pipe = _load(args)
     s = _sampling(args)
     cfg = RecordConfig(
@@ -323,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default=None, help="regex or name suffix of the layers to record")
     p.add_argument("--signatures", action="store_true", help="also keep per-prompt mean activations")
+    p.add_argument("--add-empty-prompt", action="store_true", help="also record the empty prompt (for a base set)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint partial statistics every N prompts (resumable)")
     p.set_defaults(func=cmd_record)
 
