@@ -92,7 +92,6 @@ def _entries(path: str):
 def cmd_record(args) -> None:
     from diffmem.config import RecordConfig
     from diffmem.data import read_prompts
-    from diffmem.hooks import record
 
     prompts = read_prompts(args.prompts)
     if args.add_empty_prompt:
@@ -258,7 +257,7 @@ def _references(spec: str, entries) -> list:
 
 def cmd_evaluate(args) -> None:
     from diffmem.data import read_manifest
-    from diffmem.evaluate import EvalConfig, evaluate, evaluate_edit
+    from diffmem.evaluate import EvalConfig
     from diffmem.score import get_scorer
 
     entries = read_manifest(args.prompts)
@@ -434,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (DiffmemError, ValueError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"diffmem: error: {msg}", file=sys.stderr)  # noqa: T201
         return 2

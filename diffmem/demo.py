@@ -15,7 +15,6 @@ The demo runs on a checkpoint with a ground-truth manifest (by default the embed
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -73,6 +72,7 @@ class DemoConfig:
     attack_scorer: str = "ssim"
     method: str = "wanda"
     compare_directions: bool = True
+    direction_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
     quick: bool = False
     seed: int = 0
 
@@ -87,11 +87,13 @@ class DemoConfig:
             self.attack_generations = min(self.attack_generations, 4)
             self.clique_size = min(self.clique_size, 2)
             self.detect_seeds = min(self.detect_seeds, 1)
-            self.sweep = tuple(self.sweep[1::2]) or self.sweep
+            self.sweep = tuple(self.sweep[2::2]) or self.sweep
+            self.direction_ranks = tuple(self.direction_ranks[::2][:2])
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sweep"] = list(self.sweep)
+        d["direction_ranks"] = list(self.direction_ranks)
         return d
 
 
@@ -175,8 +177,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     base_file = model / "base_prompts.txt"
     base_prompts = [""] + (read_prompts(base_file) if base_file.is_file() else [])
     if config.quick:
-        entries = _quick_subset(entries, 2)
-        base_prompts = base_prompts[:9]
+        entries = _quick_subset(entries, 1)
+        base_prompts = base_prompts[:7]
     eval_prompts = {e.prompt for e in entries}
     overlap = eval_prompts & set(base_prompts)
     if overlap:
@@ -286,7 +288,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     acfg_after = AttackConfig(**{**acfg.to_dict(), "threshold": att_before.threshold})
     with apply_mask(pipe, mask):
         att_after = extraction_attack(pipe, [e.prompt for e in attack_entries], acfg_after, attack_scorer,
-                                      references=refs, calibration_prompts=calib, call_kwargs=call,
+                                      references=refs, calibration_prompts=None, call_kwargs=call,
                                       out_dir=out / "attack_after", progress=progress)
     lap("attack")
 
@@ -295,9 +297,11 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     if config.compare_directions:
         from diffmem.directions import compare_with_mask
 
-        directions_block = compare_with_mask(pipe, stats_mem, stats_base, stats_a, stats_b, mask, entries, ecfg,
-                                             scorer, before, attack=(attack_entries, acfg_after, attack_scorer, refs, calib, call),
-                                             out=out, progress=progress)
+        directions_block = compare_with_mask(
+            pipe, stats_mem, stats_base, stats_a, stats_b, mask, entries, ecfg, scorer, before,
+            attack=(attack_entries, acfg_after, attack_scorer, refs, None, call), out=out, progress=progress,
+            target_replication=config.target_replication, ranks=config.direction_ranks, mask_after=after)
+        directions_block["comparison"]["mask_verified_extractions_after"] = att_after.summary()["num_verified_prompts"]
         lap("directions")
 
     # 7. export ----------------------------------------------------------------------------------------------

@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,7 @@ from torch import Tensor
 from .config import LocateConfig
 from .errors import DiffmemError, ExportError, MaskMismatchError
 from .locate import _atomic_write_bytes, _check_inputs, _meta, mask_paths, register_selector
-from .prune import _MANIFEST_FORMAT, MANIFEST_NAME, _remove, _sha256_file, _source_of
+from .prune import _MANIFEST_FORMAT, _sha256_file, _source_of
 from .targets import get_denoiser
 
 if TYPE_CHECKING:
@@ -601,35 +599,6 @@ def build_projection_manifest(
     }
 
 
-def _replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary folder beside ``out_dir``, then swap it into place; restore ``out_dir`` on failure."""
-    tag = uuid.uuid4().hex[:12]
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    old_dir = out_dir.parent / f".{out_dir.name}.old-{tag}"
-    parked = installed = False
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(tmp_dir)
-        fill(tmp_dir)
-        if out_dir.exists() or out_dir.is_symlink():
-            os.replace(out_dir, old_dir)
-            parked = True
-        os.replace(tmp_dir, out_dir)
-        installed = True
-    except OSError as err:
-        raise ExportError(f"could not write the export to {out_dir}: {err}") from err
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        if parked and installed:
-            _remove(old_dir)
-        elif parked:
-            try:
-                os.replace(old_dir, out_dir)
-            except OSError:
-                logger.error("the previous content of %s could not be restored; it is in %s", out_dir, old_dir)
-
-
 def export_projected(
     pipe: Any,
     basis: DirectionBasis,
@@ -663,32 +632,16 @@ def export_projected(
         ExportError: ``out_dir`` exists without ``overwrite``, ``pipe`` cannot be saved, or writing failed.
         MaskMismatchError: The basis does not fit the model.
     """
-    from diffusers import DiffusionPipeline, ModelMixin
+    from .prune import check_out_dir, export_component, write_edited
 
     out_dir = Path(out_dir)
-    if isinstance(pipe, DiffusionPipeline):
-        component = "pipeline"
-    elif isinstance(pipe, ModelMixin):
-        component = type(pipe).__name__
-    else:
-        raise ExportError(f"cannot export a {type(pipe).__name__}: expected a DiffusionPipeline or a diffusers model")
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise ExportError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
-        if not out_dir.is_dir():
-            raise ExportError(f"output path {out_dir} exists and is not a folder")
+    component = export_component(pipe)
+    check_out_dir(out_dir, overwrite)
     validate_basis(pipe, basis)
     manifest = build_projection_manifest(
         basis, source=source or _source_of(pipe), basis_path=basis_path, config=config, component=component
     )
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-
-    def fill(folder: Path) -> None:
-        with apply_projection(pipe, basis):
-            pipe.save_pretrained(str(folder), safe_serialization=True)
-        (folder / MANIFEST_NAME).write_text(text, encoding="utf-8")
-
-    _replace_dir(out_dir, fill)
+    write_edited(pipe, out_dir, lambda: apply_projection(pipe, basis), manifest)
     logger.info(
         "exported %s with ranks %s projected out (%d weights changed) to %s",
         component, list(basis.ranks().values()), manifest["num_params_changed"], out_dir,

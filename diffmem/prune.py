@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,71 @@ def build_manifest(
     }
 
 
+def export_component(pipe: Any) -> str:
+    """``"pipeline"`` for a diffusers pipeline, the class name for a bare diffusers model; else ExportError."""
+    from diffusers import DiffusionPipeline, ModelMixin
+
+    if isinstance(pipe, DiffusionPipeline):
+        return "pipeline"
+    if isinstance(pipe, ModelMixin):
+        return type(pipe).__name__
+    raise ExportError(f"cannot export a {type(pipe).__name__}: expected a DiffusionPipeline or a diffusers model")
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite``, and anything there that is not a folder."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise ExportError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
+        if not out_dir.is_dir():
+            raise ExportError(f"output path {out_dir} exists and is not a folder")
+
+
+def replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary folder beside ``out_dir``, then swap it into place.
+
+    An existing ``out_dir`` is parked beside it and removed only once the new folder is in place; on any failure
+    the temporary folder is removed and ``out_dir`` is restored as it was.
+    """
+    tag = uuid.uuid4().hex[:12]
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    old_dir = out_dir.parent / f".{out_dir.name}.old-{tag}"
+    parked = installed = False
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp_dir)
+        fill(tmp_dir)
+        if out_dir.exists() or out_dir.is_symlink():
+            os.replace(out_dir, old_dir)
+            parked = True
+        os.replace(tmp_dir, out_dir)
+        installed = True
+    except OSError as err:
+        raise ExportError(f"could not write the export to {out_dir}: {err}") from err
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if parked and installed:
+            _remove(old_dir)
+        elif parked:
+            try:
+                os.replace(old_dir, out_dir)
+            except OSError:
+                logger.error("the previous content of %s could not be restored; it is in %s", out_dir, old_dir)
+
+
+def write_edited(pipe: Any, out_dir: Path, edit: Callable[[], Any], manifest: dict) -> None:
+    """Atomically save ``pipe`` with ``edit()`` (a reversible context manager) applied, plus the manifest."""
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+
+    def fill(folder: Path) -> None:
+        with edit():
+            pipe.save_pretrained(str(folder), safe_serialization=True)
+        (folder / MANIFEST_NAME).write_text(text, encoding="utf-8")
+
+    replace_dir(out_dir, fill)
+
+
 def export_pruned(
     pipe: Any,
     mask: Mask,
@@ -233,57 +298,14 @@ def export_pruned(
         ExportError: ``out_dir`` exists without ``overwrite``, ``pipe`` cannot be saved, or writing failed.
         MaskMismatchError: The mask does not fit the model.
     """
-    from diffusers import DiffusionPipeline, ModelMixin
-
     out_dir = Path(out_dir)
-    if isinstance(pipe, DiffusionPipeline):
-        component = "pipeline"
-    elif isinstance(pipe, ModelMixin):
-        component = type(pipe).__name__
-    else:
-        raise ExportError(f"cannot export a {type(pipe).__name__}: expected a DiffusionPipeline or a diffusers model")
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise ExportError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
-        if not out_dir.is_dir():
-            raise ExportError(f"output path {out_dir} exists and is not a folder")
+    component = export_component(pipe)
+    check_out_dir(out_dir, overwrite)
     validate_mask(pipe, mask)
     manifest = build_manifest(
         mask, source=source or _source_of(pipe), mask_path=mask_path, config=config, component=component
     )
-
-    tag = uuid.uuid4().hex[:12]
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    old_dir = out_dir.parent / f".{out_dir.name}.old-{tag}"
-    moved_old = done = False
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(tmp_dir)
-        with apply_mask(pipe, mask):
-            pipe.save_pretrained(str(tmp_dir), safe_serialization=True)
-        text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-        (tmp_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
-        if out_dir.exists() or out_dir.is_symlink():
-            os.replace(out_dir, old_dir)
-            moved_old = True
-        try:
-            os.replace(tmp_dir, out_dir)
-        except BaseException:
-            if moved_old:
-                os.replace(old_dir, out_dir)
-                moved_old = False
-            raise
-        done = True
-    except OSError as err:
-        raise ExportError(f"could not write the export to {out_dir}: {err}") from err
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        if moved_old:
-            if done:
-                _remove(old_dir)
-            else:
-                logger.error("the previous content of %s could not be restored; it is in %s", out_dir, old_dir)
+    write_edited(pipe, out_dir, lambda: apply_mask(pipe, mask), manifest)
     logger.info(
         "exported %s with %d of %d FFN weights zeroed (%.4f%%) to %s",
         component,

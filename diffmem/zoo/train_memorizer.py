@@ -377,6 +377,7 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
         vae = AutoencoderKL.from_pretrained(vae_done)
     else:
         train_vae(accelerator, vae, images, copies, memorized, config, work_dir)
+        accelerator.free_memory()  # forget the VAE's training objects: the UNet's checkpoints hold the UNet only
         if accelerator.is_main_process:
             vae.save_pretrained(vae_done)
     vae = vae.to("cpu").eval()
