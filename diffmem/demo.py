@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DemoConfig", "run_demo", "AuditConfig", "run_audit", "DEFAULT_SWEEP"]
 
-DEFAULT_SWEEP = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+DEFAULT_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 @dataclass
@@ -43,12 +43,16 @@ class DemoConfig:
         target_replication: The sweep picks the smallest ratio whose ``locate`` replication is at most this.
         record_steps: Leading denoising steps recorded and used to locate (tau).
         eval_seeds: Seeds per prompt in the evaluation.
+        attack_nonmem: Non-memorized prompts attacked beside the held-out memorized ones.
+        calibration_prompts: Base prompts that calibrate the attack's threshold.
         sweep_seeds: Seeds per prompt in the sweep.
         attack_generations: Generations per prompt in the extraction attack.
         clique_size: Clique size of the attack.
         false_flag_rate: Target false-flag rate of the attack's calibrated threshold.
         detect_seeds: Seeds of the detection score.
-        scorer: Similarity scorer of the evaluation (``sscd`` falls back to ``ssim`` when unavailable).
+        scorer: Similarity scorer of the evaluation. The default is SSIM at the native size because the
+            embedded model makes 32 px images, where SSCD does not recognise exact replications (measured mean
+            cosine 0.23); on real models pass ``sscd``.
         attack_scorer: Scorer of the attack's clique search and verification.
         method: Locate method of the sparse mask (``wanda`` or ``neuron``).
         compare_directions: Also run the low-rank projection editor and report it beside the mask.
@@ -62,17 +66,19 @@ class DemoConfig:
     sweep: tuple[float, ...] = DEFAULT_SWEEP
     target_replication: float = 0.1
     record_steps: int = 10
-    eval_seeds: int = 8
-    sweep_seeds: int = 4
+    eval_seeds: int = 4
+    sweep_seeds: int = 2
     attack_generations: int = 16
+    attack_nonmem: int = 8
+    calibration_prompts: int = 16
     clique_size: int = 4
     false_flag_rate: float = 0.05
     detect_seeds: int = 4
-    scorer: str = "sscd"
+    scorer: str = "ssim"
     attack_scorer: str = "ssim"
     method: str = "wanda"
     compare_directions: bool = True
-    direction_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    direction_ranks: tuple[int, ...] = (2, 8, 16)
     quick: bool = False
     seed: int = 0
 
@@ -87,8 +93,10 @@ class DemoConfig:
             self.attack_generations = min(self.attack_generations, 4)
             self.clique_size = min(self.clique_size, 2)
             self.detect_seeds = min(self.detect_seeds, 1)
-            self.sweep = tuple(self.sweep[2::2]) or self.sweep
-            self.direction_ranks = tuple(self.direction_ranks[::2][:2])
+            self.sweep = (self.sweep[0], self.sweep[-1]) if len(self.sweep) > 1 else self.sweep
+            self.direction_ranks = (self.direction_ranks[0],)
+            self.attack_nonmem = min(self.attack_nonmem, 2)
+            self.calibration_prompts = min(self.calibration_prompts, 4)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,19 +106,11 @@ class DemoConfig:
 
 
 def _stratified_halves(entries) -> tuple[list, list]:
-    """Two disjoint halves with the same mix of duplication counts."""
-    by_dup: dict[int, list] = {}
-    for e in entries:
-        by_dup.setdefault(e.duplicates, []).append(e)
-    a, b = [], []
-    for _, group in sorted(by_dup.items()):
-        for i, e in enumerate(group):
-            (a if i % 2 == 0 else b).append(e)
-    return a, b
-
-
-def _take(entries, n: int | None):
-    return list(entries) if n is None else list(entries)[:n]
+    """Two disjoint halves with (nearly) the same mix of duplication counts: sort by count, then alternate."""
+    ordered = sorted(entries, key=lambda e: e.duplicates)
+    if len(ordered) < 2:
+        raise ValueError("the locate split needs at least 2 prompts to compare masks from disjoint halves")
+    return ordered[0::2], ordered[1::2]
 
 
 def _quick_subset(entries, per_split: int):
@@ -236,6 +236,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
             sweep_rows.append({"ratio": ratio, "weights_zeroed": m.num_masked(), "fraction": m.fraction(),
                                "locate_replication": rep})
             logger.info("sweep ratio %.3f: %d weights, locate replication %.3f", ratio, m.num_masked(), rep)
+            if rep is not None and rep <= config.target_replication:
+                break
         ok = [r for r in sweep_rows if r["locate_replication"] is not None
               and r["locate_replication"] <= config.target_replication]
         chosen = ok[0]["ratio"] if ok else min(sweep_rows, key=lambda r: r["locate_replication"])["ratio"]
@@ -276,12 +278,13 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     attack_scorer = get_scorer(config.attack_scorer)
     acfg = AttackConfig(num_generations=config.attack_generations, seed=config.seed + 5000,
                         clique_size=config.clique_size, false_flag_rate=config.false_flag_rate)
-    attack_entries = [e for e in entries if e.split != "locate"]
+    attack_entries = [e for e in entries if e.split == "heldout"]
+    attack_entries += [e for e in entries if e.split == "nonmem"][: config.attack_nonmem]
     size = (int(defaults["height"]), int(defaults["width"])) if defaults.get("height") else None
     from diffmem.evaluate import load_reference
 
     refs = [None if e.reference is None else load_reference(e.reference, size) for e in attack_entries]
-    calib = [p for p in base_prompts if p]
+    calib = [p for p in base_prompts if p][: config.calibration_prompts]
     att_before = extraction_attack(pipe, [e.prompt for e in attack_entries], acfg, attack_scorer, references=refs,
                                    calibration_prompts=calib, call_kwargs=call, out_dir=out / "attack_before",
                                    progress=progress)

@@ -56,8 +56,9 @@ class ShapesConfig:
         num_unique: Images in the generalizing part.
         duplicates: Duplication counts of the memorized emblems, one entry per level.
         emblems_per_level: Emblems at each duplication level.
-        control_duplicates: Duplication count of the "duplicated but not memorized" control emblems.
-        num_controls: Number of control emblems.
+        control_duplicates: Duplication count of the low-duplication emblems (the bottom of the
+            replication-vs-duplication curve).
+        num_controls: Number of low-duplication emblems.
     """
 
     seed: int = 0

@@ -288,22 +288,23 @@ def _encode_text(tokenizer, text_encoder, prompts: list[str], batch: int = 256) 
 
 
 def _manifest_rows(samples: list[Sample], config: TrainConfig) -> list[dict]:
-    """Ground truth: memorized emblems split locate/heldout (stratified by duplication), controls and
-    generalizing prompts as ``nonmem``."""
+    """Ground truth: every duplicated emblem is a memorized prompt, split locate/heldout half and half within each
+    duplication level; generalizing prompts are ``nonmem``.
+
+    The low-duplication emblems (``control_duplicates`` copies) are labelled memorized too: the measured check
+    shows the model reproduces them in part, so they sit at the bottom of the replication-vs-duplication curve.
+    """
     rng = np.random.default_rng(config.split_seed)
     rows = []
-    for dup in config.dataset.duplicates:
-        idx = [i for i, s in enumerate(samples) if s.kind == "emblem" and s.copies == dup]
+    levels = sorted({s.copies for s in samples if s.kind != "unique"})
+    for dup in levels:
+        idx = [i for i, s in enumerate(samples) if s.kind != "unique" and s.copies == dup]
         order = rng.permutation(len(idx))
         for rank, j in enumerate(order):
             i = idx[j]
             rows.append(dict(prompt=samples[i].caption, memorized=True, duplicates=dup,
                              reference=f"references/{i:05d}.png", split="locate" if rank % 2 == 0 else "heldout",
                              kind="emblem"))
-    for i, s in enumerate(samples):
-        if s.kind == "control":
-            rows.append(dict(prompt=s.caption, memorized=False, duplicates=s.copies,
-                             reference=f"references/{i:05d}.png", split="nonmem", kind="control"))
     unique_caps = sorted({s.caption for s in samples if s.kind == "unique"})
     chosen = rng.choice(len(unique_caps), size=config.num_nonmem_prompts, replace=False)
     for c in sorted(chosen):
