@@ -288,8 +288,10 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     from diffmem.demo import DemoConfig, run_demo
 
+    extra = {k: v for k, v in (("eval_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
+                               ("scorer", args.scorer)) if v is not None}
     cfg = DemoConfig(model=args.model, out=args.out, ratio=args.ratio, quick=args.quick, seed=args.seed,
-                     compare_directions=not args.no_directions)
+                     compare_directions=not args.no_directions, **extra)
     report = run_demo(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -405,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None, help="mask ratio (default: chosen by a sweep on the locate split)")
     p.add_argument("--quick", action="store_true", help="reduced settings (CI)")
     p.add_argument("--no-directions", action="store_true", help="skip the low-rank projection editor")
+    p.add_argument("--eval-seeds", type=int, default=None, help="seeds per prompt in the evaluation (default 4)")
+    p.add_argument("--attack-generations", type=int, default=None, help="generations per attacked prompt (default 8)")
+    p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 

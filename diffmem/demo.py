@@ -68,17 +68,17 @@ class DemoConfig:
     record_steps: int = 10
     eval_seeds: int = 4
     sweep_seeds: int = 2
-    attack_generations: int = 16
+    attack_generations: int = 8
     attack_nonmem: int = 8
     calibration_prompts: int = 16
-    clique_size: int = 4
+    clique_size: int = 3
     false_flag_rate: float = 0.05
     detect_seeds: int = 4
     scorer: str = "ssim"
     attack_scorer: str = "ssim"
     method: str = "wanda"
     compare_directions: bool = True
-    direction_ranks: tuple[int, ...] = (2, 8, 16)
+    direction_ranks: tuple[int, ...] = (4, 16)
     quick: bool = False
     seed: int = 0
 

@@ -9,6 +9,7 @@ denoiser that counts its calls (the step index) and stops the generation after t
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import RecordConfig
 from .errors import DiffmemError
-from .stats import ActivationStats, prompts_sha256, row_moments
+from .stats import HALVES, ActivationStats, prompts_sha256, row_moments
 from .targets import find_targets, get_denoiser
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,14 @@ class ActivationRecorder:
         base_meta = {"model_id": _model_id(pipe_or_denoiser), "denoiser": type(self.denoiser).__name__}
         base_meta["record_config"] = config.to_dict()
         base_meta.update(meta or {})
-        self.stats = ActivationStats(layers, config.record_steps, meta=base_meta)
-        self.stats.ensure_half("cond")
+        self._stats = ActivationStats(layers, config.record_steps, meta=base_meta)
+        self._stats.ensure_half("cond")
+        # Pending sums of the current batch, kept on the activation's device and added to ``stats`` in one call
+        # per layer and half (see :meth:`_flush`): layer -> [2 halves (uncond, cond), T, 3, N] fp32, the rows
+        # behind them per half and step, and per-step views for the hooks' single in-place add.
+        self._acc: dict[str, Tensor] = {}
+        self._acc_rows: dict[str, list[list[int]]] = {}
+        self._acc_views: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         n_sig = num_prompts if config.signatures and num_prompts else 0
         self._sig_sum: dict[str, Tensor] = {
             name: torch.zeros(n_sig, n_in, dtype=torch.float32) for name, (_, n_in) in layers.items() if n_sig
@@ -119,6 +126,39 @@ class ActivationRecorder:
         self._step: int | None = None
         self._uncond_rows = 0
         self._input_rows = 0
+
+    @property
+    def stats(self) -> ActivationStats:
+        """The statistics recorded so far (pending sums of the running batch included)."""
+        self._flush()
+        return self._stats
+
+    def _flush(self) -> None:
+        """Add the pending per-batch sums into :attr:`stats` (one fused add per layer and half) and clear them."""
+        if not self._acc:
+            return
+        for name, acc in self._acc.items():
+            rows = self._acc_rows[name]
+            for h, half in enumerate(HALVES):
+                if not any(rows[h]):
+                    continue
+                self._stats.ensure_half(half)[name].add_steps_(rows[h], acc[h])
+                rows[h] = [0] * len(rows[h])
+            acc.zero_()
+
+    def _accumulator(self, name: str, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-step views ``(both halves, cond half)`` of the layer's pending sums on ``x``'s device."""
+        views = self._acc_views.get(name)
+        if views is not None and self._acc[name].device == x.device:
+            return views
+        self._flush()
+        steps = self._stats.steps
+        acc = torch.zeros(2, steps, 3, x.shape[-1], dtype=torch.float32, device=x.device)
+        self._acc[name] = acc
+        self._acc_rows[name] = [[0] * steps, [0] * steps]
+        views = ([acc[:, t] for t in range(steps)], [acc[1:, t] for t in range(steps)])
+        self._acc_views[name] = views
+        return views
 
     # -- batch bookkeeping -------------------------------------------------------------------------------------
 
@@ -148,6 +188,7 @@ class ActivationRecorder:
             self._prompt_index = index
         else:
             self._prompt_index = None
+        self._flush()
         self._rows = rows
         self._cfg = cfg
         self._calls = 0
@@ -226,29 +267,46 @@ class ActivationRecorder:
         if x.shape[0] != n:
             if x.dim() < 3 or x.shape[0] % n:
                 raise DiffmemError(f"layer {name} saw {x.shape[0]} rows but the denoiser batch has {n}")
-        x = x.reshape(n, -1, n_in)
-        split = self._uncond_rows
-        halves = (("uncond", x[:split]), ("cond", x[split:])) if split else (("cond", x),)
-        for half, block in halves:
-            rows = block.reshape(-1, n_in)
-            moments = row_moments(rows).cpu()
-            if not bool(torch.isfinite(moments).all()):
-                raise DiffmemError(f"non-finite activations (inf/NaN) in layer {name} at step {step} ({half} half)")
-            self.stats.ensure_half(half)[name].add_at_(step, rows.shape[0], moments)
+        split = self._uncond_rows  # 0 (no CFG) or n // 2: the halves are the two equal leading blocks
+        blocks = 2 if split else 1
+        # both halves' moments in one reduction: [blocks, 3, N]
+        moments = row_moments(x.reshape(blocks, -1, n_in))
+        rows = x.numel() // (n_in * blocks)  # token rows per half
+        # one finiteness check for both halves: the fp64 total of finite fp32 values cannot overflow
+        if not math.isfinite(moments.sum(dtype=torch.float64).item()):
+            self._non_finite(name, step, moments, rows)
+        both, cond_only = self._accumulator(name, x)
+        acc_rows = self._acc_rows[name]
+        if split:
+            both[step].add_(moments)
+            acc_rows[0][step] += rows
+        else:
+            cond_only[step].add_(moments)
+        acc_rows[1][step] += rows
         if self._sig_sum:
             if self._prompt_index is None:
                 raise DiffmemError("signatures need the prompt of each row: call start_batch(..., prompt_index=...)")
-            cond = x[split:]
+            cond = x.reshape(n, -1, n_in)[split:]
             per_row = cond.float().sum(dim=1).cpu()
             self._sig_sum[name].index_add_(0, self._prompt_index, per_row)
             self._sig_count[name].index_add_(
                 0, self._prompt_index, torch.full_like(self._prompt_index, cond.shape[1])
             )
 
+    def _non_finite(self, name: str, step: int, moments: Tensor, rows: int) -> None:
+        """Raise for the first half (uncond, then cond) with non-finite moments; finite halves before it count."""
+        halves = HALVES if moments.shape[0] == 2 else HALVES[1:]
+        for half, block in zip(halves, moments.cpu()):
+            if not bool(torch.isfinite(block).all()):
+                raise DiffmemError(f"non-finite activations (inf/NaN) in layer {name} at step {step} ({half} half)")
+            self._stats.ensure_half(half)[name].add_at_(step, rows, block)
+        # only reached if the fp64 total overflowed, which finite fp32 moments of realistic size cannot do
+        raise DiffmemError(f"non-finite activations (inf/NaN) in layer {name} at step {step}")
+
     def _finalize_signatures(self) -> None:
         if not self._sig_sum:
             return
-        self.stats.signatures = {
+        self._stats.signatures = {
             name: total / self._sig_count[name].clamp_min(1).unsqueeze(1).float()
             for name, total in self._sig_sum.items()
         }
@@ -295,6 +353,7 @@ class ActivationRecorder:
         try:
             self._remove()
         finally:
+            self._flush()
             self._finalize_signatures()
         return None
 

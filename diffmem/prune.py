@@ -75,8 +75,8 @@ def _zero_(weights: dict[str, Tensor], mask: Mask) -> None:
 def apply_mask(pipe_or_denoiser: Any, mask: Mask) -> Iterator[Any]:
     """Zero the masked weights inside a ``with`` block and restore them bit for bit on exit.
 
-    The mask is validated before anything changes. On exit (also after an exception) each masked layer's
-    weight is copied back from a clone taken on entry.
+    The mask is validated before anything changes. Only the masked entries are saved on entry (memory grows
+    with the mask, not with the layers), and on exit, also after an exception, they are written back.
 
     Args:
         pipe_or_denoiser: A diffusers pipeline or its denoiser.
@@ -89,7 +89,8 @@ def apply_mask(pipe_or_denoiser: Any, mask: Mask) -> Iterator[Any]:
         MaskMismatchError: The mask does not fit the model (nothing is changed).
     """
     weights = validate_mask(pipe_or_denoiser, mask)
-    originals = {name: w.detach().clone() for name, w in weights.items()}
+    index = {name: mask.layers[name].to(w.device) for name, w in weights.items()}
+    originals = {name: w.detach()[index[name]].clone() for name, w in weights.items()}
     try:
         _zero_(weights, mask)
         logger.debug("applied mask: %d weights zeroed in %d layers", mask.num_masked(), len(weights))
@@ -97,7 +98,7 @@ def apply_mask(pipe_or_denoiser: Any, mask: Mask) -> Iterator[Any]:
     finally:
         with torch.no_grad():
             for name, weight in weights.items():
-                weight.copy_(originals[name])
+                weight[index[name]] = originals[name]
         logger.debug("restored %d masked layers", len(weights))
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,16 +48,19 @@ def row_moments(rows: Tensor) -> Tensor:
     """Per-neuron moments of a block of token rows.
 
     Args:
-        rows: ``[R, N]`` activations, one token per row (cast to fp32 here if needed).
+        rows: ``[R, N]`` activations, one token per row (cast to fp32 here if needed). Leading batch dimensions
+            (``[..., R, N]``) give one result per block, computed in one reduction.
 
     Returns:
-        ``[3, N]`` fp32: the sum, the sum of squares and the sum of squares of the L2-normalised rows
-        (a zero row contributes zero).
+        ``[3, N]`` (``[..., 3, N]``) fp32: the sum, the sum of squares and the sum of squares of the
+        L2-normalised rows (a zero row contributes zero).
     """
     rows = rows.float()
     sq = rows * rows
-    row_norm2 = sq.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.stack([rows.sum(dim=0), sq.sum(dim=0), (sq / row_norm2).sum(dim=0)])
+    inv_norm2 = sq.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+    # one matrix product gives both weighted column sums: ones -> sum of squares, 1/||x||^2 -> normalised sum
+    weights = torch.stack([torch.ones_like(inv_norm2), inv_norm2], dim=-2)
+    return torch.cat([rows.sum(dim=-2, keepdim=True), weights @ sq], dim=-2)
 
 
 @dataclass
@@ -112,10 +115,23 @@ class LayerStats:
             moments: ``[3, N]`` sum, sum of squares and normalised sum of squares.
         """
         moments = moments.to(self.sum.device, torch.float32)
-        self.count[step] += count
-        self.sum[step] += moments[0]
-        self.sumsq[step] += moments[1]
-        self.normsq[step] += moments[2]
+        self.count[step].add_(count)
+        self.sum[step].add_(moments[0])
+        self.sumsq[step].add_(moments[1])
+        self.normsq[step].add_(moments[2])
+
+    def add_steps_(self, count: Tensor | Sequence[int], moments: Tensor) -> None:
+        """Add the moments of every step at once (a whole batch, summarised by :func:`row_moments`).
+
+        Args:
+            count: ``[T]`` rows added at each step.
+            moments: ``[T, 3, N]`` sums, sums of squares and normalised sums of squares per step.
+        """
+        moments = moments.to(self.sum.device, torch.float32)
+        self.count += torch.as_tensor(count, dtype=torch.int64).to(self.count.device)
+        self.sum += moments[:, 0]
+        self.sumsq += moments[:, 1]
+        self.normsq += moments[:, 2]
 
     def add_(self, other: LayerStats) -> LayerStats:
         """Add another layer's statistics in place.

@@ -74,7 +74,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
         detect_seeds: Seeds for the detection AUC.
         write: Write the report and the grid into the model folder.
         progress: Show progress bars.
-        limit: Check only the first ``limit`` prompts of each kind (for quick tests).
+        limit: Check only ``limit`` memorized prompts (the most duplicated) and ``limit`` generic ones (quick tests).
 
     Returns:
         The report dictionary.
@@ -96,7 +96,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     rows = _load_manifest(model)
     if limit is not None:
         by_kind: dict[str, list[dict]] = defaultdict(list)
-        for r in rows:
+        for r in sorted(rows, key=lambda r: -r["duplicates"]):
             key = "mem" if r["memorized"] else "nonmem"
             if len(by_kind[key]) < limit:
                 by_kind[key].append(r)
