@@ -2,7 +2,8 @@
 
 Record the denoiser's feed-forward activations for memorized and ordinary prompts, score and select the weights
 (or directions) that memorized prompts share, and remove them reversibly or in an exported pipeline that plain
-diffusers loads. Attributes are imported lazily, so ``import diffmem`` is cheap.
+diffusers loads. Attributes are imported lazily. The verbs ``locate``, ``detect`` and ``evaluate`` live in the
+modules of the same name (``from diffmem.locate import locate``), so that ``diffmem.locate`` stays a module.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ _EXPORTS: dict[str, str] = {
     "load_pipeline": "diffmem.pipelines",
     # locate / prune
     "Mask": "diffmem.locate",
-    "locate": "diffmem.locate",
     "wanda_scores": "diffmem.locate",
     "mask_iou": "diffmem.locate",
     "apply_mask": "diffmem.prune",
@@ -49,12 +49,10 @@ _EXPORTS: dict[str, str] = {
     "get_scorer": "diffmem.score",
     "list_scorers": "diffmem.score",
     "DetectConfig": "diffmem.detect",
-    "detect": "diffmem.detect",
     "noise_norm_scores": "diffmem.detect",
     "AttackConfig": "diffmem.attack",
     "extraction_attack": "diffmem.attack",
     "EvalConfig": "diffmem.evaluate",
-    "evaluate": "diffmem.evaluate",
     "evaluate_edit": "diffmem.evaluate",
     "generate_images": "diffmem.sampling",
     "DemoConfig": "diffmem.demo",

@@ -43,15 +43,21 @@ def test_foreground_colour_classifier_reads_generated_images():
     assert set(PALETTE) >= {s.attrs["fg"] for s in samples}
 
 
-def test_word_vocab_spells_each_caption_word_as_one_token(tmp_path):
+def test_word_vocab_spells_each_word_as_one_token(tmp_path):
     from transformers import CLIPTokenizer
 
     from diffmem.zoo.tiny import write_word_vocab
 
     words = caption_words(make_dataset(ShapesConfig(num_unique=30, emblems_per_level=1, num_controls=1)))
     tok = CLIPTokenizer.from_pretrained(str(write_word_vocab(tmp_path, words)))
+    single = 0
     for w in words:
-        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert tok.decode(ids).strip() == w
+        assert tok.unk_token_id not in ids or tok.unk_token_id == tok.eos_token_id
+        single += len(ids) == 1
+    assert single == len(words)
+    assert len(tok) < 600
 
 
 def test_training_script_writes_pipeline_and_resumes(tmp_path, caplog):
@@ -117,7 +123,7 @@ def test_manifest_is_valid():
     assert dups("locate") == dups("heldout")
     # duplication counts in the manifest match the rebuilt training set
     cfg = json.loads((MODEL / "train_config.json").read_text())["dataset"]
-    assert sorted({e.duplicates for e in mem}) == sorted(cfg["duplicates"])
+    assert sorted({e.duplicates for e in mem}) == sorted({*cfg["duplicates"], cfg["control_duplicates"]})
     base = read_prompts(MODEL / "base_prompts.txt")
     assert not set(base) & set(prompts), "base prompts must not be evaluation prompts"
 

@@ -39,11 +39,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes)}
 
 
+def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Merge adjacent pieces by merge rank, lowest first, as CLIP's BPE does."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best = min((r for r, _ in pairs if r is not None), default=None)
+        if best is None:
+            return pieces
+        i = next(i for r, i in pairs if r == best)
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def write_word_vocab(folder: str | Path, words: Iterable[str]) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` of a byte-level CLIP BPE that spells each word as one token.
+    """Write ``vocab.json`` and ``merges.txt`` of a small byte-level CLIP BPE built from ``words``.
 
     The vocabulary holds the 256 byte symbols, the same with ``</w>``, one merge chain per word and the two
-    special tokens, so that any text tokenizes (unknown words fall back to smaller pieces).
+    special tokens, so that any text tokenizes. Merges are added word by word while simulating BPE, so every
+    given word becomes exactly one token; unknown words fall back to smaller pieces.
 
     Args:
         folder: Output folder; created if missing.
@@ -59,18 +73,22 @@ def write_word_vocab(folder: str | Path, words: Iterable[str]) -> Path:
     seen = set(vocab)
     merges: list[tuple[str, str]] = []
     byte_map = bytes_to_unicode()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w.strip()}):
-        chars = [byte_map[b] for b in word.encode("utf-8")]
-        chars[-1] = chars[-1] + "</w>"
-        left = chars[0]
-        for right in chars[1:]:
-            pair = (left, right)
-            merged = left + right
-            if merged not in seen:
-                merges.append(pair)
-                vocab.append(merged)
-                seen.add(merged)
-            left = merged
+        pieces = [byte_map[b] for b in word.encode("utf-8")]
+        pieces[-1] = pieces[-1] + "</w>"
+        # run BPE with the merges so far; while the word is not one token, add a merge (of a higher rank than
+        # all earlier ones, so earlier words keep their single token)
+        while True:
+            pieces = _apply_bpe(pieces, ranks)
+            if len(pieces) == 1:
+                break
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                vocab.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
