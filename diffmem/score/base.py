@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar, Union
@@ -145,7 +146,7 @@ def to_uint8_batch(images: Images, size: tuple[int, int] | None = None) -> np.nd
 # Scorers
 
 
-class Scorer:
+class Scorer(ABC):
     """Base class of image similarity scorers (higher similarity = more alike).
 
     Attributes:
@@ -167,8 +168,9 @@ class Scorer:
         Returns:
             float32 ``[B, D]`` tensor on the CPU.
         """
-        raise NotImplementedError(f"scorer {self.name!r} compares pixels and has no embedding")
+        raise TypeError(f"scorer {self.name!r} compares pixels and has no embedding")
 
+    @abstractmethod
     def similarity(self, a: Images, b: Images) -> torch.Tensor:
         """Similarity of every image of ``a`` to every image of ``b``.
 
@@ -179,8 +181,8 @@ class Scorer:
         Returns:
             float32 ``[len(a), len(b)]`` tensor, higher = more similar.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def paired_similarity(self, a: Images, b: Images) -> torch.Tensor:
         """Similarity of ``a[i]`` to ``b[i]`` for each ``i`` (e.g. generations against their references).
 
@@ -191,7 +193,6 @@ class Scorer:
         Returns:
             float32 ``[len(a)]`` tensor.
         """
-        raise NotImplementedError
 
     def is_replication(self, similarity: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """Boolean mask of similarities at or above ``threshold`` (the scorer's default when ``None``)."""
@@ -240,9 +241,9 @@ class EmbeddingScorer(Scorer):
 class PixelScorer(Scorer):
     """A scorer that compares two images pixel by pixel; the larger image is resized to the smaller's size."""
 
+    @abstractmethod
     def _pair(self, x: np.ndarray, y: np.ndarray) -> float:
         """Similarity of two uint8 ``[H, W, 3]`` images of equal size."""
-        raise NotImplementedError
 
     def _score(self, xs: list[np.ndarray], ys: list[np.ndarray], pairs: list[tuple[int, int]]) -> list[float]:
         cache: dict[tuple[int, int, tuple[int, int]], np.ndarray] = {}
