@@ -251,8 +251,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     mask_a = locate(pipe, stats_a, stats_base, make_cfg(chosen))
     mask_b = locate(pipe, stats_b, stats_base, make_cfg(chosen))
     iou = mask_iou(mask_a, mask_b)
-    # chance level: IoU of two random masks of the same per-layer sizes
-    rng = np.random.default_rng(config.seed)
+    # chance level: expected IoU of two random masks of the same per-layer sizes
     chance_i = chance_u = 0.0
     for name, ma in mask_a.layers.items():
         n = ma.numel()
@@ -260,7 +259,6 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
         inter = ka * kb / n if n else 0.0
         chance_i += inter
         chance_u += ka + kb - inter
-    del rng
     iou_block = {"overall": iou["overall"], "per_layer": iou["per_layer"],
                  "chance_overall": chance_i / chance_u if chance_u else 0.0,
                  "subset_sizes": [len(half_a), len(half_b)],
@@ -314,10 +312,6 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
     lap("export")
 
     # 8. report ----------------------------------------------------------------------------------------------
-    def blocks(res) -> dict:
-        s = res.summary()
-        return {k: v for k, v in s.items()}
-
     attack_dups = {str(e.duplicates) for e in attack_entries}
     report: dict[str, Any] = {
         "model": str(model),
@@ -333,8 +327,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict:
                  "fraction": mask.fraction(), "total_ffn_weights": mask.num_total(), "per_layer": mask.counts(),
                  "path": str(mask_path), "sweep": sweep_rows, "record_steps": rcfg.record_steps},
         "iou_subsets": iou_block,
-        "before": blocks(before),
-        "after": blocks(after),
+        "before": before.summary(),
+        "after": after.summary(),
         "drift": _drift_block(after),
         "attack": {"before": att_before.summary(), "after": att_after.summary(),
                    "prompts": len(attack_entries), "duplicates": sorted(attack_dups, key=int)},

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.metrics import roc_auc, tpr_at_fpr
+from diffmem.sampling import initial_latents
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +67,6 @@ class DetectConfig:
         return asdict(self)
 
 
-def _initial_latents(pipe, n_prompts: int, config: DetectConfig, height: int, width: int,
-                     seeds: list[int]) -> torch.Tensor:
-    unet_cfg = pipe.unet.config if hasattr(pipe, "unet") else pipe.transformer.config
-    channels = unet_cfg.in_channels
-    factor = pipe.vae_scale_factor
-    shape = (channels, height // factor, width // factor)
-    lat = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return torch.stack(lat)
-
-
 @torch.no_grad()
 def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = None,
                       progress: bool = True) -> np.ndarray:
@@ -105,7 +96,7 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
         cond, uncond = pipe.encode_prompt(batch, device, n, True, negative_prompt=[""] * b)
         embeds = torch.cat([uncond, cond]).to(dtype)
         seeds = [config.seed + j for _ in batch for j in range(n)]
-        latents = _initial_latents(pipe, b, config, height, width, seeds).to(device, dtype)
+        latents = initial_latents(pipe, seeds, height, width).to(device, dtype)
         latents = latents * sched.init_noise_sigma
         sched.set_timesteps(config.num_inference_steps, device=device)
         total = torch.zeros(b * n, dtype=torch.float64)

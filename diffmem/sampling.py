@@ -10,18 +10,18 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["initial_latents", "generate_images", "CALL_KEYS"]
-
-CALL_KEYS = ("num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width", "negative_prompt")
+__all__ = ["initial_latents", "generate_images"]
 
 
 def initial_latents(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
     """Initial noise for each seed, made on the CPU so that a seed gives the same noise on any device or batch."""
+    from diffmem.hooks import initial_latents as seed_noise
+
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     channels = denoiser.config.in_channels
     f = pipe.vae_scale_factor
     shape = (channels, height // f, width // f)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.cat([seed_noise(shape, s) for s in seeds])
 
 
 def default_size(pipe) -> tuple[int, int]:
