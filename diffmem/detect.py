@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.metrics import roc_auc, tpr_at_fpr
-from diffmem.sampling import initial_latents
+from diffmem.sampling import image_size, initial_latents
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
     config = config or DetectConfig()
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
-    height = config.height or unet.config.sample_size * pipe.vae_scale_factor
-    width = config.width or unet.config.sample_size * pipe.vae_scale_factor
+    height, width = image_size(pipe, config.height, config.width)
     out = np.zeros(len(prompts), dtype=np.float64)
     sched = pipe.scheduler
     pred_type = sched.config.get("prediction_type", "epsilon")

@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import RecordConfig
+from .sampling import image_size, latent_shape, seed_noise
 from .errors import DiffmemError
 from .stats import HALVES, ActivationStats, prompts_sha256, row_moments
 from .targets import find_targets, get_denoiser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationRecorder", "record", "initial_latents"]
+__all__ = ["ActivationRecorder", "record"]
 
 # Modules that currently carry recorder hooks; a second recorder on any of them is refused.
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -358,32 +359,6 @@ class ActivationRecorder:
         return None
 
 
-def _latent_geometry(pipe: Any, denoiser: nn.Module, config: RecordConfig) -> tuple[int, int, int, int, int]:
-    """``(channels, latent_h, latent_w, height, width)`` of the pipeline's initial latents."""
-    dconf = denoiser.config
-    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    default = getattr(pipe, "default_sample_size", None) or dconf.get("sample_size") or 64
-    dh, dw = (default, default) if isinstance(default, int) else (int(default[0]), int(default[1]))
-    height = config.height or dh * scale
-    width = config.width or dw * scale
-    channels = int(dconf.get("in_channels"))
-    return channels, height // scale, width // scale, height, width
-
-
-def initial_latents(shape: Sequence[int], seed: int) -> Tensor:
-    """Initial noise of one generation, independent of batching.
-
-    Args:
-        shape: ``(C, h, w)`` latent shape.
-        seed: Seed of a fresh CPU ``torch.Generator``.
-
-    Returns:
-        fp32 ``[1, C, h, w]`` standard normal noise on the CPU.
-    """
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn((1, *shape), generator=generator, dtype=torch.float32)
-
-
 def record(
     pipe: Any,
     prompts: Sequence[str],
@@ -423,11 +398,11 @@ def record(
     from . import __version__
 
     denoiser = get_denoiser(pipe)
-    channels, lat_h, lat_w, height, width = _latent_geometry(pipe, denoiser, config)
+    height, width = image_size(pipe, config.height, config.width)
     device = getattr(pipe, "_execution_device", None) or next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
     seeds = [config.seed + k for k in range(config.num_seeds)]
-    noise = [initial_latents((channels, lat_h, lat_w), s) for s in seeds]
+    noise = [seed_noise(latent_shape(pipe, height, width), s) for s in seeds]
 
     meta = {
         "model_id": model_id or _model_id(pipe),

@@ -1,76 +1,133 @@
-"""Batched, seed-stable image generation shared by evaluation, attacks and checks."""
+"""Seeded initial noise, image size, and batched, seed-stable image generation.
+
+This module is the one home of three helpers that every stage needs: the initial noise of a seed
+(:func:`seed_noise`, :func:`initial_latents`), the pipeline's image size for UNet and transformer denoisers
+(:func:`image_size`), and :func:`generate_images`, which generates ``num_seeds`` images per prompt (or per
+precomputed conditioning) so that image ``j`` of every prompt uses seed ``seed + j`` whatever the batching.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .targets import get_denoiser
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["initial_latents", "generate_images"]
+__all__ = ["seed_noise", "initial_latents", "image_size", "latent_shape", "generate_images", "to_uint8"]
 
 
-def initial_latents(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
-    """Initial noise for each seed, made on the CPU so that a seed gives the same noise on any device or batch."""
-    from diffmem.hooks import initial_latents as seed_noise
+def seed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Initial noise of one generation, independent of batching and device.
 
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    channels = denoiser.config.in_channels
-    f = pipe.vae_scale_factor
-    shape = (channels, height // f, width // f)
+    Args:
+        shape: ``(C, h, w)`` latent shape.
+        seed: Seed of a fresh CPU ``torch.Generator``.
+
+    Returns:
+        fp32 ``[1, C, h, w]`` standard normal noise on the CPU.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+
+
+def image_size(pipe: Any, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The image size a pipeline generates: the given values, else its default for UNet or transformer denoisers.
+
+    Args:
+        pipe: A diffusers pipeline.
+        height: Requested height in pixels, or ``None``.
+        width: Requested width in pixels, or ``None``.
+
+    Returns:
+        ``(height, width)`` in pixels.
+    """
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    default = getattr(pipe, "default_sample_size", None) or get_denoiser(pipe).config.get("sample_size") or 64
+    dh, dw = (default, default) if isinstance(default, int) else (int(default[0]), int(default[1]))
+    return int(height or dh * scale), int(width or dw * scale)
+
+
+def latent_shape(pipe: Any, height: int, width: int) -> tuple[int, int, int]:
+    """``(channels, latent_h, latent_w)`` of the pipeline's initial latents for an image of ``height x width``."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    channels = int(get_denoiser(pipe).config.get("in_channels"))
+    return channels, height // scale, width // scale
+
+
+def initial_latents(pipe: Any, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """Initial noise for each seed, made on the CPU so that a seed gives the same noise on any device or batch.
+
+    Returns:
+        fp32 ``[len(seeds), C, h, w]`` on the CPU.
+    """
+    shape = latent_shape(pipe, height, width)
     return torch.cat([seed_noise(shape, s) for s in seeds])
 
 
-def default_size(pipe) -> tuple[int, int]:
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    size = denoiser.config.sample_size * pipe.vae_scale_factor
-    return size, size
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] (as pipelines return with ``output_type="np"``) to uint8."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
 def generate_images(
-    pipe,
-    prompts: list[str],
+    pipe: Any,
+    prompts: Sequence[str] | None = None,
     num_seeds: int = 1,
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
     desc: str = "generate",
-    **call_kwargs,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    **call_kwargs: Any,
 ) -> np.ndarray:
-    """Generate ``num_seeds`` images for each prompt; image ``j`` of every prompt uses seed ``seed + j``.
+    """Generate ``num_seeds`` images for each prompt (or each conditioning); image ``j`` uses seed ``seed + j``.
 
     The result does not depend on ``batch_size``: each image's initial noise is drawn from its own seed.
 
     Args:
         pipe: A text-to-image pipeline that accepts ``latents=``.
-        prompts: Prompts.
+        prompts: Prompts; or ``None`` with ``prompt_embeds``.
         num_seeds: Images per prompt.
         seed: First seed.
         batch_size: Images per pipeline call.
         progress: Show a progress bar.
         desc: Progress bar label.
+        prompt_embeds: ``[P, L, D]`` text-encoder outputs used instead of prompts (the unconditional half is the
+            empty prompt's, encoded by the pipeline).
         **call_kwargs: Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ...).
 
     Returns:
-        ``uint8 [len(prompts), num_seeds, H, W, 3]``.
+        ``uint8 [P, num_seeds, H, W, 3]``.
     """
-    height = call_kwargs.pop("height", None)
-    width = call_kwargs.pop("width", None)
-    dh, dw = default_size(pipe)
-    height, width = height or dh, width or dw
-    jobs = [(p, seed + j) for p in prompts for j in range(num_seeds)]
+    if (prompts is None) == (prompt_embeds is None):
+        raise ValueError("give exactly one of prompts or prompt_embeds")
+    count = len(prompts) if prompts is not None else int(prompt_embeds.shape[0])
+    height, width = image_size(pipe, call_kwargs.pop("height", None), call_kwargs.pop("width", None))
+    jobs = [(i, seed + j) for i in range(count) for j in range(num_seeds)]
     out: list[np.ndarray] = []
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress):
         chunk = jobs[start : start + batch_size]
-        lat = initial_latents(pipe, [s for _, s in chunk], height, width).to(denoiser.device, denoiser.dtype)
-        res = pipe(
-            [p for p, _ in chunk], latents=lat, height=height, width=width, output_type="np", **call_kwargs
-        ).images
-        out.append((np.clip(res, 0, 1) * 255).round().astype(np.uint8))
+        lat = initial_latents(pipe, [s for _, s in chunk], height, width).to(device, dtype)
+        index = [i for i, _ in chunk]
+        if prompts is not None:
+            cond: dict[str, Any] = {"prompt": [prompts[i] for i in index]}
+        else:
+            cond = {"prompt_embeds": prompt_embeds[index].to(device, dtype)}
+            if call_kwargs.get("guidance_scale", 7.5) > 1:
+                empty = pipe.encode_prompt([""], device, 1, False)[0]
+                cond["negative_prompt_embeds"] = empty.expand(len(index), -1, -1).to(dtype)
+        res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **call_kwargs).images
+        out.append(to_uint8(res))
     imgs = np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)
-    return imgs.reshape(len(prompts), num_seeds, *imgs.shape[1:])
+    return imgs.reshape(count, num_seeds, *imgs.shape[1:])
