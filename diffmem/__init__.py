@@ -1,9 +1,11 @@
 """diffmem: locate and delete memorization in text-to-image diffusion models.
 
-Record the denoiser's feed-forward activations for memorized and ordinary prompts, score and select the weights
-(or directions) that memorized prompts share, and remove them reversibly or in an exported pipeline that plain
-diffusers loads. Attributes are imported lazily. The verbs ``locate``, ``detect`` and ``evaluate`` live in the
-modules of the same name (``from diffmem.locate import locate``), so that ``diffmem.locate`` stays a module.
+Record the denoiser's feed-forward activations for memorized and ordinary prompts (:func:`record`), locate the
+weights or directions that memorized prompts share (:func:`locate`, an :class:`Edit`), apply the edit reversibly
+(:func:`apply_edit`) or export an edited pipeline that plain diffusers loads (:func:`export_edited`), and measure
+the effect: detection without training data (:func:`detect`), replication before and after (:func:`evaluate`),
+generate-and-filter extraction (:func:`extraction_attack`) and re-extraction by optimising the conditioning
+(:func:`reextract`). Attributes are imported on first use, so ``import diffmem`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS: dict[str, str] = {
     # configs and errors
@@ -23,40 +25,45 @@ _EXPORTS: dict[str, str] = {
     "ModelLoadError": "diffmem.errors",
     "TargetNotFoundError": "diffmem.errors",
     "ExportError": "diffmem.errors",
-    # record
+    # models and data
+    "load_pipeline": "diffmem.pipelines",
     "find_targets": "diffmem.targets",
     "get_denoiser": "diffmem.targets",
+    "read_prompts": "diffmem.data",
+    "read_manifest": "diffmem.data",
+    "read_entries": "diffmem.data",
+    "load_reference": "diffmem.data",
+    # record
     "ActivationRecorder": "diffmem.hooks",
     "record": "diffmem.hooks",
     "ActivationStats": "diffmem.stats",
-    "load_pipeline": "diffmem.pipelines",
-    # locate / prune
-    "Mask": "diffmem.locate",
-    "wanda_scores": "diffmem.locate",
-    "mask_iou": "diffmem.locate",
-    "apply_mask": "diffmem.prune",
-    "bake": "diffmem.prune",
-    "export_pruned": "diffmem.prune",
-    # directions
+    # locate
+    "locate": "diffmem.localization",
+    "register_locator": "diffmem.localization",
+    "wanda_scores": "diffmem.localization",
+    # edits
+    "Edit": "diffmem.edits",
+    "apply_edit": "diffmem.edits",
+    "export_edited": "diffmem.edits",
+    "load_edit": "diffmem.edits",
+    "Mask": "diffmem.masks",
+    "mask_iou": "diffmem.masks",
     "DirectionBasis": "diffmem.directions",
-    "locate_directions": "diffmem.directions",
-    "apply_projection": "diffmem.directions",
-    "export_projected": "diffmem.directions",
     "subspace_overlap": "diffmem.directions",
-    # data, scoring, detection, attack, evaluation
-    "read_prompts": "diffmem.data",
-    "read_manifest": "diffmem.data",
+    "WeightDelta": "diffmem.deltas",
+    # measure
     "get_scorer": "diffmem.score",
     "list_scorers": "diffmem.score",
-    "DetectConfig": "diffmem.detect",
-    "noise_norm_scores": "diffmem.detect",
-    "AttackConfig": "diffmem.attack",
-    "extraction_attack": "diffmem.attack",
-    "EvalConfig": "diffmem.evaluate",
-    "evaluate_edit": "diffmem.evaluate",
+    "DetectConfig": "diffmem.detection",
+    "detect": "diffmem.detection",
+    "EvalConfig": "diffmem.evaluation",
+    "evaluate": "diffmem.evaluation",
+    "evaluate_edit": "diffmem.evaluation",
+    "AttackConfig": "diffmem.extraction",
+    "extraction_attack": "diffmem.extraction",
+    "ReextractConfig": "diffmem.reextraction",
+    "reextract": "diffmem.reextraction",
     "generate_images": "diffmem.sampling",
-    "DemoConfig": "diffmem.demo",
-    "run_demo": "diffmem.demo",
 }
 
 __all__ = ["__version__", *_EXPORTS]

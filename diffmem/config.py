@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["RecordConfig", "LocateConfig"]
+__all__ = ["RecordConfig", "LocateConfig", "LOCATE_PRESETS", "BASE_PRESETS"]
 
 
 def _check(cond: bool, field: str, value: object, why: str) -> None:
@@ -65,8 +65,22 @@ class RecordConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
+        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
+        if name not in LOCATE_PRESETS:
+            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
+
 
 LOCATE_METHODS = ("wanda", "neuron", "directions")
+# Chavhan et al. 2024, as their released code runs it: statistics of the whole [uncond; cond] batch, the empty prompt
+# as the only base prompt (see ``BASE_PRESETS``), k = int(ratio * in) per row, and a strict step-count threshold.
+LOCATE_PRESETS: dict[str, dict[str, object]] = {
+    "chavhan2024": {"method": "wanda", "half": "both", "k_rounding": "floor", "strict_step_count": True},
+}
+# The base prompts each preset records (``None``: the user's base prompt set).
+BASE_PRESETS: dict[str, list[str] | None] = {"chavhan2024": [""]}
 HALVES_CHOICES = ("cond", "uncond", "both")
 
 
@@ -79,26 +93,37 @@ class LocateConfig:
             or ``"directions"`` (a low-rank subspace of the FFN input).
         ratio: Fraction of each row's weights (``wanda``) or of each layer's neurons (``neuron``) to select,
             in (0, 1].
-        steps: Use the first ``steps`` recorded denoising steps (tau); ``None`` uses all.
+        record_steps: Use the first ``record_steps`` recorded denoising steps (tau); ``None`` uses all.
         min_step_fraction: A weight is kept when selected in at least ``max(1, ceil(f * tau))`` steps;
             0 is a plain union over steps.
-        half: Which CFG half of the statistics to use.
+        half: Which CFG half of the statistics to use (``"both"`` pools the two halves, as the original code).
+        k_rounding: ``"ceil"``: ``max(1, ceil(ratio * in))`` per row; ``"floor"``: the original ``int(ratio * in)``,
+            which is 0 (an empty layer) at tiny ratios.
+        strict_step_count: Keep a weight selected in more than ``f * tau`` steps (the original rule) instead of at
+            least ``max(1, ceil(f * tau))``.
+        preset: Name of the preset these settings came from (recorded in the edit's metadata).
         rank: Directions only: a fixed number of directions per layer (``None``: use ``explained_variance``).
         explained_variance: Directions only: smallest k whose share of the memorized-vs-base energy reaches this.
     """
 
     method: str = "wanda"
     ratio: float = 0.01
-    steps: int | None = 10
+    record_steps: int | None = 10
     min_step_fraction: float = 0.0
     half: str = "cond"
     rank: int | None = None
     explained_variance: float = 0.5
+    k_rounding: str = "ceil"
+    strict_step_count: bool = False
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in LOCATE_METHODS, "method", self.method, f"choose one of {', '.join(LOCATE_METHODS)}")
         _check(0.0 < self.ratio <= 1.0, "ratio", self.ratio, "must be in (0, 1]")
-        _check(self.steps is None or self.steps >= 1, "steps", self.steps, "must be >= 1 or None")
+        _check(
+            self.record_steps is None or self.record_steps >= 1, "record_steps", self.record_steps, "must be >= 1 or None"
+        )
+        _check(self.k_rounding in ("ceil", "floor"), "k_rounding", self.k_rounding, "choose 'ceil' or 'floor'")
         _check(0.0 <= self.min_step_fraction <= 1.0, "min_step_fraction", self.min_step_fraction, "must be in [0, 1]")
         _check(self.half in HALVES_CHOICES, "half", self.half, f"choose one of {', '.join(HALVES_CHOICES)}")
         _check(self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 or None")
@@ -108,3 +133,10 @@ class LocateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
+        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
+        if name not in LOCATE_PRESETS:
+            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})

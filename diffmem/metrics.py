@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["roc_auc", "roc_curve", "tpr_at_fpr", "calibrate_threshold", "quantile_threshold"]
+__all__ = [
+    "roc_auc",
+    "roc_curve",
+    "tpr_at_fpr",
+    "threshold_mean_std",
+    "threshold_at_false_flag_rate",
+    "quantile_threshold",
+]
 
 
 def _scores_labels(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -25,16 +34,8 @@ def _scores_labels(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np
     return s, y
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of the ranks they span."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)  # rank of the last member of each tie group
-    mean_rank = upper - (counts - 1) / 2.0
-    return mean_rank[inverse.reshape(-1)]
-
-
 def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the ROC curve (Mann-Whitney U / (n_pos * n_neg)); a tie between classes counts one half.
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); a tie between classes counts one half.
 
     Args:
         scores: One score per sample, higher = more likely positive.
@@ -43,55 +44,45 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
     Returns:
         The AUC in [0, 1].
     """
+    from sklearn.metrics import roc_auc_score
+
     s, y = _scores_labels(scores, labels)
-    ranks = _average_ranks(s)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve, one point per distinct score (predict positive when ``score >= threshold``).
+    """ROC curve (``sklearn.metrics.roc_curve`` with every threshold kept): predict positive when ``score >= t``.
 
     Args:
         scores: One score per sample, higher = more likely positive.
         labels: 1/True for positives, 0/False for negatives.
 
     Returns:
-        ``(fpr, tpr, thresholds)``: thresholds decreasing from ``+inf`` (the (0, 0) point) to the lowest score;
-        fpr and tpr increase to 1.
+        ``(fpr, tpr, thresholds)``, starting at ``(0, 0)`` with threshold ``+inf``.
     """
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     s, y = _scores_labels(scores, labels)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last_of_group = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tp = np.cumsum(y)[last_of_group]
-    fp = (last_of_group + 1) - tp
-    fpr = np.r_[0.0, fp / (y.size - y.sum())]
-    tpr = np.r_[0.0, tp / y.sum()]
-    thresholds = np.r_[np.inf, s[last_of_group]]
-    return fpr, tpr, thresholds
+    fpr, tpr, thr = sk_roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thr
 
 
 def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, fpr: float = 0.01) -> float:
-    """Best true-positive rate among the thresholds whose false-positive rate is at most ``fpr`` (no interpolation).
+    """Largest true-positive rate at a false-positive rate of at most ``fpr``.
 
     Args:
         scores: One score per sample, higher = more likely positive.
         labels: 1/True for positives, 0/False for negatives.
-        fpr: Largest allowed false-positive rate, in [0, 1].
+        fpr: The false-positive budget.
 
     Returns:
-        The TPR in [0, 1].
+        The TPR.
     """
-    if not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"fpr={fpr} must be in [0, 1]")
     f, t, _ = roc_curve(scores, labels)
     return float(t[f <= fpr + 1e-12].max())
 
 
-def calibrate_threshold(values: ArrayLike, m: float = 3.0) -> float:
+def threshold_mean_std(values: ArrayLike, m: float = 3.0) -> float:
     """Threshold ``mean + m * std`` of reference values (e.g. scores of non-memorized prompts).
 
     Args:
@@ -103,7 +94,7 @@ def calibrate_threshold(values: ArrayLike, m: float = 3.0) -> float:
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size < 2:
-        raise ValueError(f"calibrate_threshold needs at least 2 values, got {v.size}")
+        raise ValueError(f"calibration needs at least 2 values, got {v.size}")
     if not np.isfinite(v).all():
         raise ValueError("values contain NaN or inf")
     return float(v.mean() + m * v.std(ddof=1))
@@ -129,3 +120,30 @@ def quantile_threshold(values: ArrayLike, rate: float) -> float:
     if np.isnan(v).any():
         raise ValueError("values contain NaN")
     return float(np.quantile(v, 1.0 - rate))
+
+
+def threshold_at_false_flag_rate(values: ArrayLike, false_flag_rate: float) -> tuple[float, float]:
+    """Smallest threshold that flags (``value >= threshold``) at most ``floor(rate * n)`` of ``n`` reference values.
+
+    With the values sorted in descending order ``s(1) >= ... >= s(n)`` and ``k = floor(rate * n)`` (with a 1e-9
+    slack so that ``0.29 * 100`` gives 29), the threshold is the smallest float64 strictly above ``s(k + 1)``;
+    fewer than ``k`` are flagged when values tie at ``s(k + 1)``. A rate of 0 gives the value just above the
+    largest one.
+
+    Args:
+        values: Reference values (e.g. clique strengths of non-memorized prompts); not NaN.
+        false_flag_rate: Target rate in ``[0, 1)``.
+
+    Returns:
+        ``(threshold, achieved_rate)``: the fraction of ``values`` the threshold flags (``<= false_flag_rate``).
+    """
+    s = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError("calibration needs at least one reference value")
+    if np.isnan(s).any():
+        raise ValueError("calibration values hold NaN")
+    if not 0.0 <= false_flag_rate < 1.0:
+        raise ValueError(f"false_flag_rate={false_flag_rate!r} is invalid: must be in [0, 1)")
+    k = math.floor(false_flag_rate * s.size + 1e-9)
+    threshold = float(np.nextafter(np.sort(s)[::-1][k], np.inf))
+    return threshold, float(np.count_nonzero(s >= threshold)) / s.size

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,10 +21,19 @@ import torch
 from torch import Tensor
 
 from .errors import DiffmemError
+from .files import atomic_write_bytes, atomic_write_text, pair_paths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HALVES", "LayerStats", "ActivationStats", "row_moments", "prompts_sha256"]
+__all__ = [
+    "HALVES",
+    "LayerStats",
+    "ActivationStats",
+    "row_moments",
+    "prompts_sha256",
+    "check_same_layers",
+    "provenance",
+]
 
 HALVES = ("uncond", "cond")
 FORMAT = "diffmem.activation_stats"
@@ -372,13 +380,13 @@ class ActivationStats:
         Returns:
             The safetensors path.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensor_path, json_path = stats_paths(path)
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps(self._header(), sort_keys=True, indent=2, default=str)
-        _atomic_write(tensor_path, lambda tmp: save_file(self.state_dict(), tmp, metadata={"format": FORMAT}))
-        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(header + "\n", encoding="utf-8"))
+        atomic_write_bytes(tensor_path, save(self.state_dict(), metadata={"format": FORMAT}))
+        atomic_write_text(json_path, header + "\n")
         logger.info("saved activation statistics to %s", tensor_path)
         return tensor_path
 
@@ -434,25 +442,40 @@ def _part(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stats_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """The safetensors and JSON paths that :meth:`ActivationStats.save` writes for ``path``.
-
-    Args:
-        path: A base path, or a path ending in ``.safetensors`` or ``.json``.
-
-    Returns:
-        ``(tensor_path, json_path)``.
-    """
-    p = Path(path)
-    base = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+    """The safetensors and JSON paths that :meth:`ActivationStats.save` writes for ``path``."""
+    return pair_paths(path)
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_same_layers(stats_mem: ActivationStats, stats_base: ActivationStats) -> None:
+    """Raise a one-line :class:`DiffmemError` unless both statistics describe the same layers and shapes."""
+    for name, shape in stats_mem.layers.items():
+        if name not in stats_base.layers:
+            raise DiffmemError(f"layer {name!r} of the memorized statistics is missing from the base statistics")
+        if tuple(stats_base.layers[name]) != tuple(shape):
+            raise DiffmemError(
+                f"layer {name!r} has shape {tuple(shape)} in the memorized statistics "
+                f"but {tuple(stats_base.layers[name])} in the base statistics"
+            )
+    for name in stats_base.layers:
+        if name not in stats_mem.layers:
+            raise DiffmemError(f"layer {name!r} of the base statistics is missing from the memorized statistics")
+
+
+def provenance(method: str, config: Any, stats_mem: ActivationStats, stats_base: ActivationStats) -> dict[str, Any]:
+    """The ``meta`` of an edit located from two statistics: method, settings and what the statistics saw."""
+    from . import __version__
+
+    def summary(st: ActivationStats) -> dict[str, Any]:
+        keys = ("prompts_sha256", "num_prompts", "model_id")
+        return {k: st.meta[k] for k in keys if k in st.meta}
+
+    meta: dict[str, Any] = {
+        "method": method,
+        "config": config.to_dict(),
+        "stats_mem": summary(stats_mem),
+        "stats_base": summary(stats_base),
+        "diffmem_version": __version__,
+    }
+    if stats_mem.meta.get("model_id") is not None:
+        meta["model_id"] = stats_mem.meta["model_id"]
+    return meta

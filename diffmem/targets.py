@@ -17,7 +17,7 @@ from .errors import TargetNotFoundError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_targets", "get_denoiser", "is_regex", "linear_names"]
+__all__ = ["find_targets", "get_denoiser", "model_source", "is_regex", "linear_names"]
 
 # "." is deliberately absent: it separates module names, so "ff.net.2" is a plain suffix.
 _REGEX_CHARS = frozenset("^$*+?{}[]|()\\")
@@ -45,6 +45,16 @@ def get_denoiser(obj: object) -> nn.Module:
     raise TypeError(
         f"expected a diffusers pipeline with a unet or transformer, or an nn.Module; got {type(obj).__name__}"
     )
+
+
+def model_source(obj: object) -> str | None:
+    """The path or hub id a pipeline (or its denoiser) was loaded from (its ``_name_or_path``), if known."""
+    for holder in (obj, get_denoiser(obj)):
+        config = getattr(holder, "config", None)
+        name = config.get("_name_or_path") if isinstance(config, dict) else getattr(config, "_name_or_path", None)
+        if name:
+            return str(name)
+    return None
 
 
 def is_regex(pattern: str) -> bool:

@@ -133,7 +133,7 @@ class MSSSIMScorer(PixelScorer):
         max_scales: Most pyramid scales (5 is the standard; fewer are used automatically for small images:
             32x32 images get 2, 64x64 get 3, and all 5 need at least 161 px).
         threshold: Replication threshold (default 0.6, as for SSIM; calibrate with
-            :func:`diffmem.metrics.calibrate_threshold` on non-memorized generations for a new image size).
+            :func:`diffmem.metrics.threshold_mean_std` on non-memorized generations for a new image size).
     """
 
     threshold = 0.6

@@ -6,7 +6,6 @@ and every image of a prompt uses the same seed in both runs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -15,11 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffmem.sampling import generate_images
+from .data import load_reference
+from .edits import Edit, apply_edit
+from .parallel import distributed_state, shard_map
+from .sampling import generate_images
+from .score import EmbeddingScorer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_edit", "edit_context", "load_reference"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_edit"]
 
 
 @dataclass
@@ -42,6 +45,8 @@ class EvalConfig:
     call_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.strict_threshold is not None and not -1.0 <= self.strict_threshold <= 1.0:
+            raise ValueError(f"strict_threshold={self.strict_threshold!r} is invalid: must be in [-1, 1] or None")
         if self.num_seeds < 1:
             raise ValueError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
         if self.batch_size < 1:
@@ -49,37 +54,6 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_reference(path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Load a reference image as uint8 RGB, optionally resized to ``(height, width)``."""
-    img = Image.open(path).convert("RGB")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
-
-
-@contextlib.contextmanager
-def edit_context(pipe, edit):
-    """Apply an edit reversibly: a ``Mask`` through ``apply_mask``, a direction basis through its projection;
-    ``None`` is a no-op."""
-    if edit is None:
-        yield pipe
-        return
-    from diffmem.locate import Mask
-    from diffmem.prune import apply_mask
-
-    if isinstance(edit, Mask):
-        with apply_mask(pipe, edit):
-            yield pipe
-        return
-    from diffmem.directions import DirectionBasis, apply_projection
-
-    if isinstance(edit, DirectionBasis):
-        with apply_projection(pipe, edit):
-            yield pipe
-        return
-    raise TypeError(f"unsupported edit type {type(edit).__name__}")
 
 
 def _pairwise_mean(sim: np.ndarray) -> float:
@@ -150,8 +124,6 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
     thr = float(scorer.threshold)
     strict = config.strict_threshold if scorer.name == "sscd" else None
     n_seeds = images.shape[1]
-    from diffmem.score import EmbeddingScorer
-
     # embedding scorers: embed every image once and compare embeddings
     embeddings = None
     if isinstance(scorer, EmbeddingScorer):
@@ -162,7 +134,7 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
         row: dict = {"index": i, "prompt": e.prompt, "split": e.split, "duplicates": e.duplicates,
                      "memorized": bool(e.memorized)}
         if e.reference is not None:
-            ref = load_reference(e.reference, (h, w))
+            ref = load_reference(e.reference, (h, w), row=e)
             s = scorer.similarity(gens, [ref]).float().numpy()[:, 0]
             row.update(max_similarity=float(s.max()), mean_similarity=float(s.mean()),
                        replication_rate=float((s >= thr).mean()))
@@ -184,15 +156,40 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
                       embeddings=embeddings)
 
 
-def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit, *, clip_scorer=None,
-                  progress: bool = True) -> tuple[EvalResult, EvalResult]:
-    """Evaluate without and with ``edit`` on the same loaded pipeline.
+def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit: Edit | None, *, clip_scorer=None,
+                  progress: bool = True) -> tuple[EvalResult, EvalResult | None]:
+    """Evaluate without and (when ``edit`` is given) with ``edit`` on the same loaded pipeline.
+
+    Under ``accelerate launch`` the entries are sharded over processes and only the per-prompt rows are gathered
+    (the results then hold no images); in a single process the images are kept for reports.
 
     Returns:
-        ``(before, after)``; ``after`` carries the drift fields.
+        ``(before, after)``; ``after`` carries the drift fields and is ``None`` without an edit.
     """
-    before = evaluate(pipe, entries, config, scorer, clip_scorer=clip_scorer, progress=progress, desc="before")
-    with edit_context(pipe, edit), torch.no_grad():
-        after = evaluate(pipe, entries, config, scorer, baseline=before, clip_scorer=clip_scorer,
-                         progress=progress, desc="after")
-    return before, after
+    entries = list(entries)
+    if not entries:
+        raise ValueError("entries is empty: nothing to evaluate")
+
+    def run(part: list) -> tuple[EvalResult, EvalResult | None]:
+        before = evaluate(pipe, part, config, scorer, clip_scorer=clip_scorer, progress=progress, desc="before")
+        if edit is None:
+            return before, None
+        with apply_edit(pipe, edit), torch.no_grad():
+            after = evaluate(pipe, part, config, scorer, baseline=before, clip_scorer=clip_scorer,
+                             progress=progress, desc="after")
+        return before, after
+
+    if distributed_state().num_processes == 1:
+        return run(entries)
+
+    def work(indices: list[int]) -> list[tuple[dict, dict | None]]:
+        before, after = run([entries[i] for i in indices])
+        return list(zip(before.rows, after.rows if after is not None else [None] * len(indices)))
+
+    pairs = shard_map(work, list(range(len(entries))))
+    before_rows = [dict(b, index=i) for i, (b, _) in enumerate(pairs)]
+    before = EvalResult(rows=before_rows, scorer=scorer.describe(), config=config.to_dict())
+    if edit is None:
+        return before, None
+    after_rows = [dict(a, index=i) for i, (_, a) in enumerate(pairs)]
+    return before, EvalResult(rows=after_rows, scorer=scorer.describe(), config=config.to_dict())

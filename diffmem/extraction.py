@@ -9,7 +9,7 @@ The threshold is either given or calibrated on non-memorized prompts to a target
 reference (training) image is known, a flagged clique's generations are checked against it: a generation whose
 similarity to the reference reaches the scorer's replication threshold is a *verified extraction*.
 
-Three pure steps (:func:`clique_strength`, :func:`find_clique`, :func:`calibrate_threshold`) and two drivers:
+Three pure steps (:func:`clique_strength`, :func:`find_clique`, :func:`~diffmem.metrics.threshold_at_false_flag_rate`) and two drivers:
 :func:`extraction_attack_images` on images generated elsewhere, and :func:`extraction_attack`, which generates
 with a pipeline and calls it.
 """
@@ -32,6 +32,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DiffmemError
+from .files import atomic_write_text, write_json
+from .metrics import threshold_at_false_flag_rate
+from .parallel import is_main_process, shard_map
 from .sampling import generate_images
 from .score import Scorer, to_uint8_list
 
@@ -43,7 +46,6 @@ __all__ = [
     "AttackResult",
     "clique_strength",
     "find_clique",
-    "calibrate_threshold",
     "extraction_attack_images",
     "extraction_attack",
     "EXTRACTIONS_DIR",
@@ -203,38 +205,6 @@ def find_clique(sim: np.ndarray, threshold: float, m: int) -> list[int] | None:
     return best
 
 
-def calibrate_threshold(strengths_nonmem: Sequence[float], false_flag_rate: float) -> tuple[float, float]:
-    """Smallest threshold that flags at most ``floor(false_flag_rate * n)`` of ``n`` non-memorized prompts.
-
-    A prompt is flagged when its clique strength is ``>= threshold``. With the strengths sorted in descending
-    order ``s(1) >= s(2) >= ... >= s(n)`` and ``k = floor(false_flag_rate * n)`` (computed with a 1e-9 slack so
-    that e.g. ``0.29 * 100`` gives 29), the threshold is ``nextafter(s(k + 1), +inf)``: the smallest float64
-    strictly above the ``(k + 1)``-th largest strength. Every strength ``<= s(k + 1)`` is then left unflagged, so
-    at most ``k`` prompts are flagged; fewer when strengths tie at ``s(k + 1)``. A rate of 0 gives the value just
-    above the largest strength.
-
-    Args:
-        strengths_nonmem: Clique strengths (:func:`clique_strength`) of non-memorized prompts; not NaN.
-        false_flag_rate: Target rate in ``[0, 1)``.
-
-    Returns:
-        ``(threshold, achieved_rate)``, where ``achieved_rate`` is the fraction of ``strengths_nonmem`` that
-        the threshold flags (``<= false_flag_rate``).
-    """
-    s = np.asarray(list(strengths_nonmem), dtype=np.float64)
-    if s.ndim != 1 or s.size == 0:
-        raise ValueError("strengths_nonmem is empty: calibration needs at least one non-memorized prompt")
-    if np.isnan(s).any():
-        raise ValueError("strengths_nonmem holds NaN")
-    if not 0.0 <= false_flag_rate < 1.0:
-        raise ValueError(f"false_flag_rate={false_flag_rate!r} is invalid: must be in [0, 1)")
-    k = math.floor(false_flag_rate * s.size + 1e-9)
-    order_stat = np.sort(s)[::-1][k]  # s(k + 1), the (k + 1)-th largest
-    threshold = float(np.nextafter(order_stat, np.inf))
-    achieved = float(np.count_nonzero(s >= threshold)) / s.size
-    return threshold, achieved
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 
@@ -334,10 +304,7 @@ class AttackResult:
         Returns:
             The path written.
         """
-        p = Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-        return p
+        return write_json(Path(path).expanduser(), self.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,6 +340,94 @@ def _strengths(images: Iterable[np.ndarray], config: AttackConfig, scorer: Score
 
 def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path)
+
+
+def _calibrate(cal: list[float], config: AttackConfig) -> tuple[float, dict[str, Any]]:
+    """The threshold (given, or calibrated on the strengths ``cal``) and the calibration record."""
+    calibration: dict[str, Any] = {
+        "calibrated": config.threshold is None,
+        "num_prompts": len(cal),
+        "strengths": [_finite_or_none(s) for s in cal],
+        "false_flag_rate_achieved": None,
+    }
+    if not cal:
+        return float(config.threshold), calibration  # type: ignore[arg-type]
+    if config.threshold is None:
+        threshold, achieved = threshold_at_false_flag_rate(cal, config.false_flag_rate)
+    else:
+        threshold = float(config.threshold)
+        achieved = sum(1 for s in cal if s >= threshold) / len(cal)
+    calibration["false_flag_rate_achieved"] = achieved
+    logger.info(
+        "attack threshold %.6g (%s; flags %.3f of %d calibration prompts, target %.3f)", threshold,
+        "calibrated" if config.threshold is None else "given", achieved, len(cal), config.false_flag_rate,
+    )
+    return threshold, calibration
+
+
+def _attack_prompt(
+    i: int, prompt: str, imgs: np.ndarray, threshold: float, reference: Any | None, config: AttackConfig,
+    scorer: Scorer,
+) -> tuple[AttackRow, dict[int, np.ndarray], np.ndarray | None, list[float]]:
+    """One prompt's row, its verified generations by index, its reference and the similarities to it."""
+    imgs = _check_prompt_images(imgs, i, config.num_generations, "prompt")
+    sim = _similarity(scorer, imgs, imgs)
+    strength = clique_strength(sim, config.clique_size)
+    clique = find_clique(sim, threshold, config.clique_size) if strength >= threshold else None
+    row = AttackRow(index=i, prompt=prompt, strength=strength, flagged=clique is not None, clique=clique or [])
+    if reference is None:
+        return row, {}, None, []
+    ref = to_uint8_list([reference])[0]
+    ref_sim = _similarity(scorer, imgs, ref[None])[:, 0]
+    row.has_reference = True
+    row.max_reference_similarity = float(ref_sim.max())
+    row.verified = [j for j in row.clique if ref_sim[j] >= scorer.threshold]
+    return row, {j: np.ascontiguousarray(imgs[j]) for j in row.verified}, ref, [float(x) for x in ref_sim]
+
+
+def _finish(
+    outcomes: list[tuple[AttackRow, dict[int, np.ndarray], np.ndarray | None, list[float]]],
+    threshold: float,
+    calibration: dict[str, Any],
+    config: AttackConfig,
+    scorer: Scorer,
+    out_dir: str | os.PathLike[str] | None,
+) -> AttackResult:
+    """Assemble the result; with ``out_dir`` write ``attack.json`` and the verified extractions."""
+    rows = [o[0] for o in outcomes]
+    result = AttackResult(rows=rows, threshold=threshold, calibration=calibration, scorer=scorer.describe(),
+                          config=config)
+    if out_dir is not None and is_main_process():
+        ext_dir = Path(out_dir).expanduser() / EXTRACTIONS_DIR
+        ext_dir.mkdir(parents=True, exist_ok=True)
+        index_lines: list[str] = []
+        for row, verified, ref, ref_sim in outcomes:
+            if not verified:
+                continue
+            ref_name = f"{row.index}_reference.png"
+            _save_png(ref, ext_dir / ref_name)
+            for j, image in verified.items():
+                name = f"{row.index}_{j}.png"
+                _save_png(image, ext_dir / name)
+                entry = {
+                    "prompt_index": row.index, "prompt": row.prompt, "generation_index": j, "seed": config.seed + j,
+                    "image": name, "reference": ref_name, "similarity": ref_sim[j],
+                    "strength": _finite_or_none(row.strength), "clique": row.clique,
+                }
+                index_lines.append(json.dumps(entry, sort_keys=True, ensure_ascii=False))
+        atomic_write_text(ext_dir / EXTRACTIONS_INDEX, "".join(line + "\n" for line in index_lines))
+        result.to_json(Path(out_dir).expanduser() / _RESULT_FILE)
+    s = result.summary()
+    logger.info("attack: %d of %d prompts flagged, %d verified (%d generations)", s["num_flagged"],
+                s["num_prompts"], s["num_verified_prompts"], s["num_verified_generations"])
+    return result
+
+
+def _check_inputs(prompts: list[str], config: AttackConfig, has_calibration: bool, references: Any) -> None:
+    if config.threshold is None and not has_calibration:
+        raise DiffmemError("config.threshold is None and no calibration prompts were given; set one of them")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"references has {len(references)} entries for {len(prompts)} prompts")
 
 
 def extraction_attack_images(
@@ -411,115 +466,30 @@ def extraction_attack_images(
         ValueError: Images of the wrong shape, or ``references`` / ``images`` not matching ``prompts``.
     """
     prompts = list(prompts)
-    if config.threshold is None and calibration_images is None:
-        raise DiffmemError("config.threshold is None and no calibration prompts were given; set one of them")
-    if references is not None and len(references) != len(prompts):
-        raise ValueError(f"references has {len(references)} entries for {len(prompts)} prompts")
-    m = config.clique_size
-
-    calibration: dict[str, Any] = {
-        "calibrated": config.threshold is None,
-        "num_prompts": 0,
-        "strengths": [],
-        "false_flag_rate_achieved": None,
-    }
-    if calibration_images is not None:
-        cal = _strengths(calibration_images, config, scorer, progress)
-        if not cal:
-            raise DiffmemError("calibration_images holds no prompts")
-        if config.threshold is None:
-            threshold, achieved = calibrate_threshold(cal, config.false_flag_rate)
-        else:
-            threshold = float(config.threshold)
-            achieved = sum(1 for s in cal if s >= threshold) / len(cal)
-        calibration.update(
-            num_prompts=len(cal), strengths=[_finite_or_none(s) for s in cal], false_flag_rate_achieved=achieved
-        )
-        logger.info(
-            "attack threshold %.6g (%s; flags %.3f of %d calibration prompts, target %.3f)", threshold,
-            "calibrated" if config.threshold is None else "given", achieved, len(cal), config.false_flag_rate,
-        )
-    else:
-        threshold = float(config.threshold)  # type: ignore[arg-type]
-
-    ext_dir: Path | None = None
-    index_lines: list[str] = []
-    if out_dir is not None:
-        ext_dir = Path(out_dir).expanduser() / EXTRACTIONS_DIR
-        ext_dir.mkdir(parents=True, exist_ok=True)
-
-    rows: list[AttackRow] = []
-    num_flagged = num_verified = 0
-    bar = tqdm(images, desc="attack: score", total=len(prompts), disable=not progress)
-    for i, imgs in enumerate(bar):
+    _check_inputs(prompts, config, calibration_images is not None, references)
+    cal = _strengths(calibration_images, config, scorer, progress) if calibration_images is not None else []
+    if calibration_images is not None and not cal:
+        raise DiffmemError("calibration_images holds no prompts")
+    threshold, calibration = _calibrate(cal, config)
+    outcomes = []
+    for i, imgs in enumerate(tqdm(images, desc="attack: score", total=len(prompts), disable=not progress)):
         if i >= len(prompts):
             raise ValueError(f"images holds more prompts than the {len(prompts)} prompts given")
-        imgs = _check_prompt_images(imgs, i, config.num_generations, "prompt")
-        sim = _similarity(scorer, imgs, imgs)
-        strength = clique_strength(sim, m)
-        clique = find_clique(sim, threshold, m) if strength >= threshold else None
-        row = AttackRow(index=i, prompt=prompts[i], strength=strength, flagged=clique is not None,
-                        clique=clique or [])
-        reference = None if references is None else references[i]
-        if reference is not None:
-            ref = to_uint8_list([reference])[0]
-            ref_sim = _similarity(scorer, imgs, ref[None])[:, 0]
-            row.has_reference = True
-            row.max_reference_similarity = float(ref_sim.max())
-            row.verified = [j for j in row.clique if ref_sim[j] >= scorer.threshold]
-            if ext_dir is not None and row.verified:
-                ref_name = f"{i}_reference.png"
-                _save_png(ref, ext_dir / ref_name)
-                for j in row.verified:
-                    name = f"{i}_{j}.png"
-                    _save_png(np.ascontiguousarray(imgs[j]), ext_dir / name)
-                    entry = {
-                        "prompt_index": i,
-                        "prompt": prompts[i],
-                        "generation_index": j,
-                        "seed": config.seed + j,
-                        "image": name,
-                        "reference": ref_name,
-                        "similarity": float(ref_sim[j]),
-                        "strength": _finite_or_none(strength),
-                        "clique": row.clique,
-                    }
-                    index_lines.append(json.dumps(entry, sort_keys=True, ensure_ascii=False))
-        rows.append(row)
-        num_flagged += row.flagged
-        num_verified += row.num_verified > 0
-        bar.set_postfix(flagged=num_flagged, verified=num_verified)
-    if len(rows) != len(prompts):
-        raise ValueError(f"images holds {len(rows)} prompts, but {len(prompts)} prompts were given")
-
-    result = AttackResult(rows=rows, threshold=threshold, calibration=calibration, scorer=scorer.describe(),
-                          config=config)
-    if ext_dir is not None:
-        (ext_dir / EXTRACTIONS_INDEX).write_text("".join(line + "\n" for line in index_lines), encoding="utf-8")
-        result.to_json(Path(out_dir).expanduser() / _RESULT_FILE)
-    s = result.summary()
-    logger.info("attack: %d of %d prompts flagged, %d verified (%d generations)", s["num_flagged"],
-                s["num_prompts"], s["num_verified_prompts"], s["num_verified_generations"])
-    return result
+        ref = None if references is None else references[i]
+        outcomes.append(_attack_prompt(i, prompts[i], imgs, threshold, ref, config, scorer))
+    if len(outcomes) != len(prompts):
+        raise ValueError(f"images holds {len(outcomes)} prompts, but {len(prompts)} prompts were given")
+    return _finish(outcomes, threshold, calibration, config, scorer, out_dir)
 
 
-class _Generations:
+def _generations(pipe: Any, prompts: Sequence[str], config: AttackConfig, call_kwargs: dict[str, Any]) -> Iterator[np.ndarray]:
     """Each prompt's ``[N, H, W, 3]`` generations, made a few prompts per pipeline call while iterating."""
-
-    def __init__(self, pipe: Any, prompts: Sequence[str], config: AttackConfig, call_kwargs: dict[str, Any]) -> None:
-        self.pipe, self.prompts, self.config, self.call_kwargs = pipe, list(prompts), config, dict(call_kwargs)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        n = self.config.num_generations
-        per_call = max(1, self.config.batch_size // n)
-        for start in range(0, len(self.prompts), per_call):
-            yield from generate_images(
-                self.pipe, self.prompts[start : start + per_call], num_seeds=n, seed=self.config.seed,
-                batch_size=self.config.batch_size, progress=False, **dict(self.call_kwargs),
-            )
+    n = config.num_generations
+    per_call = max(1, config.batch_size // n)
+    prompts = list(prompts)
+    for start in range(0, len(prompts), per_call):
+        yield from generate_images(pipe, prompts[start : start + per_call], num_seeds=n, seed=config.seed,
+                                   batch_size=config.batch_size, progress=False, **dict(call_kwargs))
 
 
 def extraction_attack(
@@ -537,7 +507,8 @@ def extraction_attack(
     """Generate ``config.num_generations`` images per prompt with ``pipe`` and run the attack on them.
 
     Generation is streamed a few prompts at a time (about ``config.batch_size`` images per call), so memory does
-    not grow with the number of prompts. Calibration prompts are generated and scored first.
+    not grow with the number of prompts; under ``accelerate launch`` the prompts are sharded over processes and
+    only the rows (and the verified generations) travel. Calibration prompts are generated and scored first.
 
     Args:
         pipe: A text-to-image pipeline that accepts ``latents=`` (see :func:`diffmem.sampling.generate_images`).
@@ -554,23 +525,22 @@ def extraction_attack(
     Returns:
         The :class:`AttackResult`.
     """
-    if config.threshold is None and not calibration_prompts:
-        raise DiffmemError("config.threshold is None and no calibration prompts were given; set one of them")
     prompts = list(prompts)
+    calibration_prompts = list(calibration_prompts or [])
+    _check_inputs(prompts, config, bool(calibration_prompts), references)
     kwargs = dict(call_kwargs or {})
-    calibration_images = None
-    if calibration_prompts:
-        overlap = set(prompts) & set(calibration_prompts)
-        if overlap:
-            logger.warning("%d calibration prompts are also attacked; calibrate on separate prompts", len(overlap))
-        calibration_images = _Generations(pipe, calibration_prompts, config, kwargs)
-    return extraction_attack_images(
-        _Generations(pipe, prompts, config, kwargs),
-        prompts,
-        config,
-        scorer,
-        references=references,
-        calibration_images=calibration_images,
-        out_dir=out_dir,
-        progress=progress,
-    )
+    overlap = set(prompts) & set(calibration_prompts)
+    if overlap:
+        logger.warning("%d calibration prompts are also attacked; calibrate on separate prompts", len(overlap))
+    cal = shard_map(lambda ps: _strengths(_generations(pipe, ps, config, kwargs), config, scorer, False),
+                    calibration_prompts)
+    threshold, calibration = _calibrate(cal, config)
+
+    def attack(indices: list[int]) -> list:
+        gens = _generations(pipe, [prompts[i] for i in indices], config, kwargs)
+        bar = tqdm(gens, desc="attack", total=len(indices), disable=not progress)
+        return [_attack_prompt(i, prompts[i], imgs, threshold, None if references is None else references[i],
+                               config, scorer) for i, imgs in zip(indices, bar)]
+
+    outcomes = shard_map(attack, list(range(len(prompts))))
+    return _finish(outcomes, threshold, calibration, config, scorer, out_dir)

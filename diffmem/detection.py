@@ -1,0 +1,297 @@
+"""Memorization detection without training data (Wen et al., ICLR 2024).
+
+The score of a prompt is the magnitude of the text-conditional part of the denoiser's prediction,
+``||pred(x_t, c) - pred(x_t, empty)||``, averaged over the first ``k`` denoiser evaluations and ``n`` seeds.
+Memorized prompts pull the prediction hard towards one image, so their score is large. ``k = 1`` is the cheap
+mode: one denoiser call per prompt and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DiffmemError
+from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
+from .parallel import shard_map
+from .sampling import image_size, initial_latents, latent_shape
+from .targets import get_denoiser
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DetectConfig",
+    "DETECT_PRESETS",
+    "noise_norm_scores",
+    "detect",
+    "DetectionResult",
+    "flag_calibrated",
+]
+
+
+@dataclass
+class DetectConfig:
+    """How to compute the Wen et al. score.
+
+    Args:
+        score_steps: Leading denoiser evaluations to average over (k); 1 is the cheap mode.
+        num_seeds: Initial noises per prompt (n).
+        seed: First seed; noise ``j`` of every prompt uses ``seed + j`` (independent of batching), or with
+            ``per_prompt_seeds`` prompt ``i`` draws its ``n`` noises from one generator seeded ``seed + i``.
+        per_prompt_seeds: Seed each prompt with its own index, as Wen et al.'s code does.
+        num_inference_steps: Length of the sampler schedule the leading steps are taken from.
+        guidance_scale: Guidance used to advance the latent between the ``k`` steps; must be > 1 (the score
+            needs the conditional and unconditional predictions).
+        guidance_rescale: Guidance rescale (Lin et al. 2023) used to advance the latent.
+        batch_size: Prompts per pipeline call (each call holds ``2 * batch_size * num_seeds`` rows).
+        height: Image height (pipeline default when ``None``).
+        width: Image width (pipeline default when ``None``).
+        space: ``"model"`` compares the raw denoiser outputs (epsilon, v or flow velocity, as the model
+            predicts); ``"epsilon"`` converts v-predictions to epsilon first. With a zero-terminal-SNR schedule the
+            first step's epsilon carries no text signal, so ``"model"`` is the default.
+        preset: Name of the preset these settings came from.
+    """
+
+    score_steps: int = 1
+    num_seeds: int = 4
+    seed: int = 0
+    per_prompt_seeds: bool = False
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
+    space: str = "model"
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={self.num_inference_steps!r} is invalid: must be >= 1")
+        if not 1 <= self.score_steps <= self.num_inference_steps:
+            raise ValueError(
+                f"score_steps={self.score_steps!r} is invalid: must be in [1, num_inference_steps="
+                f"{self.num_inference_steps}]"
+            )
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
+        if not self.guidance_scale > 1:
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} is invalid: detection needs > 1 (CFG)")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale={self.guidance_rescale!r} is invalid: must be in [0, 1]")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise ValueError(f"{name}={v!r} is invalid: must be a positive multiple of 8")
+        if self.space not in ("model", "epsilon"):
+            raise ValueError(f"space={self.space!r} is invalid: choose 'model' or 'epsilon'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> DetectConfig:
+        """Settings that reproduce a published procedure (``DETECT_PRESETS``), then ``overrides``.
+
+        ``wen2024``: the noise-difference norm averaged over every sampler step, 50 DDIM-style steps at guidance
+        7.5, and each prompt seeded with its own index.
+        """
+        if name not in DETECT_PRESETS:
+            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(DETECT_PRESETS)}")
+        settings = {**DETECT_PRESETS[name], **overrides}
+        if settings.get("score_steps") == "all":
+            settings["score_steps"] = settings.get("num_inference_steps", 50)
+        return cls(**settings, preset=name)
+
+
+DETECT_PRESETS: dict[str, dict[str, object]] = {
+    "wen2024": {"score_steps": "all", "num_inference_steps": 50, "guidance_scale": 7.5, "per_prompt_seeds": True,
+                "num_seeds": 1},
+}
+
+
+class _Stop(Exception):
+    """Raised by the denoiser hook after the last scored evaluation, to end the pipeline call early."""
+
+
+def _batch_noise(pipe, prompt_index: list[int], config: DetectConfig, height: int, width: int) -> torch.Tensor:
+    """Initial noise of every generation of the batch: ``num_seeds`` per prompt."""
+    n = config.num_seeds
+    if not config.per_prompt_seeds:
+        return initial_latents(pipe, [config.seed + j for _ in prompt_index for j in range(n)], height, width)
+    shape = latent_shape(pipe, height, width)
+    out = []
+    for i in prompt_index:
+        generator = torch.Generator().manual_seed(config.seed + i)
+        out.append(torch.randn((n, *shape), generator=generator, dtype=torch.float32))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = None, progress: bool = True,
+                      *, first_index: int = 0) -> np.ndarray:
+    """Wen et al.'s text-conditional prediction magnitude ``||pred(x_t, c) - pred(x_t, empty)||`` per prompt.
+
+    The pipeline itself runs (any text-to-image pipeline with classifier-free guidance: Stable Diffusion, SDXL,
+    PixArt, SD3, ...); a scoped forward hook on its denoiser reads the ``[uncond; cond]`` prediction of the first
+    ``score_steps`` evaluations and stops the call after the last one.
+
+    Args:
+        pipe: The pipeline to audit.
+        prompts: Prompts to score.
+        config: Detection settings.
+        progress: Show a progress bar.
+        first_index: Global index of ``prompts[0]`` (for per-prompt seeds when the prompts are a shard).
+
+    Returns:
+        ``float64 [len(prompts)]`` scores, in prompt order.
+    """
+    config = config or DetectConfig()
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    height, width = image_size(pipe, config.height, config.width)
+    channels = latent_shape(pipe, height, width)[0]
+    pred_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    out = np.zeros(len(prompts), dtype=np.float64)
+    totals: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, output) -> None:
+        pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        pred_u, pred_c = pred[:, :channels].float().chunk(2)
+        diff = pred_c - pred_u
+        if config.space == "epsilon" and pred_type == "v_prediction":
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            a = pipe.scheduler.alphas_cumprod.to(diff.device)[torch.as_tensor(t).long().flatten()[0]].float()
+            diff = diff * a.sqrt()
+        totals.append(diff.flatten(1).norm(dim=1).double().cpu())
+        if len(totals) == config.score_steps:
+            raise _Stop
+
+    bar = tqdm(range(0, len(prompts), config.batch_size), desc="detect", disable=not progress)
+    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for start in bar:
+            batch = prompts[start : start + config.batch_size]
+            index = [first_index + start + i for i in range(len(batch))]
+            latents = _batch_noise(pipe, index, config, height, width).to(device, dtype)
+            totals.clear()
+            kwargs = dict(prompt=batch, num_images_per_prompt=config.num_seeds, latents=latents, height=height,
+                          width=width, num_inference_steps=config.num_inference_steps,
+                          guidance_scale=config.guidance_scale, output_type="latent")
+            if config.guidance_rescale > 0:
+                kwargs["guidance_rescale"] = config.guidance_rescale
+            try:
+                pipe(**kwargs)
+            except _Stop:
+                pass
+            if len(totals) < config.score_steps:
+                raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
+                                   f"{config.score_steps}")
+            total = torch.stack(totals).mean(0)
+            if total.numel() != len(batch) * config.num_seeds:
+                raise DiffmemError(f"the denoiser saw {2 * total.numel()} rows; expected an [uncond; cond] batch of "
+                                   f"{2 * len(batch) * config.num_seeds}")
+            out[start : start + len(batch)] = total.view(len(batch), config.num_seeds).mean(1).numpy()
+    finally:
+        handle.remove()
+    return out
+
+
+@dataclass
+class DetectionResult:
+    """Scores and, with labels, the detection quality."""
+
+    prompts: list[str]
+    scores: np.ndarray
+    labels: np.ndarray | None = None
+    auc: float | None = None
+    tpr_at_1fpr: float | None = None
+    threshold: float | None = None
+    flagged: np.ndarray | None = None
+
+    def ranked(self) -> list[dict]:
+        """Rows sorted by decreasing score."""
+        order = np.argsort(-self.scores, kind="stable")
+        rows = []
+        for rank, i in enumerate(order):
+            row = {"rank": rank + 1, "prompt": self.prompts[i], "score": float(self.scores[i])}
+            if self.labels is not None:
+                row["memorized"] = bool(self.labels[i])
+            if self.flagged is not None:
+                row["flagged"] = bool(self.flagged[i])
+            rows.append(row)
+        return rows
+
+    def summary(self) -> dict:
+        return {
+            "num_prompts": len(self.prompts),
+            "auc": self.auc,
+            "tpr_at_1pct_fpr": self.tpr_at_1fpr,
+            "threshold": self.threshold,
+            "num_flagged": None if self.flagged is None else int(self.flagged.sum()),
+        }
+
+
+def flag_calibrated(scores: np.ndarray, reference_scores: np.ndarray, m: float = 3.0) -> tuple[np.ndarray, float]:
+    """Flag scores above ``mean + m * std`` of scores of known non-memorized prompts.
+
+    Returns:
+        The boolean flags and the threshold.
+    """
+    thr = threshold_mean_std(reference_scores, m)
+    return np.asarray(scores) > thr, thr
+
+
+def _sharded_scores(pipe, prompts: list[str], config: DetectConfig, progress: bool) -> np.ndarray:
+    """:func:`noise_norm_scores` with the prompts sharded over processes (one process: a plain call)."""
+    def work(indices: list[int]) -> list[float]:
+        if not indices:
+            return []
+        part = [prompts[i] for i in indices]
+        return list(noise_norm_scores(pipe, part, config, progress=progress, first_index=indices[0]))
+
+    return np.asarray(shard_map(work, list(range(len(prompts)))), dtype=np.float64)
+
+
+def detect(pipe, prompts: list[str], config: DetectConfig | None = None, labels: list[bool] | None = None,
+           calibration_prompts: list[str] | None = None, m: float = 3.0, progress: bool = True) -> DetectionResult:
+    """Score prompts, and report AUC/TPR@1%FPR with labels or flag them with a calibrated threshold.
+
+    Under ``accelerate launch`` the prompts are sharded over processes; every process returns the full result.
+
+    Args:
+        pipe: The pipeline to audit.
+        prompts: Prompts to score.
+        config: Detection settings.
+        labels: Optional ground truth (True = memorized) for AUC and TPR at 1% FPR.
+        calibration_prompts: Known non-memorized prompts (at least 2); flags prompts above ``mean + m * std``.
+        m: Width of the calibrated threshold in standard deviations.
+        progress: Show progress bars.
+
+    Returns:
+        A :class:`DetectionResult`.
+    """
+    config = config or DetectConfig()
+    prompts = list(prompts)
+    if labels is not None and len(labels) != len(prompts):
+        raise ValueError(f"labels has {len(labels)} entries for {len(prompts)} prompts")
+    if calibration_prompts is not None and len(calibration_prompts) == 1:
+        raise ValueError("calibration needs at least 2 non-memorized prompts")
+    scores = _sharded_scores(pipe, prompts, config, progress)
+    res = DetectionResult(prompts, scores)
+    if labels is not None:
+        lab = np.asarray(labels, dtype=bool)
+        res.labels = lab
+        if lab.any() and (~lab).any():
+            res.auc = roc_auc(scores, lab)
+            res.tpr_at_1fpr = tpr_at_fpr(scores, lab, 0.01)
+    if calibration_prompts:
+        ref = _sharded_scores(pipe, list(calibration_prompts), config, progress)
+        res.flagged, res.threshold = flag_calibrated(scores, ref, m)
+    return res
