@@ -8,6 +8,7 @@ from PIL import Image
 
 from diffmem.data import (
     ManifestEntry,
+    read_entries,
     read_manifest,
     read_prompt_records,
     read_prompts,
@@ -237,3 +238,66 @@ def test_manifest_missing_and_empty(tmp_path):
         read_manifest(tmp_path / "none.jsonl")
     with pytest.raises(PromptFileError, match="empty manifest"):
         read_manifest(write(tmp_path, "m.jsonl", "\n"))
+
+
+# -- read_entries: manifests and prompt files as entries ----------------------------------------------------
+
+
+@needs_data
+def test_read_entries_nemo_csv_keeps_urls():
+    entries = read_entries(NEMO_MEM)
+    assert len(entries) == 500
+    assert all(e.split == "nonmem" and e.memorized is False and e.duplicates == 0 for e in entries)
+    first = entries[0]
+    assert first.prompt == "The No Limits Business Woman Podcast"
+    assert first.reference == "https://onlinecoach1.hipcast.com/albumart/1000_1618923228.jpg"
+    assert first.row == f"{NEMO_MEM}:2" and first.folder == DATA.resolve()
+    assert first.extra["type"] == "VM" and first.extra["Index"] == "1030727993"
+    assert not {"Caption", "URL", "prompt"} & set(first.extra)
+    assert all(isinstance(e.reference, str) and e.reference.startswith("http") for e in entries)
+    assert [e.prompt for e in read_entries(NEMO_UNMEM)] == read_prompts(NEMO_UNMEM)
+
+
+@needs_data
+def test_read_entries_wen_jsonl_matches_nemo():
+    wen = read_entries(WEN)
+    assert len(wen) == 500 and wen[0].line == 1 and wen[0].extra == {"index": 1030727993}
+    nemo = {e.prompt: e.reference for e in read_entries(NEMO_MEM)}
+    assert {e.prompt: e.reference for e in wen} == nemo
+
+
+def test_read_entries_manifest_and_plain_files(image_dir):
+    manifest = write(image_dir, "m.jsonl", manifest_line() + "\n")
+    assert read_entries(manifest) == read_manifest(manifest)
+    assert read_entries(manifest)[0].split == "locate"
+    txt = write(image_dir, "p.txt", "a cat\n\na dog\n")
+    entries = read_entries(txt)
+    assert entries == [ManifestEntry("a cat", False, 0, "nonmem"), ManifestEntry("a dog", False, 0, "nonmem")]
+    assert [e.row for e in entries] == [f"{txt}:1", f"{txt}:3"]
+    # a jsonl without split/memorized is a prompt file; a local "reference" column is checked like a manifest's
+    plain = write(image_dir, "p.jsonl", '{"prompt": "x", "reference": "train/1.png", "seed": 4}\n{"prompt": "y"}\n')
+    entries = read_entries(plain)
+    assert entries[0].reference == (image_dir / "train" / "1.png").resolve() and entries[0].extra == {"seed": 4}
+    assert entries[1].reference is None
+
+
+@pytest.mark.parametrize(
+    "name,text,problem",
+    [
+        ("p.csv", "prompt,url\na,https://x.invalid/a.png\nb,/etc/passwd\n", "is not an http(s) URL"),
+        ("p.jsonl", '{"prompt": "a", "url": 5}\n', "must be an http(s) URL string"),
+        ("p.jsonl", '{"prompt": "a", "reference": "../outside.png"}\n', "lies outside the folder"),
+        ("p.jsonl", '{"prompt": "a", "reference": "train/none.png"}\n', "does not exist"),
+    ],
+)
+def test_read_entries_bad_reference_names_file_and_line(image_dir, name, text, problem):
+    path = write(image_dir, name, text)
+    with pytest.raises(PromptFileError) as info:
+        read_entries(path)
+    line = 3 if name == "p.csv" else 1
+    assert str(info.value).startswith(f"{path}:{line}: field ") and problem in str(info.value)
+
+
+def test_read_entries_empty_url_is_no_reference(tmp_path):
+    path = write(tmp_path, "p.csv", "Caption;URL\na;\nb;https://x.invalid/b.png\n")
+    assert [e.reference for e in read_entries(path)] == [None, "https://x.invalid/b.png"]
