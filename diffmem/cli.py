@@ -1,7 +1,9 @@
 """``diffmem`` command line: thin subcommands, one library call each.
 
-Every user-fixable problem (a wrong path, a malformed prompt file, a mismatched mask, an out-of-range value) ends
-in one line ``diffmem: error: ...`` and exit status 2.
+Every user-fixable problem (a wrong path, a malformed prompt file, a mismatched edit, an out-of-range value)
+ends in one line ``diffmem: error: ...`` and exit status 2, and cheap checks (files, suffixes, values) run before
+the model is loaded. ``--steps`` always means sampler steps; tau (the recorded leading steps) is
+``--record-steps`` everywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("diffmem")
 
@@ -18,27 +21,120 @@ __all__ = ["main", "build_parser"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# shared helpers
+# argument types and shared options
 
 
-def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    if positional:
-        p.add_argument("model", help="diffusers pipeline folder or hub id")
-    p.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights (unsafe)")
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive multiple of 8")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="diffusers pipeline folder or hub id")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights and torchscript (unsafe)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weight dtype")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, else 50)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, else 7.5)")
-    p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale (default: the model's, else 0)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--guidance-rescale", type=_rate, default=None, help="guidance rescale (default: the model's, else 0)")
+    p.add_argument("--height", type=_size, default=None, help="image height, a multiple of 8")
+    p.add_argument("--width", type=_size, default=None, help="image width, a multiple of 8")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images (or prompts) per pipeline call")
 
 
-def _load(args):
+def _add_references(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-references", action="store_true",
+                   help="accept reference paths outside the manifest's folder")
+
+
+def _need_file(path: str | None, what: str) -> None:
+    from diffmem.errors import PromptFileError
+
+    if path is not None and not Path(path).is_file():
+        raise PromptFileError(f"{what} {path} does not exist")
+
+
+def _need_edit(path: str | None) -> None:
+    from diffmem.errors import DiffmemError
+    from diffmem.files import pair_paths
+
+    if path is not None and not pair_paths(path)[0].is_file():
+        raise DiffmemError(f"edit file {pair_paths(path)[0]} does not exist (--edit)")
+
+
+def _need_suffix(path: str, suffixes: tuple[str, ...], flag: str) -> None:
+    if Path(path).suffix not in suffixes:
+        raise ValueError(f"{flag} {path}: use a {' or '.join(suffixes)} suffix")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+
+
+def _load(args: argparse.Namespace) -> Any:
     import torch
 
     from diffmem.pipelines import load_pipeline
@@ -49,54 +145,66 @@ def _load(args):
     return pipe
 
 
-def _sampling(args) -> dict:
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Sampler settings: command-line values over the model's ``diffmem_defaults.json`` over diffusers' defaults."""
-    from diffmem.zoo import sampling_defaults
+    from diffmem.pipelines import sampling_defaults
 
-    d = sampling_defaults(args.model) if Path(str(args.model)).is_dir() else {}
+    d = sampling_defaults(args.model)
     out = {
         "num_inference_steps": args.steps if args.steps is not None else d.get("num_inference_steps", 50),
         "guidance_scale": args.guidance if args.guidance is not None else d.get("guidance_scale", 7.5),
+        "guidance_rescale": args.guidance_rescale if args.guidance_rescale is not None else d.get("guidance_rescale", 0.0),
         "height": args.height or d.get("height"),
         "width": args.width or d.get("width"),
     }
-    rescale = args.guidance_rescale if args.guidance_rescale is not None else d.get("guidance_rescale", 0.0)
-    if rescale:
-        out["guidance_rescale"] = rescale
     return out
 
 
-def _write_json(path: str | Path, obj) -> None:
-    from diffmem.utils import atomic_write_text
+def _call(sampling: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline call arguments from the sampler settings (no ``None``, no zero rescale)."""
+    return {k: v for k, v in sampling.items() if v is not None and not (k == "guidance_rescale" and not v)}
 
-    atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    from diffmem.files import write_json
+
+    write_json(Path(path), obj)
 
 
-def _entries(path: str):
-    """A manifest (jsonl with split/memorized fields) or a plain prompt file turned into ``nonmem`` entries."""
-    from diffmem.data import ManifestEntry, read_manifest, read_prompt_records
+def _scorer(name: str, args: argparse.Namespace) -> Any:
+    from diffmem.score import get_scorer
 
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        first = next((ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()), "") if p.is_file() else ""
-        if '"split"' in first and '"memorized"' in first:
-            return read_manifest(p)
-    recs = read_prompt_records(p)
-    return [ManifestEntry(r["prompt"], False, 0, "nonmem", None, {}) for r in recs]
+    kwargs = {"allow_pickle": True} if getattr(args, "allow_pickle", False) and name == "sscd" else {}
+    if name == "sscd":
+        return get_scorer(name, fallback="ssim", **kwargs)
+    return get_scorer(name)
+
+
+def _entries(args: argparse.Namespace, split: str | None = None) -> list:
+    from diffmem.data import read_entries
+
+    entries = read_entries(args.prompts, allow_outside=getattr(args, "allow_outside_references", False))
+    return [e for e in entries if split is None or e.split == split]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # subcommands
 
 
-def cmd_record(args) -> None:
+def cmd_record(args: argparse.Namespace) -> None:
     from diffmem.config import RecordConfig
     from diffmem.data import read_prompts
+    from diffmem.resume import record_to_file
 
-    prompts = read_prompts(args.prompts)
-    if args.add_empty_prompt:
-        prompts = [""] + prompts
-    pipe = _load(args)
+    if args.empty_prompt_only:
+        prompts = [""]
+    else:
+        if args.prompts is None:
+            raise ValueError("give --prompts FILE (or --empty-prompt-only)")
+        prompts = read_prompts(args.prompts)
+        if args.add_empty_prompt:
+            prompts = [""] + prompts
+    _check_device(args.device)
     s = _sampling(args)
     cfg = RecordConfig(
         num_inference_steps=s["num_inference_steps"], record_steps=args.record_steps,
@@ -104,189 +212,201 @@ def cmd_record(args) -> None:
         batch_size=args.batch_size or 8, height=s["height"], width=s["width"], target=args.target,
         signatures=args.signatures,
     )
-    extra = {"guidance_rescale": s["guidance_rescale"]} if "guidance_rescale" in s else None
-    from diffmem.distributed import record_distributed
-
-    stats = record_distributed(pipe, prompts, cfg, out=args.out, model_id=str(args.model), pipe_kwargs=extra,
-                               checkpoint_every=args.checkpoint_every)
-    if stats is not None:
-        logger.info("wrote %s (%d layers, %d steps, %d prompts)", args.out, len(stats.layers), stats.steps, len(prompts))
+    extra = {"guidance_rescale": s["guidance_rescale"]} if s["guidance_rescale"] else None
+    pipe = _load(args)
+    stats = record_to_file(pipe, prompts, cfg, out=args.out, model_id=str(args.model), pipe_kwargs=extra,
+                           checkpoint_every=args.checkpoint_every)
+    logger.info("wrote %s (%d layers, %d steps, %d prompts)", args.out, len(stats.layers), stats.steps, len(prompts))
 
 
-def cmd_locate(args) -> None:
-    from diffmem.config import LocateConfig
-    from diffmem.locate import locate
-    from diffmem.stats import ActivationStats
+def cmd_locate(args: argparse.Namespace) -> None:
+    from diffmem.config import BASE_PRESETS, LocateConfig
+    from diffmem.localization import locate
+    from diffmem.stats import ActivationStats, prompts_sha256
 
-    method = args.method or ("neuron" if args.level == "neuron" else "wanda")
-    cfg = LocateConfig(method=method, ratio=args.ratio, steps=args.steps, min_step_fraction=args.min_step_fraction,
-                       half=args.half, rank=args.rank, explained_variance=args.explained_variance)
+    given = {k: v for k, v in (("method", args.method), ("ratio", args.ratio), ("record_steps", args.record_steps),
+                               ("min_step_fraction", args.min_step_fraction), ("half", args.half),
+                               ("rank", args.rank), ("explained_variance", args.explained_variance))
+             if v is not None}
+    cfg = LocateConfig.from_preset(args.preset, **given) if args.preset else LocateConfig(**given)
     mem = ActivationStats.load(args.memorized)
     base = ActivationStats.load(args.base)
+    if args.preset and BASE_PRESETS.get(args.preset) is not None:
+        if base.meta.get("prompts_sha256") != prompts_sha256(BASE_PRESETS[args.preset]):
+            logger.warning("preset %s uses the empty prompt alone as the base set; these base statistics hold other "
+                           "prompts (record them with `diffmem record MODEL --empty-prompt-only`)", args.preset)
+    _check_device(args.device)
     pipe = _load(args)
-    result = locate(pipe, mem, base, cfg)
-    path = result.save(args.out)
-    if hasattr(result, "num_masked"):
-        logger.info("mask: %d of %d FFN weights (%.4f%%) -> %s", result.num_masked(), result.num_total(),
-                    100 * result.fraction(), path)
-    else:
-        logger.info("directions: %s -> %s", result.ranks(), path)
+    edit = locate(pipe, mem, base, cfg)
+    path = edit.save(args.out)
+    logger.info("%s%s: %d of %d weights changed (%.4f%%) -> %s", edit.kind,
+                f" (preset {args.preset}: the published procedure)" if args.preset else "",
+                edit.num_params_changed(), edit.num_total(), 100 * edit.fraction_changed(), path)
 
 
-def cmd_prune(args) -> None:
-    from diffmem.prune import export_pruned
+def cmd_prune(args: argparse.Namespace) -> None:
+    from diffmem.edits import export_edited, load_edit
 
-    if bool(args.mask) == bool(args.directions):
-        raise SystemExit("diffmem: error: give exactly one of --mask or --directions")
+    edit_path = args.edit or args.mask or args.directions
+    if edit_path is None:
+        raise ValueError("give the edit to export with --edit FILE")
+    _need_edit(edit_path)
+    edit = load_edit(edit_path)
+    from diffmem.edits import check_output_dir
+
+    check_output_dir(Path(args.out), args.overwrite, str(args.model))
+    _check_device(args.device)
     pipe = _load(args)
-    if args.mask:
-        from diffmem.locate import Mask
-
-        mask = Mask.load(args.mask)
-        out = export_pruned(pipe, mask, args.out, overwrite=args.overwrite, source=str(args.model), mask_path=args.mask)
-    else:
-        from diffmem.directions import DirectionBasis, export_projected
-
-        basis = DirectionBasis.load(args.directions)
-        out = export_projected(pipe, basis, args.out, overwrite=args.overwrite, source=str(args.model),
-                               basis_path=args.directions)
+    out = export_edited(pipe, edit, args.out, overwrite=args.overwrite, source=str(args.model), edit_path=edit_path)
     logger.info("exported %s", out)
 
 
-def cmd_iou(args) -> None:
-    from diffmem.locate import Mask, mask_iou
+def cmd_iou(args: argparse.Namespace) -> None:
+    from diffmem.masks import Mask, mask_iou
 
     res = mask_iou(Mask.load(args.mask_a), Mask.load(args.mask_b))
     print(json.dumps(res, indent=2, sort_keys=True))  # noqa: T201 - the command's output
 
 
-def cmd_detect(args) -> None:
-    from diffmem.detect import DetectConfig
-    from diffmem.distributed import detect_distributed
-
-    entries = _entries(args.prompts)
-    prompts = [e.prompt for e in entries]
-    labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
-    calib = None
-    if args.calibration:
-        from diffmem.data import read_prompts
-
-        calib = read_prompts(args.calibration)
-    pipe = _load(args)
-    s = _sampling(args)
-    cfg = DetectConfig(steps=args.k, num_seeds=args.seeds, seed=args.seed, num_inference_steps=s["num_inference_steps"],
-                       guidance_scale=s["guidance_scale"], guidance_rescale=s.get("guidance_rescale", 0.0),
-                       batch_size=args.batch_size or 8, height=s["height"], width=s["width"])
-    res = detect_distributed(pipe, prompts, cfg, labels=labels, calibration_prompts=calib, m=args.m)
-    if res is None:
-        return
-    rows = res.ranked()
-    out = Path(args.out)
-    from diffmem.utils import write_table
-
-    write_table(out, rows)
-    summary = res.summary()
-    _write_json(out.with_suffix(".summary.json"), {"summary": summary, "config": cfg.to_dict()})
-    logger.info("wrote %s; %s", out, json.dumps(summary, sort_keys=True))
-
-
-def _edit_from_args(args):
-    if getattr(args, "mask", None):
-        from diffmem.locate import Mask
-
-        return Mask.load(args.mask)
-    if getattr(args, "directions", None):
-        from diffmem.directions import DirectionBasis
-
-        return DirectionBasis.load(args.directions)
-    return None
-
-
-def cmd_attack(args) -> None:
-    from diffmem.attack import AttackConfig
+def cmd_detect(args: argparse.Namespace) -> None:
     from diffmem.data import read_prompts
-    from diffmem.distributed import attack_distributed
-    from diffmem.evaluate import edit_context, load_reference
-    from diffmem.score import get_scorer
+    from diffmem.detection import DetectConfig, detect
+    from diffmem.files import write_table
+    from diffmem.parallel import is_main_process
 
-    entries = _entries(args.prompts)
-    refs = None
-    if args.references:
-        refs = _references(args.references, entries)
+    _need_suffix(args.out, (".jsonl", ".csv"), "--out")
+    entries = _entries(args)
     calib = read_prompts(args.calibration) if args.calibration else None
-    pipe = _load(args)
     s = _sampling(args)
-    scorer = get_scorer(args.scorer, fallback="ssim") if args.scorer == "sscd" else get_scorer(args.scorer)
+    given = {k: v for k, v in (("num_seeds", args.seeds), ("seed", args.seed), ("batch_size", args.batch_size))
+             if v is not None}
+    if args.preset:
+        cfg = DetectConfig.from_preset(args.preset, height=s["height"], width=s["width"], **given,
+                                       **({"score_steps": args.k} if args.k else {}))
+    else:
+        cfg = DetectConfig(score_steps=args.k or 1, num_inference_steps=s["num_inference_steps"],
+                           guidance_scale=s["guidance_scale"], guidance_rescale=s["guidance_rescale"],
+                           height=s["height"], width=s["width"], **{"num_seeds": 4, **given})
+    _check_device(args.device)
+    pipe = _load(args)
+    labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
+    res = detect(pipe, [e.prompt for e in entries], cfg, labels=labels, calibration_prompts=calib, m=args.m)
+    if is_main_process():
+        out = Path(args.out)
+        write_table(out, res.ranked())
+        _write_json(out.with_suffix(".summary.json"), {"summary": res.summary(), "config": cfg.to_dict(),
+                                                       "sampler": s, "model": str(args.model)})
+        logger.info("wrote %s; %s", out, json.dumps(res.summary(), sort_keys=True))
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    from diffmem.data import load_reference, read_prompts, resolve_references
+    from diffmem.edits import apply_edit, load_edit
+    from diffmem.extraction import AttackConfig, extraction_attack
+
+    _need_edit(args.edit)
+    entries = _entries(args)
+    refs = resolve_references(args.references, entries, allow_outside=args.allow_outside_references)
+    calib = read_prompts(args.calibration) if args.calibration else None
+    edit = load_edit(args.edit) if args.edit else None
+    s = _sampling(args)
     cfg = AttackConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
                        threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64)
+    _check_device(args.device)
+    pipe = _load(args)
+    scorer = _scorer(args.scorer, args)
     size = (s["height"], s["width"]) if s["height"] else None
-    ref_imgs = None if refs is None else [None if r is None else load_reference(r, size) for r in refs]
-    call = {k: v for k, v in s.items() if v is not None}
-    with edit_context(pipe, _edit_from_args(args)):
-        res = attack_distributed(pipe, [e.prompt for e in entries], cfg, scorer, references=ref_imgs,
-                                 calibration_prompts=calib, call_kwargs=call, out_dir=Path(args.out))
-    if res is not None:
-        logger.info("attack: %s", json.dumps(res.summary(), sort_keys=True))
+    ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
+    with apply_edit(pipe, edit):
+        res = extraction_attack(pipe, [e.prompt for e in entries], cfg, scorer, references=ref_imgs,
+                                calibration_prompts=calib, call_kwargs=_call(s), out_dir=Path(args.out))
+    logger.info("attack: %s", json.dumps(res.summary(), sort_keys=True))
 
 
-def _references(spec: str, entries) -> list:
-    """References for ``entries``: from the manifest itself, from another manifest, or from a folder."""
-    p = Path(spec)
-    if p.is_dir():
-        index = p / "references.jsonl"
-        if not index.is_file():
-            from diffmem.errors import PromptFileError
-
-            raise PromptFileError(f"{p}: a reference folder needs a references.jsonl manifest ({{\"prompt\", \"reference\"}} per line)")
-        by_prompt = {}
-        for n, line in enumerate(index.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                    by_prompt[obj["prompt"]] = (p / obj["reference"]).resolve()
-                except (json.JSONDecodeError, KeyError) as err:
-                    from diffmem.errors import PromptFileError
-
-                    raise PromptFileError(f"{index}:{n}: {err}") from None
-        return [by_prompt.get(e.prompt) for e in entries]
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from diffmem.data import read_manifest
-
-    by_prompt = {m.prompt: m.reference for m in read_manifest(p)}
-    return [by_prompt.get(e.prompt, e.reference) for e in entries]
-
-
-def cmd_evaluate(args) -> None:
-    from diffmem.data import read_manifest
-    from diffmem.evaluate import EvalConfig
+    from diffmem.edits import load_edit
+    from diffmem.evaluation import EvalConfig, evaluate_edit
+    from diffmem.parallel import is_main_process
     from diffmem.score import get_scorer
 
-    entries = read_manifest(args.prompts)
-    pipe = _load(args)
+    edit_path = args.edit or args.mask or args.directions
+    _need_edit(edit_path)
+    entries = read_manifest(args.prompts, allow_outside=args.allow_outside_references)
+    missing = [e for e in entries if e.reference is None]
+    if len(missing) == len(entries):
+        raise ValueError(f"{args.prompts}: no row has a reference image, so replication cannot be measured")
+    if missing:
+        logger.warning("%d rows have no reference image: their replication is not measured", len(missing))
+    edit = load_edit(edit_path) if edit_path else None
     s = _sampling(args)
-    call = {k: v for k, v in s.items() if v is not None}
-    scorer = get_scorer(args.scorer, fallback="ssim") if args.scorer == "sscd" else get_scorer(args.scorer)
-    clip = None
-    if args.clip_pretrained:
-        clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained)
-    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64, call_kwargs=call)
-    edit = _edit_from_args(args)
-    from diffmem.distributed import evaluate_distributed
-
-    report = evaluate_distributed(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
-    if report is None:
-        return
-    report["model"] = str(args.model)
-    report["edit"] = args.mask or args.directions
-    _write_json(args.out, report)
-    logger.info("wrote %s", args.out)
-    for name in ("before", "after"):
-        if name in report:
-            logger.info("%s: %s", name, json.dumps({k: v.get("replication_rate") for k, v in report[name].items()
-                                                     if isinstance(v, dict) and "replication_rate" in v}))
+    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64, call_kwargs=_call(s))
+    _check_device(args.device)
+    pipe = _load(args)
+    scorer = _scorer(args.scorer, args)
+    clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
+    before, after = evaluate_edit(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
+    report: dict[str, Any] = {"model": str(args.model), "edit": edit_path, "sampler": s, "scorer": scorer.describe(),
+                              "config": cfg.to_dict(), "before": before.summary(), "rows_before": before.rows}
+    if after is not None:
+        report.update(after=after.summary(), rows_after=after.rows)
+    if is_main_process():
+        _write_json(args.out, report)
+        logger.info("wrote %s", args.out)
 
 
-def cmd_demo(args) -> None:
-    from diffmem.demo import DemoConfig, run_demo
+def cmd_reextract(args: argparse.Namespace) -> None:
+    from diffmem.edits import apply_edit, load_edit
+    from diffmem.parallel import is_main_process
+    from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
+    from diffmem.sampling import image_size
+
+    _need_edit(args.edit)
+    entries = _entries(args)
+    rows = [e for e in entries if e.split == args.split or (args.control and e.split == "nonmem")]
+    if not any(e.split == args.split for e in rows):
+        raise ValueError(f"{args.prompts}: no row of split {args.split!r}")
+    edit = load_edit(args.edit) if args.edit else None
+    s = _sampling(args)
+    cfg = ReextractConfig(opt_steps=args.opt_steps, lr=args.lr, batch=args.batch, init=args.init,
+                          num_seeds=args.seeds, call_kwargs=_call(s), seed=args.seed,
+                          checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= args.opt_steps))
+    from diffmem.data import load_reference
+
+    size = (s["height"], s["width"]) if s["height"] else None
+    for e in rows:  # the attack needs every training image: check them all before the model loads
+        if e.reference is None:
+            raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
+    refs = [load_reference(e, size, row=e) for e in rows] if size else None
+    _check_device(args.device)
+    pipe = _load(args)
+    if refs is None:
+        refs = [load_reference(e, image_size(pipe), row=e) for e in rows]
+    items = [ReextractItem(e.prompt, r, "memorized" if e.split == args.split else "control", i)
+             for i, (e, r) in enumerate(zip(rows, refs))]
+    with apply_edit(pipe, edit):
+        res = reextract(pipe, items, cfg, _scorer(args.scorer, args))
+    if is_main_process():
+        path = res.to_json(Path(args.out) / "reextract.json")
+        logger.info("wrote %s: %s", path, json.dumps({k: v for k, v in res.summary().items()
+                                                      if k in ("memorization_rate", "control_rate")}))
+
+
+def cmd_mitigate(args: argparse.Namespace) -> None:
+    from diffmem.workflows.mitigate import MitigateRun, run_mitigate
+
+    _need_file(args.prompts, "prompt file")
+    run = MitigateRun(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
+                      ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
+                      target=args.target, max_rounds=args.max_rounds, scorer=args.scorer, overwrite=args.overwrite,
+                      allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
+                      opt_steps=args.opt_steps, seed=args.seed)
+    report = run_mitigate(run)
+    print(report["headline_text"])  # noqa: T201 - the command's output
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from diffmem.workflows.demo import DemoConfig, run_demo
 
     extra = {k: v for k, v in (("eval_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
                                ("scorer", args.scorer)) if v is not None}
@@ -296,11 +416,14 @@ def cmd_demo(args) -> None:
     print(report["headline_text"])  # noqa: T201 - the command's output
 
 
-def cmd_audit(args) -> None:
-    from diffmem.demo import AuditConfig, run_audit
+def cmd_audit(args: argparse.Namespace) -> None:
+    from diffmem.workflows.audit import AuditConfig, run_audit
 
+    _need_file(args.prompts, "prompt file")
+    _need_file(args.calibration, "calibration file")
     cfg = AuditConfig(model=args.model, prompts=args.prompts, references=args.references, out=args.out,
-                      calibration=args.calibration, allow_pickle=args.allow_pickle, quick=args.quick)
+                      calibration=args.calibration, allow_pickle=args.allow_pickle, quick=args.quick,
+                      allow_outside=args.allow_outside_references, edit=args.edit)
     report = run_audit(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -313,44 +436,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diffmem", description="Locate and delete memorization in diffusion models.")
     parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("record", help="record FFN activation statistics over prompts")
     _add_model(p)
-    p.add_argument("--prompts", required=True, help="prompt file (.txt, .jsonl, .csv)")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output statistics (.safetensors + .json)")
     _add_sampling(p)
-    p.add_argument("--record-steps", type=int, default=10, help="leading steps to record (tau)")
-    p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record-steps", type=_positive_int, default=10, help="leading sampler steps to record (tau)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="generations per prompt")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--target", default=None, help="regex or name suffix of the layers to record")
     p.add_argument("--signatures", action="store_true", help="also keep per-prompt mean activations")
     p.add_argument("--add-empty-prompt", action="store_true", help="also record the empty prompt (for a base set)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint partial statistics every N prompts (resumable)")
+    p.add_argument("--empty-prompt-only", action="store_true", help="record the empty prompt alone (chavhan2024 base)")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
+                   help="checkpoint partial statistics every N prompts per process (resumable)")
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("locate", help="score and select the weights (or directions) behind memorization")
     _add_model(p)
     p.add_argument("--memorized", required=True, help="statistics of memorized prompts")
     p.add_argument("--base", required=True, help="statistics of base prompts")
-    p.add_argument("--out", required=True, help="output mask / directions (.safetensors + .json)")
-    p.add_argument("--ratio", type=float, default=0.01, help="fraction per row (weight) or per layer (neuron)")
-    p.add_argument("--steps", type=int, default=10, help="use the first N recorded steps (tau)")
-    p.add_argument("--level", choices=["weight", "neuron"], default="weight")
-    p.add_argument("--method", choices=["wanda", "neuron", "directions"], default=None, help="overrides --level")
-    p.add_argument("--min-step-fraction", type=float, default=0.0)
-    p.add_argument("--half", choices=["cond", "uncond", "both"], default="cond")
-    p.add_argument("--rank", type=int, default=None, help="directions: fixed k per layer")
-    p.add_argument("--explained-variance", type=float, default=0.5, help="directions: energy share that picks k")
+    p.add_argument("--out", required=True, help="output edit (.safetensors + .json)")
+    p.add_argument("--method", choices=["wanda", "neuron", "directions"], default=None,
+                   help="wanda: Chavhan et al.'s weight mask (default); neuron: whole FFN neurons; directions: a "
+                        "low-rank subspace")
+    p.add_argument("--preset", choices=["chavhan2024"], default=None, help="reproduce the published procedure exactly")
+    p.add_argument("--ratio", type=_fraction, default=None, help="fraction per row (wanda) or per layer (neuron)")
+    p.add_argument("--record-steps", type=_positive_int, default=None, help="use the first N recorded steps (tau)")
+    p.add_argument("--min-step-fraction", type=_rate, default=None)
+    p.add_argument("--half", choices=["cond", "uncond", "both"], default=None)
+    p.add_argument("--rank", type=_positive_int, default=None, help="directions: fixed k per layer")
+    p.add_argument("--explained-variance", type=_fraction, default=None, help="directions: energy share that picks k")
     p.set_defaults(func=cmd_locate)
 
-    p = sub.add_parser("prune", help="export a pruned (or projected) pipeline that plain diffusers loads")
+    p = sub.add_parser("prune", help="export an edited pipeline that plain diffusers loads")
     _add_model(p)
-    p.add_argument("--mask", default=None)
-    p.add_argument("--directions", default=None)
+    p.add_argument("--edit", default=None, help="a mask, direction basis or weight delta saved by diffmem")
+    p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--directions", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem export at --out")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("iou", help="overlap of two masks, per layer and overall")
@@ -363,11 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv)")
     _add_sampling(p)
-    p.add_argument("--k", type=int, default=1, help="leading steps to average (1 = cheap mode)")
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["wen2024"], default=None, help="reproduce the published procedure exactly")
+    p.add_argument("--k", type=_positive_int, default=None, help="leading denoiser evaluations to average (default 1)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="noises per prompt (default 4)")
+    p.add_argument("--seed", type=_nonneg_int, default=None)
     p.add_argument("--calibration", default=None, help="non-memorized prompts: flag scores above mean + m*std")
     p.add_argument("--m", type=float, default=3.0)
+    _add_references(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("attack", help="Carlini et al.'s generate-and-filter extraction attack")
@@ -377,50 +507,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
     p.add_argument("--calibration", default=None, help="non-memorized prompts that calibrate the threshold")
     _add_sampling(p)
-    p.add_argument("--generations", type=int, default=16)
-    p.add_argument("--clique", type=int, default=4, help="clique size m")
+    p.add_argument("--generations", type=_positive_int, default=16)
+    p.add_argument("--clique", type=_positive_int, default=4, help="clique size m")
     p.add_argument("--threshold", type=float, default=None, help="fixed similarity threshold (skips calibration)")
-    p.add_argument("--false-flag-rate", type=float, default=0.05)
+    p.add_argument("--false-flag-rate", type=_rate, default=0.05)
     p.add_argument("--scorer", default="ssim")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mask", default=None, help="apply a mask reversibly first")
-    p.add_argument("--directions", default=None, help="apply a direction projection reversibly first")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--edit", default=None, help="apply a saved edit reversibly first")
+    _add_references(p)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("evaluate", help="replication, diversity and drift with and without an edit")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest (jsonl with prompt/split/reference)")
     p.add_argument("--out", default="evaluation.json")
-    p.add_argument("--mask", default=None)
-    p.add_argument("--directions", default=None)
+    p.add_argument("--edit", default=None, help="a saved edit (mask, directions or weight delta)")
+    p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--directions", default=None, help=argparse.SUPPRESS)
     _add_sampling(p)
-    p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_positive_int, default=8)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--scorer", default="sscd", help="sscd (falls back to ssim when unavailable), clip, ssim, ...")
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--clip-pretrained", default=None, help="CLIP weights tag or file for the CLIP score")
+    _add_references(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the full locate-and-delete demo on the embedded tiny memorizer")
+    p = sub.add_parser("reextract", help="re-extraction attack: optimise the conditioning toward training images")
+    _add_model(p)
+    p.add_argument("--prompts", required=True, help="manifest with reference images")
+    p.add_argument("--out", required=True, help="output folder (reextract.json)")
+    p.add_argument("--edit", default=None, help="attack the model with this saved edit applied")
+    p.add_argument("--split", default="heldout", help="memorized rows to attack (default heldout)")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the false-positive control on the nonmem rows")
+    p.add_argument("--opt-steps", type=_positive_int, default=50)
+    p.add_argument("--lr", type=_positive_float, default=0.1)
+    p.add_argument("--batch", type=_positive_int, default=8)
+    p.add_argument("--init", default="prompt", help="prompt, random or prompt-of:OTHER TEXT")
+    p.add_argument("--seeds", type=_positive_int, default=4)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--scorer", default="ssim")
+    _add_sampling(p)
+    _add_references(p)
+    p.set_defaults(func=cmd_reextract)
+
+    p = sub.add_parser("mitigate", help="locate, tune and (with --robust) harden an edit; export the clean model")
+    _add_model(p)
+    p.add_argument("--prompts", required=True, help="manifest with locate / heldout / nonmem rows")
+    p.add_argument("--out", required=True, help="output folder (pruned/, edit, report.json, report.html)")
+    p.add_argument("--method", choices=["wanda", "neuron", "directions"], default="wanda")
+    p.add_argument("--ratio", default="auto", help="auto (the smallest that meets --target) or a number")
+    p.add_argument("--robust", choices=["none", "prune", "finetune"], default="none")
+    p.add_argument("--target", type=_rate, default=0.05)
+    p.add_argument("--max-rounds", type=_positive_int, default=3)
+    p.add_argument("--opt-steps", type=_positive_int, default=50, help="attack steps during mitigation")
+    p.add_argument("--scorer", default="ssim")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
+    _add_references(p)
+    p.set_defaults(func=cmd_mitigate)
+
+    p = sub.add_parser("demo", help="the full mitigate-and-attack demo on the embedded tiny memorizer")
     p.add_argument("--model", default=None, help="default: assets/tiny-sd-memorizer")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--ratio", type=float, default=None, help="mask ratio (default: chosen by a sweep on the locate split)")
+    p.add_argument("--ratio", type=_fraction, default=None, help="mask ratio (default: chosen on the locate split)")
     p.add_argument("--quick", action="store_true", help="reduced settings (CI)")
     p.add_argument("--no-directions", action="store_true", help="skip the low-rank projection editor")
-    p.add_argument("--eval-seeds", type=int, default=None, help="seeds per prompt in the evaluation (default 4)")
-    p.add_argument("--attack-generations", type=int, default=None, help="generations per attacked prompt (default 8)")
+    p.add_argument("--eval-seeds", type=_positive_int, default=None, help="seeds per prompt in the evaluation")
+    p.add_argument("--attack-generations", type=_positive_int, default=None, help="generations per attacked prompt")
     p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("audit", help="detect, attack and (with references) evaluate any checkpoint")
+    p = sub.add_parser("audit", help="detect, attack and re-extract (with references) on any checkpoint")
     p.add_argument("model")
     p.add_argument("--prompts", required=True)
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
     p.add_argument("--calibration", default=None, help="non-memorized prompts")
+    p.add_argument("--edit", default=None, help="audit the model with this saved edit applied")
     p.add_argument("--out", default="runs/audit")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quick", action="store_true")
+    _add_references(p)
     p.set_defaults(func=cmd_audit)
     return parser
 
@@ -437,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (DiffmemError, ValueError, FileNotFoundError) as err:
+    except (DiffmemError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
         if args.verbose:
             raise
         msg = " ".join(str(err).split()) or type(err).__name__

@@ -322,7 +322,8 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, source: str | None = None) -> None:
+def check_output_dir(out_dir: Path, overwrite: bool, source: str | None = None,
+                     marks: tuple[str, ...] = (MANIFEST_NAME,)) -> None:
     """Refuse an output folder that would destroy something diffmem did not create.
 
     The output may not be the source model, contain it or lie inside it; an existing folder is replaced only with
@@ -341,10 +342,10 @@ def check_output_dir(out_dir: Path, overwrite: bool, source: str | None = None) 
             raise ExportError(f"output path {out_dir} exists and is not a folder")
         if not overwrite:
             raise ExportError(f"output folder {out_dir} already exists; pass --overwrite to replace an earlier export")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        if any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in marks):
             raise ExportError(
-                f"output folder {out_dir} is not an earlier diffmem export (no {MANIFEST_NAME}); "
-                "--overwrite replaces only diffmem exports"
+                f"output folder {out_dir} is not an earlier diffmem output (no {' or '.join(marks)}); "
+                "--overwrite replaces only what diffmem wrote"
             )
 
 

@@ -16,7 +16,9 @@ from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_pipeline", "get_denoiser", "looks_like_path"]
+__all__ = ["load_pipeline", "get_denoiser", "looks_like_path", "sampling_defaults", "DEFAULTS_FILE"]
+
+DEFAULTS_FILE = "diffmem_defaults.json"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
@@ -132,3 +134,26 @@ def load_pipeline(
         pipe = pipe.to(device)
     logger.info("loaded %s (%s, denoiser %s)", text, type(pipe).__name__, type(get_denoiser(pipe)).__name__)
     return pipe
+
+
+_DEFAULT_KEYS = ("num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width")
+
+
+def sampling_defaults(model: str | os.PathLike) -> dict[str, Any]:
+    """Sampler settings a model folder declares in ``diffmem_defaults.json`` (empty for a hub id or without it).
+
+    Keys may include ``num_inference_steps``, ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``.
+
+    Raises:
+        ModelLoadError: The file exists but is not a JSON object of those keys.
+    """
+    path = Path(os.fspath(model)).expanduser() / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {path}: {_first_line(err)}") from None
+    if not isinstance(data, dict) or any(k not in _DEFAULT_KEYS for k in data):
+        raise ModelLoadError(f"{path} must be a JSON object with keys among {', '.join(_DEFAULT_KEYS)}")
+    return data

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = ["default_model_path", "sampling_defaults", "DEFAULT_MODEL_NAME"]
+
+from diffmem.pipelines import sampling_defaults  # noqa: E402  (re-exported for the zoo scripts)
 
 DEFAULT_MODEL_NAME = "tiny-sd-memorizer"
 
@@ -18,12 +19,3 @@ def default_model_path() -> Path:
     return Path.cwd() / "assets" / DEFAULT_MODEL_NAME
 
 
-def sampling_defaults(model: str | Path) -> dict:
-    """Sampler settings a checkpoint declares in ``diffmem_defaults.json`` (empty when absent).
-
-    Keys may include ``num_inference_steps``, ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``.
-    """
-    path = Path(model) / "diffmem_defaults.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {}

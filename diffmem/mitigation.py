@@ -1,0 +1,383 @@
+"""Mitigation that survives re-extraction: locate an edit, tune its strength, and harden it against the attack.
+
+:func:`mitigate` uses only the ``locate`` rows (memorized prompts with their training images) and the ``nonmem``
+rows (ordinary prompts) of a manifest; ``heldout`` rows are never read, so a final evaluation on them is honest.
+
+1. Record FFN statistics of the ``locate`` prompts and of base prompts; locate an edit (``wanda``, ``neuron`` or
+   ``directions``).
+2. ``ratio=None`` (auto): try strengths in ascending order and keep the smallest whose ``locate`` replication is at
+   most ``target`` while the non-memorized drift stays within the seed-to-seed spread.
+3. ``robust="prune"`` (diffmem's robust mitigation): attack the ``locate`` rows on the edited model by optimising
+   their conditioning (:func:`~diffmem.reextraction.reextract`), record the FFN statistics under the adversarial
+   conditionings, locate again and merge the new mask into the edit; repeat until the attack's rate is at most
+   ``target`` or ``max_rounds`` is reached.
+4. ``robust="finetune"`` (Finding DoRI's adversarial fine-tuning, the published anchor): fine-tune the denoiser
+   with the ordinary denoising loss on non-memorized data plus a loss that maps the adversarial conditionings to
+   the edited model's own prediction for the original prompt; the result is a :class:`~diffmem.deltas.WeightDelta`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import LocateConfig, RecordConfig
+from .data import ManifestEntry, load_reference
+from .deltas import WeightDelta
+from .directions import DirectionBasis
+from .edits import Edit, apply_edit
+from .errors import DiffmemError
+from .evaluation import EvalConfig, EvalResult, evaluate
+from .hooks import record
+from .localization import locate
+from .masks import Mask, mask_iou
+from .reextraction import ReextractConfig, ReextractItem, reextract
+from .sampling import image_size
+from .targets import get_denoiser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MitigateConfig", "MitigationResult", "mitigate", "finetune_against", "DEFAULT_RATIOS", "DEFAULT_RANKS"]
+
+DEFAULT_RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+ROBUST = ("none", "prune", "finetune")
+
+
+@dataclass
+class MitigateConfig:
+    """Settings of :func:`mitigate`.
+
+    Args:
+        method: Locate method: ``wanda``, ``neuron`` or ``directions``.
+        ratio: Edit strength (the ratio; for ``directions`` the rank); ``None`` chooses it (``--ratio auto``).
+        strengths: Strengths tried by the automatic choice, ascending.
+        target: Largest acceptable ``locate`` replication (and, with ``robust``, attack rate).
+        robust: ``none``, ``prune`` or ``finetune``.
+        max_rounds: Rounds of the robust step.
+        record_steps: Leading sampler steps recorded and used to locate (tau).
+        sweep_seeds: Seeds per prompt when choosing the strength.
+        attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``).
+        finetune_steps: Optimiser steps per robust fine-tuning round.
+        finetune_lr: Learning rate of the fine-tuning.
+        finetune_batch: Noise draws per fine-tuning step and loss term.
+        seed: First seed.
+    """
+
+    method: str = "wanda"
+    ratio: float | None = None
+    strengths: tuple[float, ...] = DEFAULT_RATIOS
+    target: float = 0.05
+    robust: str = "none"
+    max_rounds: int = 3
+    record_steps: int = 10
+    sweep_seeds: int = 2
+    attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(0,), num_seeds=2))
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-4
+    finetune_batch: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("wanda", "neuron", "directions"):
+            raise ValueError(f"method={self.method!r} is invalid: choose wanda, neuron or directions")
+        if self.robust not in ROBUST:
+            raise ValueError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
+        if self.robust == "prune" and self.method == "directions":
+            raise ValueError("robust='prune' merges masks: use method wanda or neuron")
+        if self.ratio is not None and not (0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1)):
+            raise ValueError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
+        if not self.strengths or list(self.strengths) != sorted(self.strengths):
+            raise ValueError(f"strengths={self.strengths!r} is invalid: give ascending values")
+        if not 0 <= self.target <= 1:
+            raise ValueError(f"target={self.target!r} is invalid: must be in [0, 1]")
+        for name in ("max_rounds", "record_steps", "sweep_seeds", "finetune_steps", "finetune_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr={self.finetune_lr!r} is invalid: must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attack"] = self.attack.to_dict()
+        d["strengths"] = list(self.strengths)
+        return d
+
+
+@dataclass
+class MitigationResult:
+    """What :func:`mitigate` found: the edit, how its strength was chosen and what each robust round did."""
+
+    edit: Edit
+    strength: float
+    sweep: list[dict[str, Any]]
+    rounds: list[dict[str, Any]]
+    locality: dict[str, Any]
+    timings_s: dict[str, float]
+    plain_edit: Edit | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.edit.kind,
+            "strength": self.strength,
+            "parameters_changed": self.edit.num_params_changed(),
+            "fraction_changed": self.edit.fraction_changed(),
+            "sweep": self.sweep,
+            "rounds": self.rounds,
+            "locality": self.locality,
+            "timings_s": self.timings_s,
+        }
+
+
+def _split(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
+    return [e for e in entries if e.split == name]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _locate_config(method: str, strength: float, record_steps: int) -> LocateConfig:
+    if method == "directions":
+        return LocateConfig(method="directions", rank=int(strength), record_steps=record_steps)
+    return LocateConfig(method=method, ratio=float(strength), record_steps=record_steps)
+
+
+def _items(pipe: Any, entries: list[ManifestEntry], kind: str, size: tuple[int, int]) -> list[ReextractItem]:
+    out = []
+    for e in entries:
+        if e.reference is None:
+            raise DiffmemError(f"manifest row {e.prompt!r} has no reference image; the attack needs the training image")
+        out.append(ReextractItem(e.prompt, load_reference(e.reference, size, row=e), kind))
+    return out
+
+
+def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry],
+                    nonmem_before: EvalResult | None, ecfg: EvalConfig, scorer: Any) -> dict[str, Any]:
+    with apply_edit(pipe, edit), torch.no_grad():
+        loc = evaluate(pipe, locate_rows, ecfg, scorer, progress=False, desc="sweep")
+        row: dict[str, Any] = {
+            "parameters_changed": edit.num_params_changed(),
+            "fraction": edit.fraction_changed(),
+            "locate_replication": _mean([r["replication_rate"] for r in loc.rows if "replication_rate" in r]),
+        }
+        if nonmem_before is not None:
+            after = evaluate(pipe, nonmem, ecfg, scorer, baseline=nonmem_before, progress=False, desc="sweep drift")
+            row["drift_similarity"] = _mean([r["drift_similarity"] for r in after.rows])
+            row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in after.rows])
+            row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows])
+    return row
+
+
+def _acceptable(row: dict[str, Any], target: float) -> bool:
+    rep = row["locate_replication"]
+    spread = row.get("drift_within_spread")
+    return rep is not None and rep <= target and (spread is None or spread >= 0.5)
+
+
+def mitigate(
+    pipe: Any,
+    entries: list[ManifestEntry],
+    config: MitigateConfig,
+    scorer: Any,
+    *,
+    base_prompts: list[str] | None = None,
+    call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> MitigationResult:
+    """Locate an edit on the ``locate`` rows, choose its strength, and (optionally) harden it against re-extraction.
+
+    Args:
+        pipe: The pipeline to mitigate (left unchanged: every edit is applied reversibly).
+        entries: Manifest entries; only ``locate`` and ``nonmem`` rows are used (``heldout`` rows are never read).
+        config: Mitigation settings.
+        scorer: Similarity scorer for replication (and its threshold).
+        base_prompts: Base prompts recorded against the memorized ones (default: the empty prompt and the
+            ``nonmem`` prompts).
+        call_kwargs: Sampler settings (``num_inference_steps``, ``guidance_scale``, ``guidance_rescale``, size).
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`MitigationResult`.
+    """
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 2)
+
+    call = dict(call_kwargs or {})
+    locate_rows, nonmem = _split(entries, "locate"), _split(entries, "nonmem")
+    if not locate_rows:
+        raise DiffmemError("the manifest has no 'locate' rows: mitigation needs memorized prompts to locate on")
+    base = base_prompts if base_prompts is not None else [""] + [e.prompt for e in nonmem]
+    rcfg = RecordConfig(
+        num_inference_steps=int(call.get("num_inference_steps", 50)), record_steps=config.record_steps,
+        guidance_scale=float(call.get("guidance_scale", 7.5)), height=call.get("height"), width=call.get("width"),
+        seed=config.seed, batch_size=16, signatures=config.method == "directions",
+    )
+    extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
+    stats_mem = record(pipe, [e.prompt for e in locate_rows], rcfg, progress=progress, pipe_kwargs=extra)
+    stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
+    lap("record")
+
+    # strength: given, or the smallest acceptable one on the locate split (and nonmem drift)
+    ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
+    strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
+    nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
+    sweep: list[dict[str, Any]] = []
+    chosen: tuple[float, Edit] | None = None
+    best = float("inf")
+    for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
+        edit = locate(pipe, stats_mem, stats_base, _locate_config(config.method, strength, config.record_steps))
+        row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
+        sweep.append(row)
+        logger.info("strength %g: %d weights changed, locate replication %s, drift within spread %s", strength,
+                    row["parameters_changed"], row["locate_replication"], row.get("drift_within_spread"))
+        if _acceptable(row, config.target):
+            chosen = (strength, edit)
+            break
+        rep = row["locate_replication"] if row["locate_replication"] is not None else float("inf")
+        if chosen is None or rep < best:
+            chosen, best = (strength, edit), rep
+    strength, edit = chosen  # type: ignore[misc]
+    plain = edit
+    lap("strength")
+
+    rounds: list[dict[str, Any]] = []
+    if config.robust != "none":
+        items = _items(pipe, locate_rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
+        acfg = replace(config.attack, call_kwargs={**call, **config.attack.call_kwargs})
+        for k in range(config.max_rounds):
+            with apply_edit(pipe, edit):
+                att = reextract(pipe, items, acfg, scorer, progress=progress)
+            rate = att.summary()["memorization_rate"]
+            info: dict[str, Any] = {"round": k, "attack_rate_before_round": rate,
+                                    "parameters_changed": edit.num_params_changed()}
+            rounds.append(info)
+            logger.info("robust round %d: attack rate on the locate rows %.3f", k, rate)
+            if rate is not None and rate <= config.target:
+                break
+            embeds = torch.cat([att.adversarial_embeds[i] for i in sorted(att.adversarial_embeds)])
+            if config.robust == "prune":
+                edit = _prune_round(pipe, edit, embeds, base, rcfg, extra, strength, config, progress)
+            else:
+                edit = finetune_against(pipe, edit, locate_rows, embeds, nonmem, config, call, progress=progress)
+            info["parameters_changed_after"] = edit.num_params_changed()
+        else:
+            with apply_edit(pipe, edit):
+                att = reextract(pipe, items, acfg, scorer, progress=progress)
+            rounds.append({"round": config.max_rounds, "attack_rate_before_round": att.summary()["memorization_rate"],
+                           "parameters_changed": edit.num_params_changed()})
+        lap("robust")
+    edit.meta = {**edit.meta, "mitigation": config.to_dict(), "strength": strength}
+    return MitigationResult(edit=edit, strength=strength, sweep=sweep, rounds=rounds, locality={},
+                            timings_s=timings, plain_edit=plain)
+
+
+def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], rcfg: RecordConfig,
+                 extra: dict | None, strength: float, config: MitigateConfig, progress: bool) -> Edit:
+    """Record under the adversarial conditionings on the edited model, locate again, merge the new mask."""
+    with apply_edit(pipe, edit):
+        stats_adv = record(pipe, None, rcfg, prompt_embeds=embeds, progress=progress, pipe_kwargs=extra)
+        stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
+        new = locate(pipe, stats_adv, stats_base, _locate_config(config.method, strength, config.record_steps))
+    assert isinstance(edit, Mask) and isinstance(new, Mask)
+    merged = edit.union(new)
+    logger.info("robust prune: %d new weights (IoU with the edit %.3f)", merged.num_masked() - edit.num_masked(),
+                mask_iou(edit, new)["overall"])
+    return merged
+
+
+def _training_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "epsilon":
+        return noise
+    raise DiffmemError(f"fine-tuning supports epsilon and v-prediction schedulers, not {kind!r}")
+
+
+def finetune_against(
+    pipe: Any,
+    edit: Edit,
+    memorized: list[ManifestEntry],
+    adversarial: torch.Tensor,
+    nonmem: list[ManifestEntry],
+    config: MitigateConfig,
+    call: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> WeightDelta:
+    """Finding DoRI's adversarial fine-tuning on top of ``edit``; returns the combined change as a weight delta.
+
+    Loss = denoising loss on the ``nonmem`` rows (their prompts and training images) + the mean squared distance
+    between the fine-tuned prediction under each adversarial conditioning and the edited (frozen) model's
+    prediction under the original prompt at the same noisy latent and timestep.
+    """
+    from diffusers import DDPMScheduler
+
+    if not nonmem or any(e.reference is None for e in nonmem):
+        raise DiffmemError("robust fine-tuning needs 'nonmem' rows with reference images (the utility data)")
+    denoiser = get_denoiser(pipe)
+    device = denoiser.device
+    size = image_size(pipe, call.get("height"), call.get("width"))
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    originals = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
+    from .reextraction import encode_conditioning, encode_reference
+
+    with torch.no_grad():
+        x_utility = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in nonmem])
+        c_utility = encode_conditioning(pipe, [e.prompt for e in nonmem])[0].to(device)
+        c_original = encode_conditioning(pipe, [e.prompt for e in memorized])[0].to(device)
+    adversarial = adversarial.to(device)
+    g = torch.Generator().manual_seed(config.seed + 77)
+    lat_shape = x_utility.shape[1:]
+    try:
+        edit.bake(pipe)  # fine-tune on top of the edit; the delta below is measured from the original weights
+        frozen = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
+        params = [p for p in denoiser.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=config.finetune_lr, weight_decay=0.0)
+        denoiser.train()
+        for _ in tqdm(range(config.finetune_steps), desc="finetune", disable=not progress):
+            b = config.finetune_batch
+            iu = torch.randint(0, len(nonmem), (b,), generator=g)
+            noise = torch.randn((b, *lat_shape), generator=g).to(device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(device)
+            x0 = x_utility[iu].to(device)
+            noisy = sched.add_noise(x0, noise, t)
+            pred = denoiser(noisy, t, encoder_hidden_states=c_utility[iu]).sample
+            loss_utility = torch.nn.functional.mse_loss(pred.float(), _training_target(sched, x0, noise, t).float())
+            ia = torch.randint(0, len(memorized), (b,), generator=g)
+            noise_a = torch.randn((b, *lat_shape), generator=g).to(device)
+            ta = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(device)
+            noisy_a = sched.add_noise(x_utility[iu].to(device), noise_a, ta)  # any latent: the map must hold anywhere
+            with torch.no_grad():
+                current = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
+                for n, p in denoiser.named_parameters():
+                    p.copy_(frozen[n])
+                surrogate = denoiser(noisy_a, ta, encoder_hidden_states=c_original[ia]).sample
+                for n, p in denoiser.named_parameters():
+                    p.copy_(current[n])
+            pred_a = denoiser(noisy_a, ta, encoder_hidden_states=adversarial[ia]).sample
+            loss_adv = torch.nn.functional.mse_loss(pred_a.float(), surrogate.float())
+            opt.zero_grad()
+            (loss_utility + loss_adv).backward()
+            opt.step()
+        denoiser.eval()
+        delta = WeightDelta.between(originals, pipe, meta={"method": "adversarial-finetune", "base_edit": edit.kind})
+    finally:
+        with torch.no_grad():
+            for n, p in denoiser.named_parameters():
+                p.requires_grad_(False)
+                p.copy_(originals[n])
+        denoiser.eval()
+    return delta
