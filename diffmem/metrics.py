@@ -77,7 +77,12 @@ def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, fpr: float = 0.01) -> float
 
     Returns:
         The TPR.
+
+    Raises:
+        ValueError: ``fpr`` is outside ``[0, 1]``, or the scores and labels are invalid.
     """
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr={fpr!r} is invalid: must be in [0, 1]")
     f, t, _ = roc_curve(scores, labels)
     return float(t[f <= fpr + 1e-12].max())
 
