@@ -299,10 +299,15 @@ def apply_edit(pipe_or_denoiser: Any, edit: Edit | None) -> Iterator[Any]:
 
     Yields:
         ``pipe_or_denoiser``.
+
+    Raises:
+        TypeError: ``edit`` is neither ``None`` nor an :class:`Edit`.
     """
     if edit is None:
         yield pipe_or_denoiser
         return
+    if not isinstance(edit, Edit):
+        raise TypeError(f"unsupported edit {type(edit).__name__}: expected a diffmem Edit (Mask, DirectionBasis, ...)")
     with edit.apply(pipe_or_denoiser):
         yield pipe_or_denoiser
 
