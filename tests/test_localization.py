@@ -139,7 +139,8 @@ def test_ratio_and_step_fraction_ignore_float_noise() -> None:
     mem = make_stats({LAYER: torch.ones(10, 100)}, {LAYER: 1})
     base = make_stats({LAYER: torch.zeros(10, 100)}, {LAYER: 1})
     assert select_wanda(mem, base, {LAYER: w}, LocateConfig(ratio=0.07, record_steps=1)).num_masked() == 7
-    assert select_neurons(mem, base, {LAYER: w}, LocateConfig(method="neuron", ratio=0.07, record_steps=1)).num_masked() == 7
+    neurons = select_neurons(mem, base, {LAYER: w}, LocateConfig(method="neuron", ratio=0.07, record_steps=1))
+    assert neurons.num_masked() == 7
     # The same 7 weights win in steps 0-2 only (zero activations select nothing), so 3 of 10 steps suffice.
     three = make_stats({LAYER: torch.cat([torch.ones(3, 100), torch.zeros(7, 100)])}, {LAYER: 1})
     frac = select_wanda(three, base, {LAYER: w}, LocateConfig(ratio=0.07, record_steps=10, min_step_fraction=0.3))
