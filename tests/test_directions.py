@@ -14,21 +14,12 @@ from PIL import Image
 import diffmem
 from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import ManifestEntry
-from diffmem.directions import (
-    DirectionBasis,
-    apply_projection,
-    bake_projection,
-    compare_with_mask,
-    explained_variance_curves,
-    export_projected,
-    locate_directions,
-    subspace_overlap,
-    validate_basis,
-)
+from diffmem.directions import DirectionBasis, explained_variance_curves, locate_directions, subspace_overlap
+from diffmem.edits import MANIFEST_NAME, apply_edit, export_edited
 from diffmem.errors import DiffmemError, ExportError, MaskMismatchError
 from diffmem.hooks import ActivationRecorder, record
-from diffmem.locate import Mask, locate
-from diffmem.prune import MANIFEST_NAME
+from diffmem.localization import locate
+from diffmem.masks import Mask
 from diffmem.stats import ActivationStats, LayerStats
 from diffmem.targets import find_targets
 
@@ -173,7 +164,7 @@ def test_save_load_round_trip_and_errors(tmp_path) -> None:
     with pytest.raises(DiffmemError, match="cannot read"):
         DirectionBasis.load(tmp_path / "junk")
     Mask({"a": torch.zeros(2, 2, dtype=torch.bool)}).save(tmp_path / "mask")
-    with pytest.raises(DiffmemError, match="not a diffmem direction basis"):
+    with pytest.raises(DiffmemError, match="holds a mask, not a directions"):
         DirectionBasis.load(tmp_path / "mask")
     (tmp_path / "dirs.json").write_text("{broken")
     with pytest.raises(DiffmemError, match="cannot read"):
@@ -216,7 +207,7 @@ def test_projection_removes_the_direction_and_restores_bit_for_bit(fresh_tiny_pi
     w0 = before[f"{name}.weight"]
     v = torch.randn(shapes[name][1], generator=torch.Generator().manual_seed(1))
     v = v - torch.dot(v, u) * u
-    with apply_projection(pipe, basis) as applied:
+    with basis.apply(pipe) as applied:
         assert applied is pipe
         w = modules[name].weight.detach()
         assert (w @ u).abs().max() < 1e-5 * w0.abs().max()
@@ -229,11 +220,11 @@ def test_projection_removes_the_direction_and_restores_bit_for_bit(fresh_tiny_pi
     assert not np.allclose(projected, generate(pipe))
 
     with pytest.raises(RuntimeError, match="boom"):
-        with apply_projection(pipe.unet, basis):
+        with basis.apply(pipe.unet):
             raise RuntimeError("boom")
     assert_same(pipe.unet, before)
 
-    assert bake_projection(pipe, basis) == shapes[name][0] * shapes[name][1]
+    assert basis.bake(pipe) == shapes[name][0] * shapes[name][1]
     assert (modules[name].weight.detach() @ u).abs().max() < 1e-5 * w0.abs().max()
 
 
@@ -247,17 +238,17 @@ def test_mismatch_names_the_first_layer_and_touches_nothing(fresh_tiny_pipe) -> 
     layers = {n: unit(s[1], i)[:, None] for i, (n, s) in enumerate(bad_shapes.items())}
     bad = DirectionBasis(layers, bad_shapes)
     before = snapshot(pipe.unet)
-    expected = f"direction layer '{names[1]}' has shape (32, 128) but the model's is (64, 256)"
-    for action in (validate_basis, bake_projection):
+    expected = f"directions layer '{names[1]}' has shape (32, 128) but the model's is (64, 256)"
+    for action in (bad.validate, bad.bake):
         with pytest.raises(MaskMismatchError) as err:
-            action(pipe, bad)
+            action(pipe)
         assert str(err.value) == expected
     with pytest.raises(MaskMismatchError, match="has shape"):
-        with apply_projection(pipe, bad):
+        with bad.apply(pipe):
             pytest.fail("the block must not run")
     missing = DirectionBasis({"down_blocks.9.ff.net.2": torch.zeros(4, 0)}, {"down_blocks.9.ff.net.2": (2, 4)})
     with pytest.raises(MaskMismatchError, match="'down_blocks.9.ff.net.2'"):
-        bake_projection(pipe, missing)
+        missing.bake(pipe)
     assert_same(pipe.unet, before)
 
 
@@ -271,15 +262,15 @@ def test_export_loads_with_plain_from_pretrained(tiny_pipe, tmp_path) -> None:
     basis = locate_directions(mem, base, LocateConfig(method="directions", rank=2))
     basis_file = basis.save(tmp_path / "dirs")
     before = snapshot(pipe.unet)
-    out = export_projected(pipe, basis, tmp_path / "projected", source="tiny/source", basis_path=basis_file,
-                           config={"rank": 2})
+    out = export_edited(pipe, basis, tmp_path / "projected", source="tiny/source", edit_path=basis_file,
+                        settings={"rank": 2})
     assert out == tmp_path / "projected"
     assert_same(pipe.unet, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirs.json", "dirs.safetensors", "projected"]
 
     loaded = StableDiffusionPipeline.from_pretrained(str(out))
     loaded.set_progress_bar_config(disable=True)
-    with apply_projection(pipe, basis):
+    with apply_edit(pipe, basis):
         expected = generate(pipe)
         edited = snapshot(pipe.unet)
     assert_same(loaded.unet, edited)
@@ -288,19 +279,20 @@ def test_export_loads_with_plain_from_pretrained(tiny_pipe, tmp_path) -> None:
     text = (out / MANIFEST_NAME).read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     manifest = json.loads(text)
-    assert manifest["edit"] == "projection" and manifest["source"] == "tiny/source"
-    assert manifest["component"] == "pipeline" and manifest["ranks"] == basis.ranks()
-    assert manifest["basis_sha256"] == hashlib.sha256(basis_file.read_bytes()).hexdigest() == basis.sha256()
-    assert manifest["num_params_changed"] == basis.num_params_changed() == 4 * 64 * 256
-    assert manifest["diffmem_version"] == diffmem.__version__ and manifest["config"] == {"rank": 2}
+    assert manifest["edit"]["kind"] == "directions" and manifest["source"] == "tiny/source"
+    assert manifest["component"] == "pipeline" and manifest["edit"]["ranks"] == basis.ranks()
+    assert manifest["edit_file_sha256"] == hashlib.sha256(basis_file.read_bytes()).hexdigest() == basis.sha256()
+    assert manifest["edit"]["sha256"] == basis.sha256()
+    assert manifest["edit"]["num_params_changed"] == basis.num_params_changed() == 4 * 64 * 256
+    assert manifest["diffmem_version"] == diffmem.__version__ and manifest["settings"] == {"rank": 2}
 
-    (out / "keep.txt").write_text("mine")
+    (out / "keep.txt").write_text("mine")  # an earlier export, with a file of the user's added
     with pytest.raises(ExportError, match="already exists"):
-        export_projected(pipe, basis, out)
+        export_edited(pipe, basis, out)
     assert (out / "keep.txt").read_text() == "mine"
-    export_projected(pipe, basis, out, overwrite=True)
+    export_edited(pipe, basis, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
-    assert json.loads((out / MANIFEST_NAME).read_text())["config"] == basis.meta["config"]
+    assert json.loads((out / MANIFEST_NAME).read_text())["edit_meta"]["config"] == basis.meta["config"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirs.json", "dirs.safetensors", "projected"]
 
 
@@ -313,16 +305,17 @@ def test_failed_export_keeps_the_old_folder(tiny_pipe, tmp_path, monkeypatch) ->
     def broken_save(save_directory, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(pipe, "save_pretrained", broken_save)
-    old = tmp_path / "old"
-    old.mkdir()
+    old = export_edited(pipe, None, tmp_path / "old")  # an earlier export, which --overwrite may replace
     (old / "keep.txt").write_text("mine")
+    names = sorted(p.name for p in old.iterdir())
+    monkeypatch.setattr(pipe, "save_pretrained", broken_save)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export_projected(pipe, basis, old, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in old.iterdir()] == ["keep.txt"]
+        export_edited(pipe, basis, old, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and sorted(p.name for p in old.iterdir()) == names
+    assert (old / "keep.txt").read_text() == "mine"
     assert_same(pipe.unet, before)
     with pytest.raises(ExportError, match="Linear"):
-        export_projected(torch.nn.Linear(2, 2), basis, tmp_path / "linear")
+        export_edited(torch.nn.Linear(2, 2), basis, tmp_path / "linear")
 
 
 # -- transformers ------------------------------------------------------------------------------------------------------
@@ -363,14 +356,14 @@ def test_transformer_denoisers(fixture, make_inputs, request, tmp_path) -> None:
     before = snapshot(model)
     inputs = make_inputs(2, 5)
     with torch.no_grad():
-        with apply_projection(model, basis):
+        with basis.apply(model):
             expected = model(**inputs).sample
             edited = snapshot(model)
         plain = model(**inputs).sample
     assert_same(model, before)
     assert not torch.allclose(expected, plain)
 
-    out = export_projected(model, basis, tmp_path / "denoiser")
+    out = export_edited(model, basis, tmp_path / "denoiser")
     loaded = type(model).from_pretrained(str(out)).eval()
     assert_same(loaded, edited)
     with torch.no_grad():
@@ -379,9 +372,9 @@ def test_transformer_denoisers(fixture, make_inputs, request, tmp_path) -> None:
 
 
 # -- mask vs projection ------------------------------------------------------------------------------------------------
-def test_compare_with_mask_smoke(tiny_pipe, prompts, tmp_path) -> None:
-    from diffmem.attack import AttackConfig
-    from diffmem.evaluate import EvalConfig, evaluate, load_reference
+def test_mask_and_projection_evaluated_on_one_pipeline(tiny_pipe, prompts, tmp_path) -> None:
+    """Both edits, located from the same statistics, go through the same before/after evaluation."""
+    from diffmem.evaluation import EvalConfig, evaluate_edit
     from diffmem.score import get_scorer
 
     pipe = copy.deepcopy(tiny_pipe)
@@ -398,38 +391,28 @@ def test_compare_with_mask_smoke(tiny_pipe, prompts, tmp_path) -> None:
         ManifestEntry(prompts[3], False, 0, "nonmem", refs[3]),
     ]
     rcfg = RecordConfig(num_inference_steps=2, record_steps=2, height=16, width=16, signatures=True)
-    stats_a = record(pipe, [prompts[0]], rcfg, progress=False)
-    stats_b = record(pipe, [prompts[1]], rcfg, progress=False)
+    stats_mem = record(pipe, prompts[:2], rcfg, progress=False)
     stats_base = record(pipe, ["", prompts[4], prompts[5]], rcfg, progress=False)
-    stats_mem = copy.deepcopy(stats_a).merge_(stats_b)
-    mask = locate(pipe, stats_mem, stats_base, LocateConfig(ratio=0.05, steps=2))
-    call = {"num_inference_steps": 2, "height": 16, "width": 16}
-    ecfg = EvalConfig(num_seeds=2, call_kwargs=call)
+    mask = locate(pipe, stats_mem, stats_base, LocateConfig(ratio=0.05, record_steps=2))
+    basis = locate(pipe, stats_mem, stats_base, LocateConfig(method="directions", rank=1))
+    assert isinstance(mask, Mask) and isinstance(basis, DirectionBasis)
+    assert set(basis.layers) == set(mask.layers) and basis.ranks() == dict.fromkeys(mask.layers, 1)
+    ecfg = EvalConfig(num_seeds=2, call_kwargs={"num_inference_steps": 2, "height": 16, "width": 16})
     scorer = get_scorer("ssim")
-    before = evaluate(pipe, entries, ecfg, scorer, progress=False)
-    attack_entries = [e for e in entries if e.split != "locate"]
-    attack = (attack_entries, AttackConfig(num_generations=2, clique_size=2, threshold=0.5), scorer,
-              [load_reference(e.reference, (16, 16)) for e in attack_entries], None, call)
     weights_before = snapshot(pipe.unet)
 
-    result = compare_with_mask(pipe, stats_mem, stats_base, stats_a, stats_b, mask, entries, ecfg, scorer, before,
-                               attack=attack, out=tmp_path / "run", progress=False, ranks=(1, 2))
-    assert_same(pipe.unet, weights_before)
-    assert set(result) >= {"explained_variance", "ranks", "k", "sweep", "overlap_subsets", "comparison",
-                           "summary_after", "headline", "attack", "basis_path"}
-    assert result["k"] in (1, 2) and [r["k"] for r in result["sweep"]] == [1, 2]
-    assert all(r["locate_replication"] is not None for r in result["sweep"])
-    assert set(result["ranks"]) == set(mask.layers) and set(result["explained_variance"]) == set(mask.layers)
-    c = result["comparison"]
-    assert c["mask_parameters_changed"] == mask.num_masked()
-    assert c["projection_parameters_changed"] == result["headline"]["parameters_changed"] > 0
-    for key in ("mask_heldout_replication_after", "projection_heldout_replication_after",
-                "mask_nonmem_drift_similarity", "projection_nonmem_drift_similarity"):
-        assert isinstance(c[key], float), key
-    assert isinstance(c["projection_verified_extractions_after"], int)
-    assert 0.0 <= result["overlap_subsets"]["overall"] <= 1.0 + 1e-9
-    assert set(result["summary_after"]) >= {"locate", "heldout", "nonmem"}
-    loaded = DirectionBasis.load(result["basis_path"])
-    assert loaded.ranks() == result["ranks"]
-    assert (tmp_path / "run" / "attack_projection" / "attack.json").is_file()
-    json.dumps(result)  # the report is plain JSON
+    results = {}
+    for name, edit in (("mask", mask), ("projection", basis)):
+        results[name] = evaluate_edit(pipe, entries, ecfg, scorer, edit, progress=False)
+        assert_same(pipe.unet, weights_before)
+    (before_m, after_m), (before_p, after_p) = results["mask"], results["projection"]
+    np.testing.assert_array_equal(before_m.images, before_p.images)  # the same unedited baseline
+    assert before_m.rows == before_p.rows
+    for after in (after_m, after_p):
+        assert [r["prompt"] for r in after.rows] == [e.prompt for e in entries]
+        assert all({"drift_similarity", "pixel_drift", "replication_rate"} <= set(r) for r in after.rows)
+        assert set(after.summary()) >= {"locate", "heldout", "nonmem", "by_duplicates"}
+    assert not np.array_equal(after_m.images, after_p.images)
+    assert 0 < mask.num_params_changed() < basis.num_params_changed() == mask.num_total()
+    assert 0.0 <= subspace_overlap(basis, basis)["overall"] <= 1.0 + 1e-9
+    json.dumps([after_m.summary(), after_p.summary()])  # the summaries are plain JSON
