@@ -1,4 +1,4 @@
-"""Recording FFN activation statistics: hooks, CFG halves, early stop, batching, signatures."""
+"""Recording FFN activation statistics: hooks, CFG halves, early stop, batching, signatures, prompt embeddings."""
 
 from __future__ import annotations
 
@@ -277,3 +277,67 @@ def test_record_sd3_transformer_directly(tiny_sd3):
     assert stats.halves["cond"]["transformer_blocks.0.ff.net.2"].count.tolist() == [2 * 64]
     assert stats.halves["cond"]["transformer_blocks.0.ff_context.net.2"].count.tolist() == [2 * 5]
     assert stats.signatures["transformer_blocks.0.ff.net.2"].shape == (2, 64)
+
+
+# -- precomputed conditionings --------------------------------------------------------------------------------------
+
+
+def encode(pipe, prompts: list[str]) -> torch.Tensor:
+    """``[P, L, D]`` text-encoder outputs of the prompts, as the pipeline computes them."""
+    with torch.no_grad():
+        return pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+
+
+def test_prompt_embeds_record_like_the_prompts_that_made_them(tiny_pipe, prompts):
+    config = small_config(batch_size=2, num_seeds=2, signatures=True)
+    embeds = encode(tiny_pipe, prompts[:3])
+    from_prompts = record(tiny_pipe, prompts[:3], config, progress=False)
+    from_embeds = record(tiny_pipe, config=config, prompt_embeds=embeds, progress=False)
+    assert_stats_close(from_embeds, from_prompts)
+    for name in from_prompts.layers:
+        torch.testing.assert_close(from_embeds.signatures[name], from_prompts.signatures[name], rtol=1e-4, atol=1e-6)
+    assert "step" not in vars(tiny_pipe.scheduler)
+
+    meta = from_embeds.meta
+    assert meta["conditioning"] == "prompt_embeds" and meta["num_prompts"] == 3
+    assert len(meta["prompts_sha256"]) == 64 and meta["prompts_sha256"] != from_prompts.meta["prompts_sha256"]
+    # the hash is the tensor's, and batching changes nothing
+    again = record(tiny_pipe, None, dataclasses.replace(config, batch_size=8), prompt_embeds=embeds.clone(),
+                   progress=False)
+    assert again.meta["prompts_sha256"] == meta["prompts_sha256"]
+    assert_stats_close(again, from_embeds)
+    nudged = embeds.clone()
+    nudged[0, 0, 0] += 1e-3
+    assert record(tiny_pipe, config=small_config(record_steps=1), prompt_embeds=nudged, progress=False).meta[
+        "prompts_sha256"
+    ] != meta["prompts_sha256"]
+
+
+def test_negative_prompt_embeds_replace_the_negative_prompt(tiny_pipe, prompts):
+    config = small_config()
+    expected = record(tiny_pipe, prompts[:2], dataclasses.replace(config, negative_prompt="a blue dog"), progress=False)
+    embeds, negative = encode(tiny_pipe, prompts[:2]), encode(tiny_pipe, ["a blue dog"])
+    shared = record(tiny_pipe, config=config, prompt_embeds=embeds, negative_prompt_embeds=negative, progress=False)
+    per_prompt = record(tiny_pipe, config=dataclasses.replace(config, batch_size=1), prompt_embeds=embeds,
+                        negative_prompt_embeds=negative.expand(2, -1, -1), progress=False)
+    assert_stats_close(shared, expected)
+    assert_stats_close(per_prompt, expected)
+    assert len(shared.meta["negative_prompt_embeds_sha256"]) == 64
+
+
+def test_conditioning_arguments_are_checked(tiny_pipe, prompts):
+    config = small_config()
+    embeds = encode(tiny_pipe, prompts[:3])
+    with pytest.raises(ValueError, match="exactly one of prompts or prompt_embeds"):
+        record(tiny_pipe, prompts[:3], config, prompt_embeds=embeds, progress=False)
+    with pytest.raises(ValueError, match="exactly one of prompts or prompt_embeds"):
+        record(tiny_pipe, config=config, progress=False)
+    with pytest.raises(ValueError, match=r"\[P, L, D\] tensor with P >= 1, got \(77, 32\)"):
+        record(tiny_pipe, config=config, prompt_embeds=embeds[0], progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        record(tiny_pipe, config=dataclasses.replace(config, negative_prompt="a cat"), prompt_embeds=embeds,
+               negative_prompt_embeds=embeds, progress=False)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds must be a \[1 or 3, L, D\] tensor"):
+        record(tiny_pipe, config=config, prompt_embeds=embeds, negative_prompt_embeds=embeds[:2], progress=False)
+    with pytest.raises(TypeError, match="needs a RecordConfig"):
+        record(tiny_pipe, prompts[:1])
