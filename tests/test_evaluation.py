@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from diffmem.data import ManifestEntry
-from diffmem.evaluate import EvalConfig, edit_context, evaluate, evaluate_edit
-from diffmem.locate import Mask
+from diffmem.edits import apply_edit, export_edited
+from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
+from diffmem.masks import Mask
 from diffmem.score import get_scorer
 from diffmem.targets import find_targets
 
@@ -52,7 +53,10 @@ def test_edit_changes_images_and_is_reversible(fresh_tiny_pipe, prompts, tmp_pat
 def test_no_edit_means_no_drift(tiny_pipe, prompts, tmp_path):
     entries = _entries(tmp_path, prompts[:2])
     cfg = EvalConfig(num_seeds=2, call_kwargs=CALL)
-    before, after = evaluate_edit(tiny_pipe, entries, cfg, get_scorer("ssim"), None, progress=False)
+    scorer = get_scorer("ssim")
+    before, none = evaluate_edit(tiny_pipe, entries, cfg, scorer, None, progress=False)
+    assert none is None  # without an edit there is no "after"
+    after = evaluate(tiny_pipe, entries, cfg, scorer, baseline=before, progress=False)  # a second, unedited run
     np.testing.assert_array_equal(before.images, after.images)
     assert all(r["pixel_drift"] == 0 and r["drift_similarity"] > 0.999 for r in after.rows)
 
@@ -60,12 +64,10 @@ def test_no_edit_means_no_drift(tiny_pipe, prompts, tmp_path):
 def test_pruned_export_gives_the_same_numbers_as_the_reversible_mask(fresh_tiny_pipe, prompts, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.prune import export_pruned
-
     pipe = fresh_tiny_pipe
     entries = _entries(tmp_path, prompts[:3])
     mask = _random_mask(pipe, seed=1)
-    out = export_pruned(pipe, mask, tmp_path / "pruned")
+    out = export_edited(pipe, mask, tmp_path / "pruned")
     exported = StableDiffusionPipeline.from_pretrained(out)
     exported.set_progress_bar_config(disable=True)
     cfg = EvalConfig(num_seeds=2, call_kwargs=CALL)
@@ -91,16 +93,26 @@ def test_embedding_scorer_path(tiny_pipe, prompts, tmp_path):
     entries = _entries(tmp_path, prompts[:2])
     res = evaluate(tiny_pipe, entries, EvalConfig(num_seeds=3, call_kwargs=CALL), scorer, progress=False)
     assert res.embeddings.shape[:2] == (2, 3)
-    from diffmem.evaluate import load_reference
+    from diffmem.data import load_reference
 
     direct = scorer.similarity(list(res.images[0]), [load_reference(entries[0].reference)]).numpy()[:, 0]
     assert res.rows[0]["max_similarity"] == pytest.approx(float(direct.max()), abs=1e-5)
     assert "replication_rate_strict" in res.rows[0]
 
 
-def test_edit_context_rejects_unknown_edits(tiny_pipe):
+def test_apply_edit_rejects_unknown_edits(tiny_pipe, prompts, tmp_path):
     import pytest
 
     with pytest.raises(TypeError, match="unsupported edit"):
-        with edit_context(tiny_pipe, object()):
+        with apply_edit(tiny_pipe, object()):
             pass
+    with pytest.raises(ValueError, match="entries is empty"):
+        evaluate_edit(tiny_pipe, [], EvalConfig(num_seeds=1, call_kwargs=CALL), get_scorer("ssim"), None)
+
+
+def test_config_rejects_bad_values():
+    import pytest
+
+    for field, value in (("num_seeds", 0), ("batch_size", 0), ("strict_threshold", 1.5)):
+        with pytest.raises(ValueError, match=f"^{field}="):
+            EvalConfig(**{field: value})
