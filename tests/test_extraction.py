@@ -1,4 +1,4 @@
-"""Tests of the generate-and-filter extraction attack (diffmem.attack)."""
+"""Tests of the generate-and-filter extraction attack (diffmem.extraction)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmem.attack import (
+from diffmem.errors import DiffmemError
+from diffmem.extraction import (
     EXTRACTIONS_DIR,
     EXTRACTIONS_INDEX,
     AttackConfig,
-    calibrate_threshold,
     clique_strength,
     extraction_attack,
     extraction_attack_images,
     find_clique,
 )
-from diffmem.errors import DiffmemError
+from diffmem.metrics import threshold_at_false_flag_rate
 from diffmem.score import get_scorer
 
 PLANTED = [1, 4, 7, 10, 13]
@@ -76,22 +76,18 @@ def test_find_clique_exact():
     assert find_clique(sim, 0.99, 2) is None
 
 
-def test_calibrate_threshold_hand_computed():
-    strengths = [0.1, 0.9, 0.5, 0.3]
-    t, rate = calibrate_threshold(strengths, 0.0)  # k = 0: just above the largest
-    assert t == np.nextafter(0.9, np.inf) and rate == 0.0
-    t, rate = calibrate_threshold(strengths, 0.25)  # k = floor(0.25 * 4) = 1: just above the 2nd largest
-    assert t == np.nextafter(0.5, np.inf) and rate == 0.25
-    t, rate = calibrate_threshold(strengths, 0.3)  # floor(1.2) = 1 as well
-    assert t == np.nextafter(0.5, np.inf) and rate == 0.25
-    t, rate = calibrate_threshold([0.9, 0.9, 0.5, 0.3], 0.25)  # a tie at the order statistic flags none
-    assert t == np.nextafter(0.9, np.inf) and rate == 0.0
-    t, rate = calibrate_threshold([0.8, 0.1, 0.7, 0.6, 0.2, 0.3, 0.4, 0.5], 0.25)  # k = 2: above the 3rd largest
-    assert t == np.nextafter(0.6, np.inf) and rate == 0.25
-    with pytest.raises(ValueError, match="false_flag_rate"):
-        calibrate_threshold(strengths, 1.0)
-    with pytest.raises(ValueError, match="empty"):
-        calibrate_threshold([], 0.1)
+def test_calibration_is_the_false_flag_rate_threshold_of_the_strengths(ssim):
+    # The hand-counted cases of the threshold itself are in test_metrics.py; here the attack must use it on the
+    # clique strengths of the calibration prompts.
+    rng = np.random.default_rng(2)
+    calibration = rng.integers(0, 256, size=(5, 4, 16, 16, 3), dtype=np.uint8)
+    config = AttackConfig(num_generations=4, clique_size=3, false_flag_rate=0.2)
+    result = extraction_attack_images(calibration[:1], ["A"], config, ssim, calibration_images=calibration,
+                                      progress=False)
+    strengths = [clique_strength(ssim.similarity(list(imgs), list(imgs)).numpy(), 3) for imgs in calibration]
+    threshold, achieved = threshold_at_false_flag_rate(strengths, 0.2)
+    assert result.threshold == threshold and result.calibration["false_flag_rate_achieved"] == achieved == 0.2
+    assert result.calibration["strengths"] == pytest.approx(strengths)
 
 
 @pytest.mark.parametrize(
