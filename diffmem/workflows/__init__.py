@@ -1,0 +1,1 @@
+"""Workflows built on the diffmem library: the demo, the audit, mitigation and the HTML report."""
