@@ -33,6 +33,7 @@ __all__ = [
     "distributed_state",
     "is_main_process",
     "shard_map",
+    "shard_bounds",
     "gather_all",
     "run_everywhere",
     "reduce_stats",
@@ -123,6 +124,26 @@ def run_everywhere(fn: Callable[[], Any], state) -> Any:
         if message is not None:
             raise DiffmemError(f"process {rank} failed: {message}")
     return result
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous shard of ``n`` items for one process; shard sizes differ by at most one, larger shards first.
+
+    This is the split of ``PartialState.split_between_processes``, for callers that need the bounds themselves.
+
+    Args:
+        n: Number of items.
+        rank: Index of the process, in ``[0, world)``.
+        world: Number of processes.
+
+    Returns:
+        ``(start, stop)``; empty (``start == stop``) for the last ranks when ``n < world``.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank!r} is invalid for world={world!r}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def shard_map(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:

@@ -20,7 +20,15 @@ from typing import Any
 
 from .errors import DiffmemError
 from .files import atomic_write_text
-from .parallel import distributed_state, gather_all, is_main_process, place, reduce_stats, run_everywhere
+from .parallel import (
+    distributed_state,
+    gather_all,
+    is_main_process,
+    place,
+    reduce_stats,
+    run_everywhere,
+    shard_bounds,
+)
 from .stats import ActivationStats, prompts_sha256, stats_paths
 
 logger = logging.getLogger(__name__)
@@ -188,8 +196,11 @@ def record_resumable(pipe, prompts: Sequence[str], config, *, partial: str | os.
                 run_everywhere(lambda: _save_checkpoint(folder, key, gathered, len(prompts))
                                if state.is_main_process else None, state)
 
+    # what the recorder saw of the model, from the first process that recorded anything (a process without
+    # prompts has no such metadata, and every process must return the same statistics)
+    own = {} if stats is None else {k: stats.meta.get(k) for k in ("model_id", "denoiser")}
+    recorded = next((m for m in gather_all(own, state) if m), {})
     stats = reduce_stats(stats, state)
-    recorded = stats.meta
     stats.meta = {
         "model_id": model_id or recorded.get("model_id"),
         "denoiser": recorded.get("denoiser"),
