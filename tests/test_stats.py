@@ -11,7 +11,16 @@ import torch
 from diffmem.config import RecordConfig
 from diffmem.errors import DiffmemError
 from diffmem.hooks import record
-from diffmem.stats import ActivationStats, LayerStats, prompts_sha256, row_moments, stats_paths
+from diffmem.files import pair_paths
+from diffmem.stats import (
+    ActivationStats,
+    LayerStats,
+    check_same_layers,
+    prompts_sha256,
+    provenance,
+    row_moments,
+    stats_paths,
+)
 
 
 def small_config(**overrides) -> RecordConfig:
@@ -108,6 +117,38 @@ def test_stats_paths():
     assert stats_paths("out/x") == stats_paths("out/x.safetensors") == stats_paths("out/x.json")
     tensor_path, json_path = stats_paths("out/x.v1")
     assert tensor_path.name == "x.v1.safetensors" and json_path.name == "x.v1.json"
+    assert stats_paths("out/x.v1") == pair_paths("out/x.v1")  # the same pairing as every edit file
+
+
+def test_check_same_layers_names_the_first_difference():
+    a = ActivationStats({"x": (2, 4), "y": (2, 3)}, steps=1)
+    check_same_layers(a, ActivationStats({"x": (2, 4), "y": (2, 3)}, steps=3))  # steps may differ
+    with pytest.raises(DiffmemError, match=r"^layer 'y' has shape \(2, 3\) in the memorized statistics but \(2, 5\)"):
+        check_same_layers(a, ActivationStats({"x": (2, 4), "y": (2, 5)}, steps=1))
+    with pytest.raises(DiffmemError, match="^layer 'y' of the memorized statistics is missing from the base"):
+        check_same_layers(a, ActivationStats({"x": (2, 4)}, steps=1))
+    with pytest.raises(DiffmemError, match="^layer 'z' of the base statistics is missing from the memorized"):
+        check_same_layers(a, ActivationStats({"x": (2, 4), "y": (2, 3), "z": (1, 1)}, steps=1))
+
+
+def test_provenance_of_a_located_edit():
+    import diffmem
+    from diffmem.config import LocateConfig
+
+    mem = ActivationStats({"x": (2, 4)}, 1, meta={"model_id": "toy/model", "prompts_sha256": "aaa", "num_prompts": 2,
+                                                   "denoiser": "UNet2DConditionModel"})
+    base = ActivationStats({"x": (2, 4)}, 1, meta={"prompts_sha256": "bbb", "num_prompts": 5})
+    config = LocateConfig(ratio=0.5)
+    meta = provenance("wanda", config, mem, base)
+    assert meta == {
+        "method": "wanda",
+        "config": config.to_dict(),
+        "stats_mem": {"prompts_sha256": "aaa", "num_prompts": 2, "model_id": "toy/model"},
+        "stats_base": {"prompts_sha256": "bbb", "num_prompts": 5},
+        "diffmem_version": diffmem.__version__,
+        "model_id": "toy/model",
+    }
+    assert "model_id" not in provenance("wanda", config, base, mem)
 
 
 def test_load_errors(tmp_path, two_layer_stats):

@@ -8,7 +8,7 @@ from torch import nn
 
 from diffmem.errors import ModelLoadError, TargetNotFoundError
 from diffmem.pipelines import load_pipeline, looks_like_path
-from diffmem.targets import find_targets, get_denoiser, is_regex
+from diffmem.targets import find_targets, get_denoiser, is_regex, model_source
 
 TINY_FFN = [
     "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
@@ -128,6 +128,14 @@ def test_get_denoiser(tiny_pipe, tiny_pixart):
     assert get_denoiser(tiny_pixart) is tiny_pixart
     with pytest.raises(TypeError):
         get_denoiser(object())
+
+
+def test_model_source_is_where_the_model_was_loaded_from(tiny_pipe, tmp_path):
+    assert model_source(tiny_pipe) is None  # built in memory
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = load_pipeline(tmp_path / "pipe")
+    assert model_source(pipe) == str(tmp_path / "pipe")
+    assert model_source(pipe.unet) == str(tmp_path / "pipe" / "unet")  # a bare denoiser names its own folder
 
 
 # -- load_pipeline ------------------------------------------------------------------------------------------------
