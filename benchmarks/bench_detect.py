@@ -2,7 +2,7 @@
 
 Both detectors score every prompt of the model's manifest (``memorized`` true vs false) without training data:
 
-* **noise norm** (Wen et al. 2024, :func:`diffmem.detect.noise_norm_scores`): ``||pred(x_T, c) - pred(x_T, "")||``
+* **noise norm** (Wen et al. 2024, :func:`diffmem.detection.noise_norm_scores`): ``||pred(x_T, c) - pred(x_T, "")||``
   at the first sampling step (``k = 1``), averaged over ``n`` seeds. One denoiser call per prompt.
 * **generate + SSCD**: ``n`` full generations per prompt at the model's sampler defaults (all steps and the VAE
   decode), each embedded with SSCD; the score is the mean pairwise cosine similarity of the ``n`` embeddings
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from diffmem.data import read_manifest
-    from diffmem.detect import DetectConfig, noise_norm_scores
+    from diffmem.detection import DetectConfig, noise_norm_scores
     from diffmem.metrics import roc_auc
     from diffmem.pipelines import load_pipeline
     from diffmem.sampling import generate_images
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "height": defaults.get("height"),
         "width": defaults.get("width"),
     }
-    detect_config = DetectConfig(steps=1, num_seeds=args.seeds, seed=args.seed, batch_size=args.chunk, **call)
+    detect_config = DetectConfig(score_steps=1, num_seeds=args.seeds, seed=args.seed, batch_size=args.chunk, **call)
     logger.info(
         "%d memorized + %d non-memorized prompts, %d seeds, sampler %s, scorer %s, torch threads %d",
         memorized, nonmem, args.seeds, call, args.scorer, torch.get_num_threads(),

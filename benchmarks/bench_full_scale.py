@@ -3,8 +3,8 @@
 For each architecture (the published configs of ``tests/test_full_scale.py``): materialise the denoiser with seeded
 random fp32 weights, time a bare forward against a recorded one (side by side, interleaved), record a memorized
 and a base prompt set for a few steps at a small latent size (classifier-free guidance, seeded random text
-embeddings standing in for prompts), locate a Wanda mask, check ``apply_mask``, export the denoiser with
-``export_pruned``, free it, reload the export with a plain ``from_pretrained`` and check that exactly the masked
+embeddings standing in for prompts), locate a Wanda mask, check ``mask.apply``, export the denoiser with
+``export_edited``, free it, reload the export with a plain ``from_pretrained`` and check that exactly the masked
 weights are zero. Each architecture runs in its own process (unless ``--in-process``) so that only one
 full-size model is in memory at a time and its peak memory is reported on its own.
 
@@ -48,9 +48,9 @@ from test_full_scale import (  # noqa: E402  (the configs live with their tests)
 )
 
 from diffmem.config import LocateConfig, RecordConfig  # noqa: E402
+from diffmem.edits import MANIFEST_NAME, export_edited  # noqa: E402
 from diffmem.hooks import ActivationRecorder  # noqa: E402
-from diffmem.locate import locate  # noqa: E402
-from diffmem.prune import MANIFEST_NAME, export_pruned  # noqa: E402
+from diffmem.localization import locate  # noqa: E402
 from diffmem.targets import find_targets  # noqa: E402
 
 MEM_SEEDS = [0, 1]
@@ -146,7 +146,7 @@ def run_arch(arch: FullScaleArch, args: argparse.Namespace, workdir: Path) -> No
     stats_base = record_bare(model, arch, BASE_SEEDS, steps=args.steps, latent=args.latent, text_len=args.text_len)
     record_s = time.perf_counter() - t0
 
-    config = LocateConfig(method="wanda", ratio=args.ratio, steps=args.steps)
+    config = LocateConfig(method="wanda", ratio=args.ratio, record_steps=args.steps)
     t0 = time.perf_counter()
     mask = locate(model, stats_mem, stats_base, config)
     locate_s = time.perf_counter() - t0
@@ -163,11 +163,11 @@ def run_arch(arch: FullScaleArch, args: argparse.Namespace, workdir: Path) -> No
         return
     out = workdir / key
     t0 = time.perf_counter()
-    export_pruned(model, mask, out)
+    export_edited(model, mask, out)
     export_s = time.perf_counter() - t0
     export_gb = sum(f.stat().st_size for f in out.iterdir()) / 1e9
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["num_zeroed"] == mask.num_masked()
+    assert manifest["edit"]["num_params_changed"] == mask.num_masked()
     cls = arch.model_class
     del model, targets
     gc.collect()

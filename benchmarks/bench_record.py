@@ -397,7 +397,8 @@ def locate_speedup(
     """
     from diffmem.config import LocateConfig, RecordConfig
     from diffmem.hooks import record
-    from diffmem.locate import Mask, locate, mask_iou
+    from diffmem.localization import locate
+    from diffmem.masks import Mask, mask_iou
 
     kwargs = model.call_kwargs(steps)
     rcfg = RecordConfig(
@@ -422,7 +423,7 @@ def locate_speedup(
     def diffmem_side() -> None:
         stats_mem = record(model.pipe, model.memorized, rcfg, progress=False, pipe_kwargs=pipe_kwargs)
         stats_base = record(model.pipe, model.base, rcfg, progress=False, pipe_kwargs=pipe_kwargs)
-        results["both"] = locate(model.pipe, stats_mem, stats_base, LocateConfig(ratio=ratio, steps=tau, half="both"))
+        results["both"] = locate(model.pipe, stats_mem, stats_base, LocateConfig(ratio=ratio, record_steps=tau, half="both"))
         results["stats"] = (stats_mem, stats_base)
 
     logger.info(
@@ -433,7 +434,7 @@ def locate_speedup(
     with torch.no_grad():
         t_ref, t_dm = interleaved("reference", reference, "diffmem", diffmem_side, repeats, progress)
     stats_mem, stats_base = results["stats"]
-    cond_mask = locate(model.pipe, stats_mem, stats_base, LocateConfig(ratio=ratio, steps=tau, half="cond"))
+    cond_mask = locate(model.pipe, stats_mem, stats_base, LocateConfig(ratio=ratio, record_steps=tau, half="cond"))
     reference_mask: Mask = results["reference"]
     iou_both = mask_iou(reference_mask, results["both"])["overall"]
     iou_cond = mask_iou(reference_mask, cond_mask)["overall"]

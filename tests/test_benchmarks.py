@@ -117,7 +117,7 @@ def test_reference_wanda_mask_matches_diffmem_selection() -> None:
     import torch
 
     from diffmem.config import LocateConfig
-    from diffmem.locate import select_wanda
+    from diffmem.localization import select_wanda
     from diffmem.stats import ActivationStats, LayerStats
 
     bench = load_script("bench_record")
@@ -133,6 +133,6 @@ def test_reference_wanda_mask_matches_diffmem_selection() -> None:
         return ActivationStats({"ff.net.2": (out_f, in_f)}, tau, halves={"cond": {"ff.net.2": layer}})
 
     ref = bench.reference_wanda_mask(weights, {"ff.net.2": act["mem"]}, {"ff.net.2": act["base"]}, 0.05, tau)
-    mask = select_wanda(stats(act["mem"]), stats(act["base"]), weights, LocateConfig(ratio=0.05, steps=tau))
+    mask = select_wanda(stats(act["mem"]), stats(act["base"]), weights, LocateConfig(ratio=0.05, record_steps=tau))
     assert torch.equal(ref["ff.net.2"], mask.layers["ff.net.2"])
     assert int(ref["ff.net.2"].sum()) > 0

@@ -28,9 +28,10 @@ from test_targets import SD15_UNET_CONFIG
 from torch import Tensor, nn
 
 from diffmem.config import LocateConfig, RecordConfig
+from diffmem.edits import MANIFEST_NAME, export_edited
 from diffmem.hooks import ActivationRecorder, record
-from diffmem.locate import Mask, locate
-from diffmem.prune import MANIFEST_NAME, apply_mask, export_pruned
+from diffmem.localization import locate
+from diffmem.masks import Mask
 from diffmem.stats import ActivationStats
 from diffmem.targets import find_targets
 
@@ -368,7 +369,7 @@ def pruned_digests(model: nn.Module, mask: Mask) -> dict[str, str]:
 
 
 def check_apply_mask(model: nn.Module, mask: Mask) -> dict[str, str]:
-    """Inside ``apply_mask`` exactly the masked weights are zero; on exit every target weight is restored bit for bit.
+    """Inside ``mask.apply`` exactly the masked weights are zero; on exit every target weight is restored bit for bit.
 
     Returns:
         :func:`pruned_digests` of the model, to check an export against.
@@ -376,7 +377,7 @@ def check_apply_mask(model: nn.Module, mask: Mask) -> dict[str, str]:
     targets = find_targets(model)
     before = {name: digest(targets[name].weight) for name in mask.layers}
     expected = pruned_digests(model, mask)
-    with apply_mask(model, mask) as applied:
+    with mask.apply(model) as applied:
         assert applied is model
         for name, m in mask.layers.items():
             assert not targets[name].weight[m].any(), name
@@ -519,18 +520,18 @@ def test_sd15_full_unet_record_locate_prune_export(tmp_path: Path, prompts: list
         for half in ("uncond", "cond"):
             assert stats_mem.halves[half][name].count.tolist() == [2 * tokens] * 2, name
 
-    mask = locate(pipe, stats_mem, stats_base, LocateConfig(method="wanda", ratio=0.01, steps=2))
+    mask = locate(pipe, stats_mem, stats_base, LocateConfig(method="wanda", ratio=0.01, record_steps=2))
     check_mask(mask, stats_mem, ratio=0.01, steps=2)
     expected = check_apply_mask(pipe.unet, mask)
 
     conv_in = pipe.unet.conv_in.weight.clone()
     out = tmp_path / "unet"
     try:
-        export_pruned(pipe.unet, mask, out)
+        export_edited(pipe.unet, mask, out)
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         assert manifest["component"] == "UNet2DConditionModel"
-        assert manifest["num_zeroed"] == mask.num_masked()
-        assert manifest["num_ffn_weights"] == mask.num_total()
+        assert manifest["edit"]["num_params_changed"] == mask.num_masked()
+        assert manifest["edit"]["num_total"] == mask.num_total()
         del pipe  # one full-size UNet in memory at a time
         gc.collect()
         reloaded = UNet2DConditionModel.from_pretrained(out)
@@ -553,6 +554,6 @@ def test_pixart_full_transformer_record_locate_apply() -> None:
         first = stats_mem.halves[half]["transformer_blocks.0.ff.net.2"]
         assert first.count.tolist() == [2 * 16, 2 * 16]  # (8 / patch 2)^2 tokens for each of 2 prompts
 
-    mask = locate(model, stats_mem, stats_base, LocateConfig(method="wanda", ratio=0.01, steps=2))
+    mask = locate(model, stats_mem, stats_base, LocateConfig(method="wanda", ratio=0.01, record_steps=2))
     check_mask(mask, stats_mem, ratio=0.01, steps=2)
     check_apply_mask(model, mask)

@@ -81,7 +81,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     """
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.detect import DetectConfig, noise_norm_scores
+    from diffmem.detection import DetectConfig, noise_norm_scores
     from diffmem.metrics import roc_auc, tpr_at_fpr
 
     model = Path(model)
@@ -150,7 +150,8 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     min_high = min(ds_cfg["duplicates"])
     mem_prompts = [e["prompt"] for e in per_prompt if e["memorized"]]
     non_prompts = [e["prompt"] for e in per_prompt if not e["memorized"]]
-    dcfg = DetectConfig(steps=1, num_seeds=detect_seeds, num_inference_steps=defaults.get("num_inference_steps", 50),
+    dcfg = DetectConfig(score_steps=1, num_seeds=detect_seeds,
+                        num_inference_steps=defaults.get("num_inference_steps", 50),
                         guidance_scale=defaults.get("guidance_scale", 7.5), height=defaults.get("height"),
                         width=defaults.get("width"))
     scores = noise_norm_scores(pipe, mem_prompts + non_prompts, dcfg, progress=progress)
