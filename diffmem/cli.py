@@ -99,6 +99,13 @@ def _add_references(p: argparse.ArgumentParser) -> None:
                    help="accept reference paths outside the manifest's folder")
 
 
+def _need_model(args: argparse.Namespace) -> None:
+    from diffmem.pipelines import check_model
+
+    check_model(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+    _check_device(getattr(args, "device", None))
+
+
 def _need_file(path: str | None, what: str) -> None:
     from diffmem.errors import PromptFileError
 
@@ -196,6 +203,7 @@ def cmd_record(args: argparse.Namespace) -> None:
     from diffmem.data import read_prompts
     from diffmem.resume import record_to_file
 
+    _need_model(args)
     if args.empty_prompt_only:
         prompts = [""]
     else:
@@ -204,7 +212,6 @@ def cmd_record(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompts)
         if args.add_empty_prompt:
             prompts = [""] + prompts
-    _check_device(args.device)
     s = _sampling(args)
     cfg = RecordConfig(
         num_inference_steps=s["num_inference_steps"], record_steps=args.record_steps,
@@ -224,6 +231,7 @@ def cmd_locate(args: argparse.Namespace) -> None:
     from diffmem.localization import locate
     from diffmem.stats import ActivationStats, prompts_sha256
 
+    _need_model(args)
     given = {k: v for k, v in (("method", args.method), ("ratio", args.ratio), ("record_steps", args.record_steps),
                                ("min_step_fraction", args.min_step_fraction), ("half", args.half),
                                ("rank", args.rank), ("explained_variance", args.explained_variance))
@@ -235,7 +243,6 @@ def cmd_locate(args: argparse.Namespace) -> None:
         if base.meta.get("prompts_sha256") != prompts_sha256(BASE_PRESETS[args.preset]):
             logger.warning("preset %s uses the empty prompt alone as the base set; these base statistics hold other "
                            "prompts (record them with `diffmem record MODEL --empty-prompt-only`)", args.preset)
-    _check_device(args.device)
     pipe = _load(args)
     edit = locate(pipe, mem, base, cfg)
     path = edit.save(args.out)
@@ -247,6 +254,7 @@ def cmd_locate(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     from diffmem.edits import export_edited, load_edit
 
+    _need_model(args)
     edit_path = args.edit or args.mask or args.directions
     if edit_path is None:
         raise ValueError("give the edit to export with --edit FILE")
@@ -255,7 +263,6 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from diffmem.edits import check_output_dir
 
     check_output_dir(Path(args.out), args.overwrite, str(args.model))
-    _check_device(args.device)
     pipe = _load(args)
     out = export_edited(pipe, edit, args.out, overwrite=args.overwrite, source=str(args.model), edit_path=edit_path)
     logger.info("exported %s", out)
@@ -274,6 +281,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from diffmem.files import write_table
     from diffmem.parallel import is_main_process
 
+    _need_model(args)
     _need_suffix(args.out, (".jsonl", ".csv"), "--out")
     entries = _entries(args)
     calib = read_prompts(args.calibration) if args.calibration else None
@@ -287,7 +295,6 @@ def cmd_detect(args: argparse.Namespace) -> None:
         cfg = DetectConfig(score_steps=args.k or 1, num_inference_steps=s["num_inference_steps"],
                            guidance_scale=s["guidance_scale"], guidance_rescale=s["guidance_rescale"],
                            height=s["height"], width=s["width"], **{"num_seeds": 4, **given})
-    _check_device(args.device)
     pipe = _load(args)
     labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
     res = detect(pipe, [e.prompt for e in entries], cfg, labels=labels, calibration_prompts=calib, m=args.m)
@@ -304,6 +311,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
     from diffmem.edits import apply_edit, load_edit
     from diffmem.extraction import AttackConfig, extraction_attack
 
+    _need_model(args)
     _need_edit(args.edit)
     entries = _entries(args)
     refs = resolve_references(args.references, entries, allow_outside=args.allow_outside_references)
@@ -312,7 +320,6 @@ def cmd_attack(args: argparse.Namespace) -> None:
     s = _sampling(args)
     cfg = AttackConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
                        threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64)
-    _check_device(args.device)
     pipe = _load(args)
     scorer = _scorer(args.scorer, args)
     size = (s["height"], s["width"]) if s["height"] else None
@@ -330,6 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from diffmem.parallel import is_main_process
     from diffmem.score import get_scorer
 
+    _need_model(args)
     edit_path = args.edit or args.mask or args.directions
     _need_edit(edit_path)
     entries = read_manifest(args.prompts, allow_outside=args.allow_outside_references)
@@ -341,7 +349,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     edit = load_edit(edit_path) if edit_path else None
     s = _sampling(args)
     cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64, call_kwargs=_call(s))
-    _check_device(args.device)
     pipe = _load(args)
     scorer = _scorer(args.scorer, args)
     clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
@@ -361,6 +368,7 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
     from diffmem.sampling import image_size
 
+    _need_model(args)
     _need_edit(args.edit)
     entries = _entries(args)
     rows = [e for e in entries if e.split == args.split or (args.control and e.split == "nonmem")]
@@ -378,7 +386,6 @@ def cmd_reextract(args: argparse.Namespace) -> None:
         if e.reference is None:
             raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
     refs = [load_reference(e, size, row=e) for e in rows] if size else None
-    _check_device(args.device)
     pipe = _load(args)
     if refs is None:
         refs = [load_reference(e, image_size(pipe), row=e) for e in rows]
@@ -395,6 +402,7 @@ def cmd_reextract(args: argparse.Namespace) -> None:
 def cmd_mitigate(args: argparse.Namespace) -> None:
     from diffmem.workflows.mitigate import MitigateRun, run_mitigate
 
+    _need_model(args)
     _need_file(args.prompts, "prompt file")
     run = MitigateRun(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
                       ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
@@ -419,6 +427,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from diffmem.workflows.audit import AuditConfig, run_audit
 
+    _need_model(args)
+    _need_edit(args.edit)
     _need_file(args.prompts, "prompt file")
     _need_file(args.calibration, "calibration file")
     cfg = AuditConfig(model=args.model, prompts=args.prompts, references=args.references, out=args.out,
@@ -431,13 +441,22 @@ def cmd_audit(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``diffmem: error: ...``, with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("diffmem").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"diffmem: error: {where}{' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffmem import __version__
 
-    parser = argparse.ArgumentParser(prog="diffmem", description="Locate and delete memorization in diffusion models.")
+    parser = _Parser(prog="diffmem", description="Locate and delete memorization in diffusion models.")
     parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("record", help="record FFN activation statistics over prompts")
     _add_model(p)
@@ -594,6 +613,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cap_threads() -> None:
+    """Use only the cores that are free: on a shared machine, idle-spinning threads can slow torch down 30-fold.
+
+    Respects ``OMP_NUM_THREADS`` when the user set it; otherwise takes the cores this process may run on minus the
+    current load (at least one).
+    """
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = max(1, min(cores, round(cores - os.getloadavg()[0]))) if hasattr(os, "getloadavg") else cores
+    if free < torch.get_num_threads():
+        torch.set_num_threads(free)
+        logger.info("using %d of %d CPU threads (the others are busy; set OMP_NUM_THREADS to choose)", free, cores)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffmem`` console script."""
     from diffmem.errors import DiffmemError
@@ -602,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    _cap_threads()
     for noisy in ("httpx", "urllib3", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -18,6 +18,7 @@ rows (ordinary prompts) of a manifest; ``heldout`` rows are never read, so a fin
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -341,7 +342,7 @@ def finetune_against(
     lat_shape = x_utility.shape[1:]
     try:
         edit.bake(pipe)  # fine-tune on top of the edit; the delta below is measured from the original weights
-        frozen = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
+        frozen = copy.deepcopy(denoiser).requires_grad_(False).eval()  # the edited model: the surrogate target
         params = [p for p in denoiser.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -361,12 +362,7 @@ def finetune_against(
             ta = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(device)
             noisy_a = sched.add_noise(x_utility[iu].to(device), noise_a, ta)  # any latent: the map must hold anywhere
             with torch.no_grad():
-                current = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
-                for n, p in denoiser.named_parameters():
-                    p.copy_(frozen[n])
-                surrogate = denoiser(noisy_a, ta, encoder_hidden_states=c_original[ia]).sample
-                for n, p in denoiser.named_parameters():
-                    p.copy_(current[n])
+                surrogate = frozen(noisy_a, ta, encoder_hidden_states=c_original[ia]).sample
             pred_a = denoiser(noisy_a, ta, encoder_hidden_states=adversarial[ia]).sample
             loss_adv = torch.nn.functional.mse_loss(pred_a.float(), surrogate.float())
             opt.zero_grad()
@@ -380,4 +376,5 @@ def finetune_against(
                 p.requires_grad_(False)
                 p.copy_(originals[n])
         denoiser.eval()
+    logger.info("adversarial fine-tuning: %d weights changed (on top of a %s)", delta.num_params_changed(), edit.kind)
     return delta

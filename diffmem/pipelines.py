@@ -16,7 +16,14 @@ from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_pipeline", "get_denoiser", "looks_like_path", "sampling_defaults", "DEFAULTS_FILE"]
+__all__ = [
+    "load_pipeline",
+    "check_model",
+    "get_denoiser",
+    "looks_like_path",
+    "sampling_defaults",
+    "DEFAULTS_FILE",
+]
 
 DEFAULTS_FILE = "diffmem_defaults.json"
 
@@ -74,6 +81,39 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
+def check_model(model: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[Path, bool]:
+    """Cheap checks of a model argument before anything is loaded: a local folder must be a pipeline folder.
+
+    Returns:
+        ``(path, is_local)``.
+
+    Raises:
+        ModelLoadError: A missing path, a file, a folder without ``model_index.json``, or pickle-only weights
+            without ``allow_pickle``; one line.
+    """
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    is_local = path.exists()
+    parent_is_local = "/" in text and Path(text.split("/")[0]).expanduser().is_dir()
+    if not is_local and (looks_like_path(text) or parent_is_local):
+        raise ModelLoadError(f"model path not found: {text}")
+    if is_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model path is not a folder: {text} (expected a diffusers pipeline folder)")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"not a diffusers pipeline folder (no model_index.json): {text}")
+        try:
+            pickled = _pickle_only_components(path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read {path / 'model_index.json'}: {_first_line(err)}") from None
+        if pickled and not allow_pickle:
+            raise ModelLoadError(
+                f"{text} has only pickle (.bin) weights for {', '.join(pickled)}; "
+                "pass --allow-pickle (allow_pickle=True) to load them, only if you trust the source"
+            )
+    return path, is_local
+
+
 def load_pipeline(
     model: str | os.PathLike,
     *,
@@ -103,25 +143,7 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     text = os.fspath(model)
-    path = Path(text).expanduser()
-    is_local = path.exists()
-    parent_is_local = "/" in text and Path(text.split("/")[0]).expanduser().is_dir()
-    if not is_local and (looks_like_path(text) or parent_is_local):
-        raise ModelLoadError(f"model path not found: {text}")
-    if is_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"model path is not a folder: {text} (expected a diffusers pipeline folder)")
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"not a diffusers pipeline folder (no model_index.json): {text}")
-        try:
-            pickled = _pickle_only_components(path)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot read {path / 'model_index.json'}: {_first_line(err)}") from None
-        if pickled and not allow_pickle:
-            raise ModelLoadError(
-                f"{text} has only pickle (.bin) weights for {', '.join(pickled)}; "
-                "pass --allow-pickle (allow_pickle=True) to load them, only if you trust the source"
-            )
+    path, is_local = check_model(text, allow_pickle=allow_pickle)
     kwargs: dict[str, Any] = {"use_safetensors": True if not allow_pickle else None, **_dtype_kwargs(torch_dtype)}
     source = str(path) if is_local else text
     try:

@@ -30,7 +30,10 @@ def _write(path, lines):
 
 
 def _run(argv, capsys):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse rejects values before main's own handling
+        code = exit_.code
     return code, capsys.readouterr()
 
 
@@ -46,15 +49,15 @@ def flow(model_dir, tmp_path_factory):
                     + (["--add-empty-prompt"] if name == "base" else [])) == 0
     assert main(["locate", str(model_dir), "--memorized", str(d / "mem.safetensors"), "--base",
                  str(d / "base.safetensors"), "--out", str(d / "mask.safetensors"), "--ratio", "0.05",
-                 "--steps", "2"]) == 0
-    assert main(["prune", str(model_dir), "--mask", str(d / "mask.safetensors"), "--out", str(d / "pruned")]) == 0
+                 "--record-steps", "2"]) == 0
+    assert main(["prune", str(model_dir), "--edit", str(d / "mask.safetensors"), "--out", str(d / "pruned")]) == 0
     return d
 
 
 def test_flow_writes_stats_mask_and_a_loadable_export(flow, model_dir):
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.locate import Mask
+    from diffmem.masks import Mask
     from diffmem.stats import ActivationStats
 
     stats = ActivationStats.load(flow / "mem.safetensors")
@@ -63,7 +66,8 @@ def test_flow_writes_stats_mask_and_a_loadable_export(flow, model_dir):
     mask = Mask.load(flow / "mask.safetensors")
     assert mask.num_masked() > 0
     manifest = json.loads((flow / "pruned" / "diffmem_manifest.json").read_text())
-    assert manifest["num_zeroed"] == mask.num_masked() if "num_zeroed" in manifest else True
+    assert manifest["edit"]["num_params_changed"] == mask.num_masked()
+    assert manifest["edit"]["sha256"] == mask.sha256()
     pipe = StableDiffusionPipeline.from_pretrained(flow / "pruned")
     modules = dict(pipe.unet.named_modules())
     for name, m in mask.layers.items():
@@ -81,11 +85,11 @@ def test_iou_of_a_mask_with_itself(flow, capsys):
 
 
 def test_neuron_level_masks_whole_columns(flow, model_dir):
-    from diffmem.locate import Mask
+    from diffmem.masks import Mask
 
     assert main(["locate", str(model_dir), "--memorized", str(flow / "mem.safetensors"), "--base",
                  str(flow / "base.safetensors"), "--out", str(flow / "neurons.safetensors"), "--ratio", "0.05",
-                 "--steps", "2", "--level", "neuron"]) == 0
+                 "--record-steps", "2", "--method", "neuron"]) == 0
     m = Mask.load(flow / "neurons.safetensors")
     for layer in m.layers.values():
         cols = layer.any(0)
@@ -93,7 +97,8 @@ def test_neuron_level_masks_whole_columns(flow, model_dir):
 
 
 def test_missing_model_is_one_line(tmp_path, capsys):
-    code, out = _run(["prune", tmp_path / "nope", "--mask", tmp_path / "m.safetensors", "--out", tmp_path / "o"], capsys)
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    code, out = _run(["prune", tmp_path / "nope", "--edit", tmp_path / "m.safetensors", "--out", tmp_path / "o"], capsys)
     assert code == 2
     assert out.err.count("\n") == 1 and "nope" in out.err and "Traceback" not in out.err
 
@@ -108,7 +113,7 @@ def test_malformed_prompt_file_names_the_line(model_dir, tmp_path, capsys):
 def test_out_of_range_ratio(flow, model_dir, tmp_path, capsys):
     code, out = _run(["locate", model_dir, "--memorized", flow / "mem.safetensors", "--base", flow / "base.safetensors",
                       "--out", tmp_path / "m.safetensors", "--ratio", "1.5"], capsys)
-    assert code == 2 and "ratio=1.5" in out.err
+    assert code == 2 and "--ratio" in out.err and "1.5" in out.err
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -117,17 +122,17 @@ def test_mask_from_another_model_is_refused(flow, tmp_path, capsys):
 
     other = build_tiny_pipeline(block_out_channels=(32, 96), text_dim=32)
     other.save_pretrained(tmp_path / "other")
-    code, out = _run(["prune", tmp_path / "other", "--mask", flow / "mask.safetensors", "--out", tmp_path / "o"], capsys)
+    code, out = _run(["prune", tmp_path / "other", "--edit", flow / "mask.safetensors", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "shape" in out.err and "ff.net.2" in out.err
     assert not (tmp_path / "o").exists()
 
 
 def test_existing_export_is_kept_without_overwrite(flow, model_dir, capsys):
     before = sorted(p.name for p in (flow / "pruned").iterdir())
-    code, out = _run(["prune", model_dir, "--mask", flow / "mask.safetensors", "--out", flow / "pruned"], capsys)
+    code, out = _run(["prune", model_dir, "--edit", flow / "mask.safetensors", "--out", flow / "pruned"], capsys)
     assert code == 2 and "overwrite" in out.err
     assert sorted(p.name for p in (flow / "pruned").iterdir()) == before
-    code, _ = _run(["prune", model_dir, "--mask", flow / "mask.safetensors", "--out", flow / "pruned", "--overwrite"],
+    code, _ = _run(["prune", model_dir, "--edit", flow / "mask.safetensors", "--out", flow / "pruned", "--overwrite"],
                    capsys)
     assert code == 0
 
@@ -154,5 +159,86 @@ def test_detect_writes_a_ranked_table(model_dir, tmp_path, capsys):
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "diffmem", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("record", "locate", "prune", "iou", "detect", "attack", "evaluate", "demo", "audit"):
+    for cmd in ("record", "locate", "prune", "iou", "detect", "attack", "evaluate", "reextract", "mitigate", "demo",
+                "audit"):
         assert cmd in out.stdout
+
+
+def test_prune_refuses_to_overwrite_the_input_model_or_a_foreign_folder(flow, model_dir, tmp_path, capsys):
+    before = sorted(p.name for p in model_dir.rglob("*"))
+    for out in (model_dir, model_dir / "sub", model_dir.parent):
+        code, res = _run(["prune", model_dir, "--edit", flow / "mask.safetensors", "--out", out, "--overwrite"], capsys)
+        assert code == 2 and res.err.startswith("diffmem: error:") and res.err.count("\n") == 1
+        assert "input model" in res.err
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    code, res = _run(["prune", model_dir, "--edit", flow / "mask.safetensors", "--out", foreign, "--overwrite"], capsys)
+    assert code == 2 and "--overwrite" in res.err and (foreign / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in model_dir.rglob("*")) == before
+
+
+def test_export_carries_the_sampler_defaults(flow, model_dir, tmp_path):
+    (model_dir / "diffmem_defaults.json").write_text(json.dumps({"num_inference_steps": 3, "guidance_scale": 5.0}))
+    try:
+        assert main(["prune", str(model_dir), "--edit", str(flow / "mask.safetensors"), "--out", str(tmp_path / "x")]) == 0
+        carried = json.loads((tmp_path / "x" / "diffmem_defaults.json").read_text())
+        assert carried == {"num_inference_steps": 3, "guidance_scale": 5.0}
+        assert json.loads((tmp_path / "x" / "diffmem_manifest.json").read_text())["carried_sidecars"] == [
+            "diffmem_defaults.json"]
+    finally:
+        (model_dir / "diffmem_defaults.json").unlink()
+
+
+def _bad_inputs(model_dir, flow, tmp):
+    """(argv, text the one-line error must contain) for every subcommand; tmp/out must stay unwritten."""
+    out = tmp / "out"
+    prompts = _write(tmp / "p.txt", MEM)
+    manifest = tmp / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a", "memorized": True, "duplicates": 2, "split": "heldout",
+                                    "reference": "../../../etc/passwd"}) + "\n")
+    notimg = tmp / "notimg.jsonl"
+    (tmp / "fake.png").write_text("not an image")
+    notimg.write_text(json.dumps({"prompt": "a", "memorized": True, "duplicates": 2, "split": "heldout",
+                                  "reference": "fake.png"}) + "\n")
+    mem, base, mask = flow / "mem.safetensors", flow / "base.safetensors", flow / "mask.safetensors"
+    return [
+        (["record", tmp / "nope", "--prompts", prompts, "--out", out], "nope"),
+        (["record", model_dir, "--prompts", tmp / "none.txt", "--out", out], "none.txt"),
+        (["record", model_dir, "--prompts", prompts, "--out", out, "--batch-size", "0"], "--batch-size"),
+        (["record", model_dir, "--prompts", prompts, "--out", out, "--height", "0"], "--height"),
+        (["record", model_dir, "--prompts", prompts, "--out", out, "--height", "33"], "multiple of 8"),
+        (["record", model_dir, "--prompts", prompts, "--out", out, "--device", "cuda:0"], "cuda"),
+        (["locate", model_dir, "--memorized", mem, "--base", base, "--out", out, "--ratio", "0"], "--ratio"),
+        (["locate", model_dir, "--memorized", tmp / "x.safetensors", "--base", base, "--out", out], "x"),
+        (["prune", model_dir, "--edit", tmp / "x.safetensors", "--out", out], "x.safetensors"),
+        (["prune", model_dir, "--out", out], "--edit"),
+        (["iou", mask, tmp / "x.safetensors"], "x.safetensors"),
+        (["detect", model_dir, "--prompts", prompts, "--out", tmp / "out.txt"], ".jsonl"),
+        (["detect", model_dir, "--prompts", prompts, "--out", tmp / "out.csv", "--guidance", "1"], "guidance"),
+        (["attack", model_dir, "--prompts", prompts, "--out", out, "--edit", tmp / "x"], "x.safetensors"),
+        (["attack", model_dir, "--prompts", manifest, "--out", out], "outside"),
+        (["evaluate", model_dir, "--prompts", manifest, "--out", tmp / "out.json"], "outside"),
+        (["evaluate", model_dir, "--prompts", prompts, "--out", tmp / "out.json"], "p.txt"),
+        (["reextract", model_dir, "--prompts", notimg, "--out", out, *SAMPLING], "not an image"),
+        (["reextract", model_dir, "--prompts", prompts, "--out", out], "heldout"),
+        (["reextract", model_dir, "--prompts", notimg, "--out", out, "--lr", "-1"], "--lr"),
+        (["mitigate", model_dir, "--prompts", tmp / "none.jsonl", "--out", out], "none.jsonl"),
+        (["mitigate", model_dir, "--prompts", manifest, "--out", out, "--target", "2"], "--target"),
+        (["audit", model_dir, "--prompts", tmp / "none.txt", "--out", out], "none.txt"),
+        (["demo", "--ratio", "1.5", "--out", out], "--ratio"),
+    ]
+
+
+def test_every_subcommand_rejects_bad_input_in_one_line(model_dir, flow, tmp_path, capsys):
+    cases = _bad_inputs(model_dir, flow, tmp_path)
+    assert {argv[0] for argv, _ in cases} >= {"record", "locate", "prune", "iou", "detect", "attack", "evaluate",
+                                              "reextract", "mitigate", "audit", "demo"}
+    for argv, needle in cases:
+        code, res = _run(argv, capsys)
+        err = res.err
+        assert code == 2, (argv, err)
+        assert err.startswith("diffmem: error:") and err.count("\n") == 1, (argv, err)
+        assert "Traceback" not in err and needle in err, (argv, err)
+        for name in ("out", "out.txt", "out.csv", "out.json"):
+            assert not (tmp_path / name).exists(), (argv, name)

@@ -67,7 +67,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     The attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows
     (their training images), with the same budget.
     """
-    heldout = [e for e in entries if e.split == "heldout"]
+    heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
     ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call)
     t0 = time.time()
@@ -77,7 +77,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
     size = image_size(pipe, call.get("height"), call.get("width"))
     items = [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "memorized") for e in heldout]
-    items += [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "control") for e in nonmem]
+    items += [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "control") for e in nonmem
+              if e.reference is not None]
     with apply_edit(pipe, edit):
         att = reextract(pipe, items, attack, scorer, progress=progress)
     summary = att.summary()
@@ -128,7 +129,10 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
     result = mitigate(pipe, visible, mcfg, scorer, call_kwargs=call, progress=progress)
     mitigation_s = time.time() - t0
-    heldout = [e for e in entries if e.split == "heldout"]
+    heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
+    unmeasured = sum(1 for e in entries if e.split == "heldout" and e.reference is None)
+    if unmeasured:
+        logger.warning("%d held-out rows have no reference image: they are not measured", unmeasured)
     row = None
     if heldout:
         row = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, call,

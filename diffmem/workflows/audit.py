@@ -1,0 +1,146 @@
+"""``diffmem audit``: detection, extraction and re-extraction attacks (and, with references, replication).
+
+Any checkpoint, with or without an edit applied. With reference images, every audit runs the re-extraction attack
+(Finding DoRI): a model that replicates no training image from its prompts can still be made to replicate one by
+optimising the conditioning, and the audit says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.data import load_reference, read_entries, read_prompts, resolve_references
+from diffmem.detection import DetectConfig, detect
+from diffmem.edits import apply_edit, check_output_dir, load_edit
+from diffmem.evaluation import EvalConfig, evaluate
+from diffmem.extraction import AttackConfig, extraction_attack
+from diffmem.files import replace_dir
+from diffmem.metrics import roc_curve
+from diffmem.pipelines import load_pipeline, sampling_defaults
+from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
+from diffmem.sampling import image_size
+from diffmem.score import get_scorer
+from diffmem.workflows.mitigate import OUTPUT_MARK
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuditConfig", "run_audit"]
+
+
+@dataclass
+class AuditConfig:
+    """Settings of ``diffmem audit`` on any checkpoint.
+
+    Args:
+        model: Pipeline folder or hub id.
+        prompts: Prompt file or manifest to audit.
+        references: Manifest or folder with ``references.jsonl``; without references the audit stops at
+            detection and the generate-and-filter attack.
+        out: Output folder (replaced as a whole on a rerun, only when it is an earlier diffmem output).
+        calibration: Non-memorized prompts (calibrate detection flags and the attack threshold).
+        edit: A saved edit applied (reversibly) before the audit.
+        allow_pickle: Accept pickled weights.
+        allow_outside: Accept reference paths outside the manifest's folder.
+        quick: Reduced settings.
+    """
+
+    model: str
+    prompts: str
+    references: str | None = None
+    out: str = "runs/audit"
+    calibration: str | None = None
+    edit: str | None = None
+    allow_pickle: bool = False
+    allow_outside: bool = False
+    quick: bool = False
+    seeds: int = 8
+    generations: int = 16
+    detect_seeds: int = 4
+    opt_steps: int = 50
+    scorer: str = "ssim"
+
+
+def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
+    """Detection, extraction attack, re-extraction attack and (with references) replication of any checkpoint.
+
+    Returns:
+        The report (also written to ``<out>/report.json`` and ``report.html``).
+    """
+    from diffmem.workflows.report import write_report
+
+    t0 = time.time()
+    out = Path(config.out)
+    check_output_dir(out, True, config.model, marks=(OUTPUT_MARK,))
+    entries = read_entries(config.prompts, allow_outside=config.allow_outside)
+    refs = resolve_references(config.references, entries, allow_outside=config.allow_outside)
+    calib = read_prompts(config.calibration) if config.calibration else None
+    edit = load_edit(config.edit) if config.edit else None
+    call = {k: v for k, v in sampling_defaults(config.model).items() if v}
+    pipe = load_pipeline(config.model, allow_pickle=config.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    size = image_size(pipe, call.get("height"), call.get("width"))
+    ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
+    scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
+    report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": call,
+                              "settings": asdict(config), "scorer": scorer.describe()}
+    with apply_edit(pipe, edit):
+        dcfg = DetectConfig(score_steps=1, num_seeds=1 if config.quick else config.detect_seeds,
+                            num_inference_steps=int(call.get("num_inference_steps", 50)),
+                            guidance_scale=call.get("guidance_scale", 7.5),
+                            guidance_rescale=call.get("guidance_rescale", 0.0),
+                            height=call.get("height"), width=call.get("width"))
+        labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
+        det = detect(pipe, [e.prompt for e in entries], dcfg, labels=labels, calibration_prompts=calib,
+                     progress=progress)
+        report["detection"] = {**det.summary(), "scores": [{"prompt": r["prompt"], "score": r["score"],
+                                                            "memorized": r.get("memorized", False)} for r in det.ranked()]}
+        if det.labels is not None and det.auc is not None:
+            fpr, tpr, _ = roc_curve(det.scores, det.labels)
+            report["detection"]["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
+        acfg = AttackConfig(num_generations=4 if config.quick else config.generations,
+                            clique_size=2 if config.quick else 4, threshold=None if calib else scorer.threshold)
+        att = extraction_attack(pipe, [e.prompt for e in entries], acfg, scorer,
+                                references=ref_imgs if any(r is not None for r in ref_imgs) else None,
+                                calibration_prompts=calib, call_kwargs=call, progress=progress)
+        report["attack"] = {"before": att.summary()}
+        with_refs = [(e, r) for e, r in zip(entries, ref_imgs) if r is not None]
+        if with_refs:
+            from dataclasses import replace
+
+            rows = [replace(e, reference=ref) for e, ref in zip(entries, refs) if ref is not None]
+            res = evaluate(pipe, rows, EvalConfig(num_seeds=2 if config.quick else config.seeds, call_kwargs=call),
+                           scorer, progress=progress)
+            report["before"] = res.summary()
+            items = [ReextractItem(e.prompt, r, "memorized" if e.memorized or labels is None else "control", i)
+                     for i, (e, r) in enumerate(with_refs)]
+            steps = 10 if config.quick else config.opt_steps
+            rcfg = ReextractConfig(opt_steps=steps, checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= steps),
+                                   num_seeds=2 if config.quick else 4, call_kwargs=call)
+            rex = reextract(pipe, items, rcfg, scorer, progress=progress)
+            report["reextract"] = {"audited model": rex.summary()}
+        else:
+            report["reextract_note"] = "no reference images: the re-extraction attack needs the training images"
+            logger.warning("no reference images: the re-extraction attack was not run")
+    report["total_seconds"] = round(time.time() - t0, 1)
+    lines = [f"diffmem audit of {config.model}: {len(entries)} prompts"]
+    if det.auc is not None:
+        lines.append(f"  detection AUC {det.auc:.3f}, TPR@1%FPR {det.tpr_at_1fpr:.3f}")
+    s = report["attack"]["before"]
+    lines.append(f"  extraction attack: {s['num_flagged']} prompts flagged, {s['num_verified_prompts']} verified")
+    if "reextract" in report:
+        r = report["reextract"]["audited model"]
+        lines.append(f"  re-extraction attack: memorization rate {r['memorization_rate']}, control {r['control_rate']}")
+        rr = [x.get("replication_rate") for x in report["before"].values() if isinstance(x, dict) and
+              x.get("replication_rate") is not None]
+        if rr:
+            lines.append(f"  replication with the prompts: {float(np.mean(rr)):.3f}")
+    lines.append(f"report: {out / 'report.html'}")
+    report["headline_text"] = "\n".join(lines)
+    replace_dir(out, lambda folder: write_report(report, folder))
+    return report
