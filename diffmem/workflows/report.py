@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -510,9 +510,8 @@ def _plot_duplication(series: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[
     ax.minorticks_off()
     ax.set_ylim(-4, 104)
     _percent_axis(ax.yaxis)
-    ax.set_xlabel("copies of the image in the training set")
-    ax.set_ylabel("replication rate")
-    ax.set_title("Replication against duplication")
+    ax.set(xlabel="copies of the image in the training set", ylabel="replication rate",
+           title="Replication against duplication")
     ax.legend(loc="best", frameon=False)
     return _fig_uri(fig)
 
@@ -563,9 +562,8 @@ def _plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: Any) -> tuple[str
     ax.plot([0, 1], [0, 1], linestyle="--", color="#888888", label="chance")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("false positive rate (non-memorized flagged)")
-    ax.set_ylabel("true positive rate (memorized flagged)")
-    ax.set_title("Detection ROC")
+    ax.set(xlabel="false positive rate (non-memorized flagged)", ylabel="true positive rate (memorized flagged)",
+           title="Detection ROC")
     ax.legend(loc="lower right", frameon=False)
     return _fig_uri(fig)
 
@@ -583,9 +581,8 @@ def _plot_scores(scores: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
             ax.scatter(xs, y + rng.uniform(-0.18, 0.18, len(xs)), s=22, color=colour, alpha=0.8, label=label)
     ax.set_yticks([0, 1], ["non-\nmemorized", "memorized"])
     ax.set_ylim(-0.5, 1.5)
-    ax.set_xlabel("detection score\n(higher: more likely memorized)")
-    ax.set_ylabel("ground truth")
-    ax.set_title("Detection scores per prompt")
+    ax.set(xlabel="detection score\n(higher: more likely memorized)", ylabel="ground truth",
+           title="Detection scores per prompt")
     fig.legend(loc="outside lower center", ncol=2, frameon=False, fontsize=8)
     return _fig_uri(fig)
 
@@ -612,9 +609,8 @@ def _plot_iou(per_layer: Mapping[str, Any], overall: Any, chance: Any) -> tuple[
         ax.axvline(float(chance), color=_BEFORE_COLOUR, linestyle="--", linewidth=1.5,
                    label=f"chance ({float(chance):.3f})")
     ax.set_xlim(0, right)
-    ax.set_xlabel("overlap of the two masks (intersection over union)")
-    ax.set_ylabel("layer")
-    ax.set_title("Overlap of masks found from disjoint halves, per layer")
+    ax.set(xlabel="overlap of the two masks (intersection over union)", ylabel="layer",
+           title="Overlap of masks found from disjoint halves, per layer")
     fig.legend(loc="outside lower center", ncol=3, frameon=False, fontsize=8)
     return _fig_uri(fig)
 
@@ -635,9 +631,8 @@ def _plot_reextract(reextract: Mapping[str, Any]) -> tuple[str, int] | None:
         return None
     ax.set_ylim(-4, 104)
     _percent_axis(ax.yaxis)
-    ax.set_xlabel("optimisation steps of the attack")
-    ax.set_ylabel("images re-extracted")
-    ax.set_title("Re-extraction during the attack")
+    ax.set(xlabel="optimisation steps of the attack", ylabel="images re-extracted",
+           title="Re-extraction during the attack")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
     return _fig_uri(fig)
 
@@ -779,10 +774,9 @@ def _section_edits(report: Mapping[str, Any], threshold: str) -> Section | None:
         row += [_num_cell(e.get(k), _guess_kind(k, e.get(k))) for k in keys]
         rows.append(row)
     table = Table(["Edit"] + [_HEADERS.get(k, _humanize(k)) for k in keys], rows, [False] + [True] * len(keys))
-    return Section(
-        "edits", "Edits compared",
-        "One row per edit of the model: how often memorized training images still come back, from their prompt "
-        "and under attack, and how much the edit disturbs everything else.",
+    return Section("edits", "Edits compared",
+                   "One row per edit of the model: how often memorized training images still come back, from their "
+                   "prompt and under attack, and how much the edit disturbs everything else.",
         [Block("table", table=table), Block("definitions", heading="What the columns mean",
                                             definitions=_edit_definitions(["name", *keys], threshold))])
 
@@ -908,17 +902,13 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
     if uri:
         blocks.insert(0, Block("plots", plots=[Plot(*uri, "Replication and drift against the share of weights "
                                                          "changed")]))
-    return Section(
-        "sweep", "How large an edit is needed",
-        "The edit repeated at several sizes: replication of memorized images (on the split used to find the edit "
-        "and, where measured, on held-out prompts) and drift of ordinary images, against the share of weights "
-        "changed. A good edit removes replication long before drift falls.", blocks)
+    return Section("sweep", "How large an edit is needed",
+                   "The edit repeated at several sizes: replication of memorized images (on the split used to find the "
+                   "edit and, where measured, on held-out prompts) and drift of ordinary images, against the share of "
+                   "weights changed. A good edit removes replication long before drift falls.", blocks)
 
 
-def _section_reextract(report: Mapping[str, Any]) -> Section | None:
-    data = report.get("reextract")
-    if not isinstance(data, Mapping) or not data:
-        return None
+def _section_reextract(data: Mapping[str, Any]) -> Section:
     rows = []
     for name, block in data.items():
         block = block if isinstance(block, Mapping) else {}
@@ -932,17 +922,13 @@ def _section_reextract(report: Mapping[str, Any]) -> Section | None:
         blocks.append(Block("plots", plots=[Plot(*uri, "Re-extraction rate against optimisation steps")]))
     blocks.append(Block("table", table=Table(["Edit", "Memorized re-extraction", "Control re-extraction",
                                               "Optimisation steps"], rows, [False, True, True, True])))
-    return Section(
-        "reextract", "Re-extraction attack",
-        "The attacker of Finding DoRI optimises the conditioning of each memorized training image until the "
-        "model generates it again (solid lines), and does the same for non-memorized training images as a "
-        "control (dashed lines). An edit has deleted the memory when the two reach the same level.", blocks)
+    return Section("reextract", "Re-extraction attack",
+                   "The attacker of Finding DoRI optimises the conditioning of each memorized training image until the "
+                   "model generates it again (solid lines), and does the same for non-memorized training images as a "
+                   "control (dashed lines). An edit has deleted the memory when the two reach the same level.", blocks)
 
 
-def _section_attack(report: Mapping[str, Any]) -> Section | None:
-    data = report.get("attack")
-    if not isinstance(data, Mapping) or not data:
-        return None
+def _section_attack(data: Mapping[str, Any]) -> Section:
     blocks: list[Block] = []
     phases = [(k, data[k]) for k in ("before", "after") if isinstance(data.get(k), Mapping)]
     if phases:
@@ -962,17 +948,13 @@ def _section_attack(report: Mapping[str, Any]) -> Section | None:
     if note:
         note = _clean_text(str(note))
         blocks.append(Block("note", text=note[:1].upper() + note[1:]))
-    return Section(
-        "attack", "Extraction attack",
-        "The black-box attack of Carlini et al.: many images are generated per prompt, prompts whose images "
-        "form a tight cluster are flagged, and a flag is verified when a flagged image matches the training "
-        "image. Fewer verified prompts after the edit means less can be extracted.", blocks)
+    return Section("attack", "Extraction attack",
+                   "The black-box attack of Carlini et al.: many images are generated per prompt, prompts whose images "
+                   "form a tight cluster are flagged, and a flag is verified when a flagged image matches the training "
+                   "image. Fewer verified prompts after the edit means less can be extracted.", blocks)
 
 
-def _section_detection(report: Mapping[str, Any]) -> Section | None:
-    det = report.get("detection")
-    if not isinstance(det, Mapping) or not det:
-        return None
+def _section_detection(det: Mapping[str, Any]) -> Section:
     scores = [s for s in det.get("scores") or [] if isinstance(s, Mapping)]
     items = [(_humanize("auc"), det.get("auc"), "similarity"),
              (_humanize("tpr_at_1pct_fpr"), det.get("tpr_at_1pct_fpr"), "rate")]
@@ -1000,17 +982,13 @@ def _section_detection(report: Mapping[str, Any]) -> Section | None:
         blocks.append(Block("table", table=Table(["Rank", "Prompt", "Score", "Memorized (ground truth)"], rows,
                                                  [False, False, True, False],
                                                  f"The {len(top)} highest-scoring prompts")))
-    return Section(
-        "detection", "Detection without training data",
-        "How well memorized prompts are told apart from the others before any training image is looked at, "
-        "from the size of the text-conditional noise prediction (Wen et al.). An area of 1 separates them "
-        "perfectly, 0.5 is guessing.", blocks)
+    return Section("detection", "Detection without training data",
+                   "How well memorized prompts are told apart from the others before any training image is looked at, "
+                   "from the size of the text-conditional noise prediction (Wen et al.). An area of 1 separates them "
+                   "perfectly, 0.5 is guessing.", blocks)
 
 
-def _section_iou(report: Mapping[str, Any]) -> Section | None:
-    data = report.get("iou_subsets")
-    if not isinstance(data, Mapping) or not data:
-        return None
+def _section_iou(data: Mapping[str, Any]) -> Section:
     items = [(_humanize(k), data.get(k), _METRICS[k][1]) for k in ("overall", "chance_overall", "subset_sizes",
                                                                   "weights") if k in data]
     blocks = [Block("table", table=_kv_table(items))]
@@ -1019,17 +997,13 @@ def _section_iou(report: Mapping[str, Any]) -> Section | None:
         uri = _plot_iou(per_layer, data.get("overall"), data.get("chance_overall"))
         if uri:
             blocks.append(Block("plots", plots=[Plot(*uri, "Overlap of the two masks per layer", wide=True)]))
-    return Section(
-        "iou", "Do different memorized images share weights?",
-        "The edit is found twice, from two disjoint halves of the memorized prompts, and the two sets of weights "
-        "are compared (intersection over union). Overlap well above chance means memorization lives in a shared "
-        "set of weights rather than in one place per image.", blocks)
+    return Section("iou", "Do different memorized images share weights?",
+                   "The edit is found twice, from two disjoint halves of the memorized prompts, and the two sets of "
+                   "weights are compared (intersection over union). Overlap well above chance means memorization lives "
+                   "in a shared set of weights rather than in one place per image.", blocks)
 
 
-def _section_locality(report: Mapping[str, Any]) -> Section | None:
-    data = report.get("locality")
-    if not isinstance(data, Mapping) or not data:
-        return None
+def _section_locality(data: Mapping[str, Any]) -> Section | None:
     items = _scalar_items(data)
     if not items:
         return None
@@ -1099,12 +1073,22 @@ def _threshold_phrase(report: Mapping[str, Any]) -> str:
     return f" ({value} for {name})" if name else f" ({value})"
 
 
+# Sections built from one non-empty mapping of the report, in page order: (report key, builder).
+_BLOCK_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Section | None]], ...] = (
+    ("reextract", _section_reextract), ("attack", _section_attack), ("detection", _section_detection),
+    ("iou_subsets", _section_iou), ("locality", _section_locality))
+
+
 def _sections(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] | None) -> list[Section]:
     thr = _threshold_phrase(report)
     sections = [_section_edits(report, thr), _section_splits(report, thr)]
     sections += [_section_gallery(i, g, thr) for i, g in enumerate(gallery or []) if isinstance(g, Mapping)]
-    sections += [_section_sweep(report), _section_reextract(report), _section_attack(report),
-                 _section_detection(report), _section_iou(report), _section_locality(report), _section_run(report)]
+    sections.append(_section_sweep(report))
+    for key, build in _BLOCK_SECTIONS:
+        block = report.get(key)
+        if isinstance(block, Mapping) and block:
+            sections.append(build(block))
+    sections.append(_section_run(report))
     return [s for s in sections if s is not None]
 
 
