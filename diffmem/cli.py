@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +49,31 @@ def _size(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return value
+def _float_type(accept: Callable[[float], bool], bound: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ``accept`` holds, else the error ``<text> must be <bound>``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+
+    return parse
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
-    return value
+_fraction = _float_type(lambda v: 0 < v <= 1, "in (0, 1]")
+_rate = _float_type(lambda v: 0 <= v <= 1, "in [0, 1]")
+_positive_float = _float_type(lambda v: v > 0, "> 0")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+    """Add the subcommand ``name``, run by ``func(args)``, and return its parser."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(func=func)
+    return p
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -458,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("record", help="record FFN activation statistics over prompts")
+    p = _command(sub, "record", cmd_record, "record FFN activation statistics over prompts")
     _add_model(p)
     p.add_argument("--prompts", default=None, help="prompt file (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output statistics (.safetensors + .json)")
@@ -472,9 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-prompt-only", action="store_true", help="record the empty prompt alone (chavhan2024 base)")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
                    help="checkpoint partial statistics every N prompts per process (resumable)")
-    p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser("locate", help="score and select the weights (or directions) behind memorization")
+    p = _command(sub, "locate", cmd_locate, "score and select the weights (or directions) behind memorization")
     _add_model(p)
     p.add_argument("--memorized", required=True, help="statistics of memorized prompts")
     p.add_argument("--base", required=True, help="statistics of base prompts")
@@ -489,23 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", choices=["cond", "uncond", "both"], default=None)
     p.add_argument("--rank", type=_positive_int, default=None, help="directions: fixed k per layer")
     p.add_argument("--explained-variance", type=_fraction, default=None, help="directions: energy share that picks k")
-    p.set_defaults(func=cmd_locate)
 
-    p = sub.add_parser("prune", help="export an edited pipeline that plain diffusers loads")
+    p = _command(sub, "prune", cmd_prune, "export an edited pipeline that plain diffusers loads")
     _add_model(p)
     p.add_argument("--edit", default=None, help="a mask, direction basis or weight delta saved by diffmem")
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
     p.add_argument("--directions", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem export at --out")
-    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("iou", help="overlap of two masks, per layer and overall")
+    p = _command(sub, "iou", cmd_iou, "overlap of two masks, per layer and overall")
     p.add_argument("mask_a")
     p.add_argument("mask_b")
-    p.set_defaults(func=cmd_iou)
 
-    p = sub.add_parser("detect", help="rank prompts by Wen et al.'s noise-prediction magnitude")
+    p = _command(sub, "detect", cmd_detect, "rank prompts by Wen et al.'s noise-prediction magnitude")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv)")
@@ -517,9 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="non-memorized prompts: flag scores above mean + m*std")
     p.add_argument("--m", type=float, default=3.0)
     _add_references(p)
-    p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("attack", help="Carlini et al.'s generate-and-filter extraction attack")
+    p = _command(sub, "attack", cmd_attack, "Carlini et al.'s generate-and-filter extraction attack")
     _add_model(p)
     p.add_argument("--prompts", required=True)
     p.add_argument("--out", required=True, help="output folder (attack.json, extractions/)")
@@ -534,9 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--edit", default=None, help="apply a saved edit reversibly first")
     _add_references(p)
-    p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("evaluate", help="replication, diversity and drift with and without an edit")
+    p = _command(sub, "evaluate", cmd_evaluate, "replication, diversity and drift with and without an edit")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest (jsonl with prompt/split/reference)")
     p.add_argument("--out", default="evaluation.json")
@@ -550,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--clip-pretrained", default=None, help="CLIP weights tag or file for the CLIP score")
     _add_references(p)
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("reextract", help="re-extraction attack: optimise the conditioning toward training images")
+    p = _command(sub, "reextract", cmd_reextract,
+                 "re-extraction attack: optimise the conditioning toward training images")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest with reference images")
     p.add_argument("--out", required=True, help="output folder (reextract.json)")
@@ -569,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="ssim")
     _add_sampling(p)
     _add_references(p)
-    p.set_defaults(func=cmd_reextract)
 
-    p = sub.add_parser("mitigate", help="locate, tune and (with --robust) harden an edit; export the clean model")
+    p = _command(sub, "mitigate", cmd_mitigate,
+                 "locate, tune and (with --robust) harden an edit; export the clean model")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest with locate / heldout / nonmem rows")
     p.add_argument("--out", required=True, help="output folder (pruned/, edit, report.json, report.html)")
@@ -585,9 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
     _add_references(p)
-    p.set_defaults(func=cmd_mitigate)
 
-    p = sub.add_parser("demo", help="the full mitigate-and-attack demo on the embedded tiny memorizer")
+    p = _command(sub, "demo", cmd_demo, "the full mitigate-and-attack demo on the embedded tiny memorizer")
     p.add_argument("--model", default=None, help="default: assets/tiny-sd-memorizer")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--ratio", type=_fraction, default=None, help="mask ratio (default: chosen on the locate split)")
@@ -597,9 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-generations", type=_positive_int, default=None, help="generations per attacked prompt")
     p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("audit", help="detect, attack and re-extract (with references) on any checkpoint")
+    p = _command(sub, "audit", cmd_audit, "detect, attack and re-extract (with references) on any checkpoint")
     p.add_argument("model")
     p.add_argument("--prompts", required=True)
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
@@ -609,7 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quick", action="store_true")
     _add_references(p)
-    p.set_defaults(func=cmd_audit)
     return parser
 
 
