@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,24 @@ def _clean_prompt(path: Path, line: int, key: str, value: Any) -> str:
     return text
 
 
+def _jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines text, in order.
+
+    Raises:
+        PromptFileError: A line that is not valid JSON or not a JSON object, naming the file and line.
+    """
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise _fail(path, n, f"bad JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise _fail(path, n, f"expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
 # A record is (line number, fields): the file's own fields plus "prompt", the stripped prompt text.
 _Record = tuple[int, dict[str, Any]]
 
@@ -152,15 +170,7 @@ def _read_txt(path: Path, text: str) -> list[_Record]:
 
 def _read_jsonl(path: Path, text: str) -> list[_Record]:
     records = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _fail(path, n, f"bad JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise _fail(path, n, f"expected a JSON object, got {type(obj).__name__}")
+    for n, obj in _jsonl_objects(path, text):
         key = _prompt_key(obj)
         if key is None:
             raise _fail(path, n, f"missing field 'prompt' or 'caption' (fields: {', '.join(obj) or 'none'})")
@@ -383,9 +393,7 @@ def _checked_reference(value: Any, folder: Path, allow_outside: bool, *, local: 
     return _local_path(ref, folder, allow_outside)
 
 
-def _manifest_entry(path: Path, n: int, obj: Any, folder: Path, allow_outside: bool) -> ManifestEntry:
-    if not isinstance(obj, dict):
-        raise _fail(path, n, f"expected a JSON object, got {type(obj).__name__}")
+def _manifest_entry(path: Path, n: int, obj: dict[str, Any], folder: Path, allow_outside: bool) -> ManifestEntry:
     for name in ("prompt", "memorized", "duplicates", "split"):
         if name not in obj:
             raise _fail(path, n, f"missing field {name!r}")
@@ -431,15 +439,7 @@ def read_manifest(path: str | os.PathLike[str], *, allow_outside: bool = False) 
     p = Path(path).expanduser()
     text = _read_text(p)
     folder = p.resolve().parent
-    entries = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _fail(p, n, f"bad JSON ({err.msg} at column {err.colno})") from None
-        entries.append(_manifest_entry(p, n, obj, folder, allow_outside))
+    entries = [_manifest_entry(p, n, obj, folder, allow_outside) for n, obj in _jsonl_objects(p, text)]
     if not entries:
         raise _fail(p, None, "empty manifest")
     return entries
@@ -565,15 +565,7 @@ def _read_reference_index(index: Path, allow_outside: bool) -> dict[str, str | N
     folder = index.resolve().parent
     by_prompt: dict[str, str | None] = {}
     first_line: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _fail(index, n, f"bad JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise _fail(index, n, f"expected a JSON object, got {type(obj).__name__}")
+    for n, obj in _jsonl_objects(index, text):
         for name in ("prompt", "reference"):
             if name not in obj:
                 raise _fail(index, n, f"missing field {name!r} (each line needs 'prompt' and 'reference')")
