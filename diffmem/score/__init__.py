@@ -7,6 +7,7 @@ higher means more similar.
 
 from __future__ import annotations
 
+from . import base
 from .base import (
     EmbeddingScorer,
     Images,
@@ -26,17 +27,7 @@ from .ssim import MSSSIMScorer, SSIMScorer, ms_ssim
 from .tiled_l2 import TiledL2Scorer, tiled_l2_distance
 
 __all__ = [
-    "Images",
-    "Scorer",
-    "EmbeddingScorer",
-    "PixelScorer",
-    "ScorerUnavailableError",
-    "register_scorer",
-    "get_scorer",
-    "list_scorers",
-    "to_uint8_batch",
-    "to_uint8_list",
-    "resize_uint8",
+    *base.__all__,
     "SSCDScorer",
     "ClipScorer",
     "SSIMScorer",

@@ -220,6 +220,15 @@ class EmbeddingScorer(Scorer):
     :meth:`embed`) in place of images, so that a large reference set is embedded once.
     """
 
+    def _set_options(self, batch_size: int, device: str | torch.device, threshold: float | None) -> None:
+        """Check and keep what every embedding model takes: images per forward pass, device, threshold override."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        if threshold is not None:
+            self.threshold = float(threshold)
+
     def _embeddings(self, x: Images | torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.ndim == 2 and x.is_floating_point():
             return x.detach().to("cpu", torch.float32)

@@ -58,13 +58,8 @@ class ClipScorer(EmbeddingScorer):
     ) -> None:
         import open_clip
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self._set_options(batch_size, device, threshold)
         self.model_name = model_name
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        if threshold is not None:
-            self.threshold = float(threshold)
         self.random_weights = pretrained is None
         if pretrained is not None:
             as_path = Path(pretrained).expanduser()

@@ -90,13 +90,8 @@ class SSCDScorer(EmbeddingScorer):
     ) -> None:
         if preprocess not in SSCD_PREPROCESS:
             raise DiffmemError(f"unknown SSCD preprocessing {preprocess!r}; choose one of {', '.join(SSCD_PREPROCESS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self._set_options(batch_size, device, threshold)
         self.preprocess = preprocess
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        if threshold is not None:
-            self.threshold = float(threshold)
         self._session = None
         self._module: torch.jit.ScriptModule | None = None
         self._uint8_input = False
