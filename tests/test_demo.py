@@ -1,4 +1,4 @@
-"""``diffmem demo`` and ``diffmem audit`` at reduced settings on the embedded tiny memorizer."""
+"""``diffmem demo``, ``mitigate``, ``reextract`` and ``audit`` at reduced settings on the embedded tiny memorizer."""
 
 from __future__ import annotations
 
@@ -14,54 +14,127 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"embedded checkpoint missing at {MODEL}"),
 ]
+EDITS = ["none", "sparse mask", "directions", "robust prune", "robust finetune"]
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     return out
 
 
-def test_demo_report_has_the_promised_blocks(demo_out, capsys):
+def test_demo_table_has_one_row_per_edit_from_real_generations(demo_out):
     report = json.loads((demo_out / "report.json").read_text())
-    for block in ("before", "after"):
-        for split in ("heldout", "locate", "nonmem"):
-            rate = report[block][split]["replication_rate"]
-            assert 0.0 <= rate <= 1.0
-    assert report["mask"]["weights_zeroed"] > 0 and 0 < report["mask"]["fraction"] < 1
-    assert 0.0 <= report["iou_subsets"]["overall"] <= 1.0
-    assert report["detection"]["auc"] is not None
+    rows = {r["name"]: r for r in report["edits"]}
+    assert list(rows) == EDITS
+    for row in rows.values():
+        for key in ("heldout_replication_prompt", "heldout_replication_attack", "control_rate", "drift_within_spread"):
+            assert 0.0 <= row[key] <= 1.0, (row["name"], key)
+        assert row["wall_time_s"] > 0
+    assert rows["none"]["parameters_changed"] == 0 and rows["sparse mask"]["parameters_changed"] > 0
+    # the robust edit contains the plain mask and more
+    assert rows["robust prune"]["parameters_changed"] >= rows["sparse mask"]["parameters_changed"]
+    # the unedited model replicates its held-out memorized images; the sparse mask cuts that
+    assert rows["none"]["heldout_replication_prompt"] > rows["sparse mask"]["heldout_replication_prompt"]
+    assert set(report["reextract"]) == set(EDITS)
+    assert report["locality"]["trigger_distance_rms"] > 0 and "trigger_mask_iou" in report["locality"]
+    assert 0.0 <= report["iou_subsets"]["overall"] <= 1.0 and report["detection"]["auc"] is not None
     assert {"before", "after"} <= set(report["attack"])
-    assert report["directions"]["comparison"]["projection_parameters_changed"] > 0
-    assert report["settings"]["quick"] is True
-    # the mask must actually cut replication on the split it was located on
-    assert report["after"]["locate"]["replication_rate"] <= report["before"]["locate"]["replication_rate"]
 
 
 def test_demo_html_is_self_contained(demo_out):
     html = (demo_out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
     assert "src='http" not in html and 'src="http' not in html
-    for section in ("Headline", "Extraction attack", "Shared subspace", "Plots", "heldout"):
+    for section in ("Edits compared", "Re-extraction", "Extraction attack"):
         assert section in html
 
 
-def test_demo_export_loads_with_plain_diffusers(demo_out):
+def test_demo_export_loads_with_plain_diffusers_and_keeps_the_sampler(demo_out):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.locate import Mask
+    from diffmem.edits import load_edit
 
     pipe = StableDiffusionPipeline.from_pretrained(demo_out / "pruned")
-    mask = Mask.load(demo_out / "mask.safetensors")
+    edit = load_edit(demo_out / "edit")
     modules = dict(pipe.unet.named_modules())
-    assert all(torch.all(modules[n].weight[m] == 0) for n, m in mask.layers.items())
+    assert all(torch.all(modules[n].weight[m] == 0) for n, m in edit.layers.items())
     manifest = json.loads((demo_out / "pruned" / "diffmem_manifest.json").read_text())
-    assert manifest["mask_sha256"] == mask.sha256()
+    assert manifest["edit"]["sha256"] == edit.sha256()
+    assert json.loads((demo_out / "pruned" / "diffmem_defaults.json").read_text()) == json.loads(
+        (MODEL / "diffmem_defaults.json").read_text())
 
 
-def test_audit_without_references_stops_at_detection_and_attack(tmp_path):
+def test_demo_rerun_replaces_its_own_output_only(demo_out, tmp_path):
+    stale = demo_out / "stale-from-an-earlier-run.txt"
+    stale.write_text("old")
+    assert main(["demo", "--quick", "--no-directions", "--out", str(demo_out)]) == 0
+    assert not stale.exists()  # the run's folder is swapped in whole
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    assert main(["demo", "--quick", "--out", str(foreign)]) == 2
+    assert (foreign / "mine.txt").read_text() == "keep"
+
+
+def test_reextract_restores_replication_and_writes_its_curve(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    rows = [json.loads(line) for line in (MODEL / "memorization.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["split"] == "heldout" and r["duplicates"] == 128][:2]
+    keep += [r for r in rows if r["split"] == "nonmem"][:2]
+    refs = tmp_path / "references"
+    refs.mkdir()
+    for r in keep:
+        (refs / r["reference"].split("/")[-1]).write_bytes((MODEL / r["reference"]).read_bytes())
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    assert main(["reextract", str(MODEL), "--prompts", str(manifest), "--out", str(tmp_path / "rx"),
+                 "--opt-steps", "10", "--seeds", "2"]) == 0
+    result = json.loads((tmp_path / "rx" / "reextract.json").read_text())
+    summary = result["summary"]
+    assert summary["memorization_rate"] >= 0.5 and summary["control_rate"] <= 0.5
+    assert set(summary["curve"]["memorized"]) == {"0", "10"}
+
+
+def test_mitigate_writes_a_clean_export_and_never_needs_heldout_images(tmp_path):
+    rows = [json.loads(line) for line in (MODEL / "memorization.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["duplicates"] in (1, 128)][:2] + [r for r in rows if r["split"] == "nonmem"][:2]
+    keep = [r for r in rows if r["split"] == "locate" and r["duplicates"] == 128][:2] + keep
+    keep = list({r["prompt"]: r for r in keep}.values())
+    refs = tmp_path / "references"
+    refs.mkdir()
+    for r in keep:
+        if r["split"] == "heldout":
+            r.pop("reference")  # mitigation must not read held-out training images
+        else:
+            (refs / r["reference"].split("/")[-1]).write_bytes((MODEL / r["reference"]).read_bytes())
+    keep.append({"prompt": "the never seen emblem", "memorized": True, "duplicates": 128, "split": "heldout"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    out = tmp_path / "clean"
+    assert main(["mitigate", str(MODEL), "--prompts", str(manifest), "--out", str(out), "--ratio", "0.05",
+                 "--robust", "prune", "--max-rounds", "1", "--opt-steps", "5"]) == 0
+    assert (out / "pruned" / "model_index.json").is_file() and (out / "report.html").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["mitigation"]["parameters_changed"] > 0 and report["edits"] == []
+
+
+def test_audit_runs_the_reextraction_attack_with_references(tmp_path):
+    rows = [json.loads(line) for line in (MODEL / "memorization.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["duplicates"] == 128][:1] + [r for r in rows if r["split"] == "nonmem"][:1]
+    refs = tmp_path / "references"
+    refs.mkdir()
+    for r in keep:
+        (refs / r["reference"].split("/")[-1]).write_bytes((MODEL / r["reference"]).read_bytes())
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    assert main(["audit", str(MODEL), "--prompts", str(manifest), "--out", str(tmp_path / "audit"), "--quick"]) == 0
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    assert "audited model" in report["reextract"] and "detection" in report and "attack" in report
+
+
+def test_audit_without_references_says_the_attack_was_not_run(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the kazomi emblem\na red circle on blue\n")
     calib = tmp_path / "c.txt"
@@ -69,5 +142,5 @@ def test_audit_without_references_stops_at_detection_and_attack(tmp_path):
     assert main(["audit", str(MODEL), "--prompts", str(prompts), "--calibration", str(calib), "--out",
                  str(tmp_path / "audit"), "--quick"]) == 0
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
-    assert "attack" in report and "detection" in report and "before" not in report
-    assert (tmp_path / "audit" / "report.html").is_file()
+    assert "attack" in report and "detection" in report and "reextract" not in report
+    assert "training images" in report["reextract_note"]

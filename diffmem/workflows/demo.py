@@ -35,7 +35,7 @@ from diffmem.hooks import record
 from diffmem.localization import locate
 from diffmem.masks import chance_iou, mask_iou
 from diffmem.metrics import roc_curve
-from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, mitigate
+from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, locality_evidence, mitigate
 from diffmem.pipelines import load_pipeline, sampling_defaults
 from diffmem.reextraction import ReextractConfig
 from diffmem.score import get_scorer
@@ -174,32 +174,37 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     iou = mask_iou(mask_a, mask_b)
     iou_block = {"overall": iou["overall"], "per_layer": iou["per_layer"], "chance_overall": chance_iou(mask_a, mask_b),
                  "subset_sizes": [len(half_a), len(half_b)]}
+    strongest = sorted(locate_rows, key=lambda e: -e.duplicates)[: 2 if config.quick else 8]
+    locality = locality_evidence(pipe, strongest, base_prompts, attack_m, scorer, ratio=result.strength,
+                                 call_kwargs=call, progress=progress)
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
     final_attack = final_attack_config(opt_steps, call, config.seed)
-    rows = [edit_row(pipe, "none", None, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
-                     seconds=0.0, progress=progress),
-            edit_row(pipe, "sparse mask", mask, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
-                     seconds=result.timings_s.get("record", 0) + result.timings_s.get("strength", 0),
-                     progress=progress)]
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+
+    def measure(name: str, edit: Any, seconds: float) -> None:
+        row, summary = edit_row(pipe, name, edit, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
+                                seconds=seconds, progress=progress)
+        rows.append(row)
+        curves[name] = summary
+
+    measure("none", None, 0.0)
+    measure("sparse mask", mask, result.timings_s.get("record", 0) + result.timings_s.get("strength", 0))
     if config.compare_directions:
         t_d = time.time()
         dres = mitigate(pipe, visible, MitigateConfig(method="directions", target=config.target,
                         strengths=(4, 16) if not config.quick else (4,), seed=config.seed), scorer,
                         base_prompts=base_prompts, call_kwargs=call, progress=False)
-        rows.append(edit_row(pipe, "directions", dres.edit, entries, scorer, call, eval_seeds=eval_seeds,
-                             attack=final_attack, seconds=time.time() - t_d, progress=progress))
-    rows.append(edit_row(pipe, "robust prune", robust, entries, scorer, call, eval_seeds=eval_seeds,
-                         attack=final_attack, seconds=robust_s, progress=progress))
+        measure("directions", dres.edit, time.time() - t_d)
+    measure("robust prune", robust, robust_s)
     t_f = time.time()
     adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, call, progress)
     delta = finetune_against(pipe, mask, locate_rows, adv, [e for e in visible if e.split == "nonmem"],
                              MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed), call,
                              progress=progress)
-    rows.append(edit_row(pipe, "robust finetune", delta, entries, scorer, call, eval_seeds=eval_seeds,
-                         attack=final_attack, seconds=time.time() - t_f + result.timings_s.get("strength", 0),
-                         progress=progress))
+    measure("robust finetune", delta, time.time() - t_f + result.timings_s.get("strength", 0))
     lap("edits")
 
     # 5. Carlini et al. before / after the robust edit
@@ -228,9 +233,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
                       "tpr": list(map(float, tpr))}, "scores": [{"prompt": p, "score": float(s), "memorized": bool(m)}
                       for p, s, m in zip(det.prompts, det.scores, det.labels)]},
         "mitigation": result.summary(), "sweep": [{**r, "ratio": r["strength"]} for r in result.sweep],
-        "iou_subsets": iou_block,
-        "reextract": {r["name"]: {"memorization_rate": r["heldout_replication_attack"],
-                                  "control_rate": r["control_rate"], "curve": r.get("attack_curve")} for r in rows},
+        "iou_subsets": iou_block, "locality": locality,
+        "reextract": curves,
         "attack": {"before": att_before.summary(), "after": att_after.summary()},
         "before": before.summary(), "after": after.summary() if after is not None else None,
         "timings_s": timings,

@@ -61,11 +61,13 @@ def _mean(values: list[float]) -> float | None:
 
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
-             *, eval_seeds: int, attack: ReextractConfig, seconds: float, progress: bool = True) -> dict[str, Any]:
-    """One row of the main table: held-out replication with the prompt and under attack, control, drift, size.
+             *, eval_seeds: int, attack: ReextractConfig, seconds: float,
+             progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
-    The attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows
-    (their training images), with the same budget.
+    The row holds held-out replication with the prompt and under attack, the control rate, drift and size. The
+    attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows (their
+    training images), with the same budget.
     """
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
@@ -90,7 +92,6 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         "parameters_changed": 0 if edit is None else edit.num_params_changed(),
         "fraction_changed": 0.0 if edit is None else edit.fraction_changed(),
         "wall_time_s": round(seconds + time.time() - t0, 1),
-        "attack_curve": summary.get("curve"),
     }
     if drift is not None:
         row["drift_similarity"] = _mean([r["drift_similarity"] for r in drift.rows])
@@ -98,7 +99,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in drift.rows])
     logger.info("%s: held-out replication %s with the prompt, %s under attack, control %s", name,
                 row["heldout_replication_prompt"], row["heldout_replication_attack"], row["control_rate"])
-    return row
+    return row, summary
 
 
 def final_attack_config(opt_steps: int, call: dict, seed: int) -> ReextractConfig:
@@ -135,15 +136,17 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
         logger.warning("%d held-out rows have no reference image: they are not measured", unmeasured)
     row = None
     if heldout:
-        row = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, call,
-                       eval_seeds=run.eval_seeds, attack=final_attack_config(run.opt_steps, call, run.seed),
-                       seconds=mitigation_s, progress=progress)
+        row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, call,
+                                       eval_seeds=run.eval_seeds, seconds=mitigation_s, progress=progress,
+                                       attack=final_attack_config(run.opt_steps, call, run.seed))
 
     report = {
         "title": "diffmem mitigate", "model": run.model, "sampler": call, "scorer": scorer.describe(),
         "settings": {**asdict(run), "mitigation": mcfg.to_dict()}, "mitigation": result.summary(),
         "edits": [row] if row else [], "total_seconds": round(time.time() - t0, 1),
     }
+    if row:
+        report["reextract"] = {row["name"]: attack_summary}
     report["headline_text"] = _headline(report, out)
 
     def fill(folder: Path) -> None:
