@@ -30,7 +30,7 @@ from .config import RecordConfig
 from .errors import DiffmemError
 from .sampling import image_size, latent_shape, seed_noise
 from .stats import HALVES, ActivationStats, prompts_sha256, row_moments
-from .targets import find_targets, get_denoiser
+from .targets import find_targets, get_denoiser, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +92,6 @@ def _timestep_of(args: tuple, kwargs: dict[str, Any]) -> float | None:
         return float(value.flatten()[0]) if value.dim() <= 1 and value.numel() else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    return None
-
-
-def _model_id(obj: Any) -> str | None:
-    for holder in (obj, get_denoiser(obj)):
-        config = getattr(holder, "config", None)
-        name = config.get("_name_or_path") if isinstance(config, dict) else getattr(config, "_name_or_path", None)
-        if name:
-            return str(name)
     return None
 
 
@@ -186,7 +177,7 @@ class ActivationRecorder:
         self._pipe = None if isinstance(pipe_or_denoiser, nn.Module) else pipe_or_denoiser
         self._scheduler_arg = scheduler
         layers = {name: tuple(m.weight.shape) for name, m in self.targets.items()}
-        base_meta = {"model_id": _model_id(pipe_or_denoiser), "denoiser": type(self.denoiser).__name__}
+        base_meta = {"model_id": model_source(pipe_or_denoiser), "denoiser": type(self.denoiser).__name__}
         base_meta["record_config"] = config.to_dict()
         base_meta.update(meta or {})
         self._stats = ActivationStats(layers, config.record_steps, meta=base_meta)
@@ -766,7 +757,7 @@ def record(
         logger.warning("%s takes neither latents nor generator: its noise is not seeded", type(pipe).__name__)
 
     meta = {
-        "model_id": model_id or _model_id(pipe),
+        "model_id": model_id or model_source(pipe),
         **conditioning_meta,
         "num_prompts": count,
         "diffmem_version": __version__,
