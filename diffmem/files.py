@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -152,11 +151,21 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_temp(out_dir: Path, older_than_s: float = 0.0) -> list[Path]:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user holds that pid
+        return True
+    return True
+
+
+def remove_stale_temp(out_dir: Path) -> list[Path]:
     """Remove diffmem's own leftover temporary folders of ``out_dir`` (from a killed run); say so in the log.
 
-    Only siblings named ``.<name>.tmp-<12 hex>`` or ``.<name>.old-<12 hex>`` (the names :func:`replace_dir`
-    makes) are removed.
+    Only siblings named ``.<name>.tmp-<pid>-<8 hex>`` or ``.<name>.old-<pid>-<8 hex>`` (the names
+    :func:`replace_dir` makes) whose process no longer runs on this machine are removed.
 
     Returns:
         The removed paths.
@@ -165,17 +174,13 @@ def remove_stale_temp(out_dir: Path, older_than_s: float = 0.0) -> list[Path]:
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
-    now = time.time()
     for mark in (_TMP_MARK, _OLD_MARK):
         prefix = f".{out_dir.name}{mark}"
         for p in parent.glob(f"{prefix}*"):
-            tag = p.name[len(prefix):]
-            if len(tag) != 12 or any(c not in "0123456789abcdef" for c in tag):
+            pid, _, tag = p.name[len(prefix):].partition("-")
+            if not pid.isdigit() or len(tag) != 8 or any(c not in "0123456789abcdef" for c in tag):
                 continue
-            try:
-                if now - p.lstat().st_mtime < older_than_s:
-                    continue
-            except OSError:
+            if _alive(int(pid)):
                 continue
             _remove(p)
             removed.append(p)
@@ -201,7 +206,7 @@ def replace_dir(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Pat
 
     out_dir = Path(out_dir)
     remove_stale_temp(out_dir)
-    tag = uuid.uuid4().hex[:12]
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_dir = out_dir.parent / f".{out_dir.name}{_TMP_MARK}{tag}"
     old_dir = out_dir.parent / f".{out_dir.name}{_OLD_MARK}{tag}"
     parked = installed = False

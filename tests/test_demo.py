@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,11 +21,40 @@ pytestmark = [
 EDITS = ["none", "sparse mask", "directions", "robust prune", "robust finetune"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out
+    """``diffmem demo --quick`` run by the installed wheel, from a folder that is not the repository.
+
+    The wheel is built from the repository and installed into a fresh venv that borrows the heavy dependencies
+    (torch, diffusers, ...) from this environment through a ``.pth`` line, so nothing is downloaded; the demo then
+    has to find the embedded model among the wheel's data files.
+    """
+    work = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(work / "dist"), str(REPO)], check=True, capture_output=True)
+    wheel = next((work / "dist").glob("diffmem-*.whl"))
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    deps = [p for p in map(str, sys.path) if p.endswith("site-packages")]
+    Path(site, "borrowed_deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
+                   capture_output=True)
+    run_dir = work / "elsewhere"
+    run_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run([str(venv / "bin" / "diffmem"), "demo", "--quick", "--out", "run"], cwd=run_dir,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = subprocess.run([str(python), "-c", "import diffmem; print(diffmem.__file__)"], cwd=run_dir,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(site), f"the demo ran diffmem from {where!r}, not from the installed wheel"
+    return run_dir / "run"
 
 
 def test_demo_table_has_one_row_per_edit_from_real_generations(demo_out):
@@ -67,15 +100,23 @@ def test_demo_export_loads_with_plain_diffusers_and_keeps_the_sampler(demo_out):
         (MODEL / "diffmem_defaults.json").read_text())
 
 
-def test_demo_rerun_replaces_its_own_output_only(demo_out, tmp_path):
-    stale = demo_out / "stale-from-an-earlier-run.txt"
+def test_rerun_replaces_its_own_output_only(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the kazomi emblem\na red circle on blue\n")
+    calib = tmp_path / "c.txt"
+    calib.write_text("a green square on white\na black triangle on yellow\na blue circle on red\n")
+    out = tmp_path / "audit"
+    argv = ["audit", str(MODEL), "--prompts", str(prompts), "--calibration", str(calib), "--quick", "--out"]
+    assert main(argv + [str(out)]) == 0
+    stale = out / "stale-from-an-earlier-run.txt"
     stale.write_text("old")
-    assert main(["demo", "--quick", "--no-directions", "--out", str(demo_out)]) == 0
-    assert not stale.exists()  # the run's folder is swapped in whole
+    assert main(argv + [str(out)]) == 0
+    assert not stale.exists() and (out / "report.json").is_file()  # the run's folder is swapped in whole
+    assert not list(tmp_path.glob(".audit.*"))  # no temporary folder left behind
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("keep")
-    assert main(["demo", "--quick", "--out", str(foreign)]) == 2
+    assert main(argv + [str(foreign)]) == 2
     assert (foreign / "mine.txt").read_text() == "keep"
 
 
