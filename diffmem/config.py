@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 __all__ = ["RecordConfig", "LocateConfig", "LOCATE_PRESETS", "BASE_PRESETS"]
 
@@ -12,8 +13,25 @@ def _check(cond: bool, field: str, value: object, why: str) -> None:
         raise ValueError(f"{field}={value!r} is invalid: {why}")
 
 
+_Config = TypeVar("_Config", bound="_ConfigMethods")
+
+
+class _ConfigMethods:
+    """``to_dict`` and ``from_preset`` (over ``LOCATE_PRESETS``), shared by ``RecordConfig`` and ``LocateConfig``."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_preset(cls: type[_Config], name: str, **overrides: object) -> _Config:
+        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
+        if name not in LOCATE_PRESETS:
+            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
+
+
 @dataclass
-class RecordConfig:
+class RecordConfig(_ConfigMethods):
     """How to record FFN activation statistics.
 
     Args:
@@ -62,16 +80,6 @@ class RecordConfig:
         """Whether the pipeline runs classifier-free guidance (an ``[uncond; cond]`` batch)."""
         return self.guidance_scale > 1.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
-        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
-        if name not in LOCATE_PRESETS:
-            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
-        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
-
 
 LOCATE_METHODS = ("wanda", "neuron", "directions")
 # Chavhan et al. 2024, as their released code runs it: statistics of the whole [uncond; cond] batch, the empty prompt
@@ -85,7 +93,7 @@ HALVES_CHOICES = ("cond", "uncond", "both")
 
 
 @dataclass
-class LocateConfig:
+class LocateConfig(_ConfigMethods):
     """How to turn memorized and base statistics into a mask.
 
     Args:
@@ -130,13 +138,3 @@ class LocateConfig:
         _check(
             0.0 < self.explained_variance <= 1.0, "explained_variance", self.explained_variance, "must be in (0, 1]"
         )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
-        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
-        if name not in LOCATE_PRESETS:
-            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
-        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
