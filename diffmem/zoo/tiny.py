@@ -14,7 +14,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bytes_to_unicode", "write_word_vocab", "build_tiny_pipeline", "DEFAULT_WORDS"]
+__all__ = [
+    "bytes_to_unicode", "write_word_vocab", "tiny_unet", "tiny_vae", "tiny_text_encoder", "build_tiny_pipeline",
+    "DEFAULT_WORDS",
+]
 
 DEFAULT_WORDS = (
     "a an the of on in with and photo picture painting red green blue yellow white black orange purple "
@@ -106,6 +109,85 @@ def write_word_vocab(folder: str | Path, words: Iterable[str]) -> Path:
     return folder
 
 
+def tiny_unet(sample_size: int, block_out_channels: tuple[int, ...], cross_attention_dim: int):
+    """A ``UNet2DConditionModel`` with one layer per block, cross-attention below the first level.
+
+    Args:
+        sample_size: Latent size.
+        block_out_channels: Channels per level.
+        cross_attention_dim: Width of the text embeddings.
+
+    Returns:
+        The randomly initialised UNet (from the current torch seed).
+    """
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae(image_size: int):
+    """A two-level ``AutoencoderKL`` (channels 32, 64) with 4 latent channels and half-size latents.
+
+    Args:
+        image_size: Image size in pixels.
+
+    Returns:
+        The randomly initialised VAE (from the current torch seed).
+    """
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=image_size,
+    )
+
+
+def tiny_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, num_hidden_layers: int):
+    """A ``CLIPTextModel`` with 4 attention heads over ``tokenizer``'s vocabulary and special tokens.
+
+    Args:
+        tokenizer: The ``CLIPTokenizer`` whose vocabulary and special tokens the model uses.
+        hidden_size: Width of the encoder.
+        intermediate_size: Width of its feed-forward layers.
+        num_hidden_layers: Number of transformer layers.
+
+    Returns:
+        The randomly initialised text encoder (from the current torch seed).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def build_tiny_pipeline(
     tokenizer_dir: str | Path | None = None,
     words: Iterable[str] = DEFAULT_WORDS,
@@ -133,8 +215,8 @@ def build_tiny_pipeline(
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     if tokenizer_dir is None:
         tokenizer_dir = tempfile.mkdtemp(prefix="diffmem-tok-")
@@ -142,41 +224,9 @@ def build_tiny_pipeline(
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=block_out_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim or text_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 2,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_dim,
-            intermediate_size=text_dim * 2,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    unet = tiny_unet(sample_size, block_out_channels, cross_attention_dim or text_dim)
+    vae = tiny_vae(sample_size * 2)
+    text_encoder = tiny_text_encoder(tokenizer, text_dim, text_dim * 2, num_hidden_layers=2)
     sched_kwargs = dict(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,

@@ -75,51 +75,17 @@ def _images_tensor(samples: list[Sample]) -> torch.Tensor:
 
 
 def _build_models(config: TrainConfig, tokenizer_dir: Path, words: list[str]):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from diffmem.zoo.tiny import write_word_vocab
+    from diffmem.zoo.tiny import tiny_text_encoder, tiny_unet, tiny_vae, write_word_vocab
 
     write_word_vocab(tokenizer_dir, words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(config.seed)
     size = config.dataset.image_size
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_dim,
-            intermediate_size=config.text_dim * 4,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    n = len(config.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=size // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=tuple(config.unet_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=config.text_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    vae = tiny_vae(size)
+    text_encoder = tiny_text_encoder(tokenizer, config.text_dim, config.text_dim * 4, config.text_layers)
+    unet = tiny_unet(size // 2, tuple(config.unet_channels), config.text_dim)
     return tokenizer, text_encoder, vae, unet
 
 
