@@ -69,13 +69,6 @@ _rate = _float_type(lambda v: 0 <= v <= 1, "in [0, 1]")
 _positive_float = _float_type(lambda v: v > 0, "> 0")
 
 
-def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
-    """Add the subcommand ``name``, run by ``func(args)``, and return its parser."""
-    p = sub.add_parser(name, help=help)
-    p.set_defaults(func=func)
-    return p
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="diffusers pipeline folder or hub id")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickled .bin weights and torchscript (unsafe)")
@@ -456,7 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = _command(sub, "record", cmd_record, "record FFN activation statistics over prompts")
+    def command(name: str, func: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+        """Add the subcommand ``name``, run by ``func(args)``, and return its parser."""
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("record", cmd_record, "record FFN activation statistics over prompts")
     _add_model(p)
     p.add_argument("--prompts", default=None, help="prompt file (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output statistics (.safetensors + .json)")
@@ -471,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=0,
                    help="checkpoint partial statistics every N prompts per process (resumable)")
 
-    p = _command(sub, "locate", cmd_locate, "score and select the weights (or directions) behind memorization")
+    p = command("locate", cmd_locate, "score and select the weights (or directions) behind memorization")
     _add_model(p)
     p.add_argument("--memorized", required=True, help="statistics of memorized prompts")
     p.add_argument("--base", required=True, help="statistics of base prompts")
@@ -487,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_positive_int, default=None, help="directions: fixed k per layer")
     p.add_argument("--explained-variance", type=_fraction, default=None, help="directions: energy share that picks k")
 
-    p = _command(sub, "prune", cmd_prune, "export an edited pipeline that plain diffusers loads")
+    p = command("prune", cmd_prune, "export an edited pipeline that plain diffusers loads")
     _add_model(p)
     p.add_argument("--edit", default=None, help="a mask, direction basis or weight delta saved by diffmem")
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
@@ -495,11 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem export at --out")
 
-    p = _command(sub, "iou", cmd_iou, "overlap of two masks, per layer and overall")
+    p = command("iou", cmd_iou, "overlap of two masks, per layer and overall")
     p.add_argument("mask_a")
     p.add_argument("mask_b")
 
-    p = _command(sub, "detect", cmd_detect, "rank prompts by Wen et al.'s noise-prediction magnitude")
+    p = command("detect", cmd_detect, "rank prompts by Wen et al.'s noise-prediction magnitude")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv)")
@@ -512,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=float, default=3.0)
     _add_references(p)
 
-    p = _command(sub, "attack", cmd_attack, "Carlini et al.'s generate-and-filter extraction attack")
+    p = command("attack", cmd_attack, "Carlini et al.'s generate-and-filter extraction attack")
     _add_model(p)
     p.add_argument("--prompts", required=True)
     p.add_argument("--out", required=True, help="output folder (attack.json, extractions/)")
@@ -528,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", default=None, help="apply a saved edit reversibly first")
     _add_references(p)
 
-    p = _command(sub, "evaluate", cmd_evaluate, "replication, diversity and drift with and without an edit")
+    p = command("evaluate", cmd_evaluate, "replication, diversity and drift with and without an edit")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest (jsonl with prompt/split/reference)")
     p.add_argument("--out", default="evaluation.json")
@@ -543,8 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-pretrained", default=None, help="CLIP weights tag or file for the CLIP score")
     _add_references(p)
 
-    p = _command(sub, "reextract", cmd_reextract,
-                 "re-extraction attack: optimise the conditioning toward training images")
+    p = command("reextract", cmd_reextract, "re-extraction attack: optimise the conditioning toward training images")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest with reference images")
     p.add_argument("--out", required=True, help="output folder (reextract.json)")
@@ -562,8 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     _add_references(p)
 
-    p = _command(sub, "mitigate", cmd_mitigate,
-                 "locate, tune and (with --robust) harden an edit; export the clean model")
+    p = command("mitigate", cmd_mitigate, "locate, tune and (with --robust) harden an edit; export the clean model")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="manifest with locate / heldout / nonmem rows")
     p.add_argument("--out", required=True, help="output folder (pruned/, edit, report.json, report.html)")
@@ -578,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
     _add_references(p)
 
-    p = _command(sub, "demo", cmd_demo, "the full mitigate-and-attack demo on the embedded tiny memorizer")
+    p = command("demo", cmd_demo, "the full mitigate-and-attack demo on the embedded tiny memorizer")
     p.add_argument("--model", default=None, help="default: assets/tiny-sd-memorizer")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--ratio", type=_fraction, default=None, help="mask ratio (default: chosen on the locate split)")
@@ -589,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
 
-    p = _command(sub, "audit", cmd_audit, "detect, attack and re-extract (with references) on any checkpoint")
+    p = command("audit", cmd_audit, "detect, attack and re-extract (with references) on any checkpoint")
     p.add_argument("model")
     p.add_argument("--prompts", required=True)
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
