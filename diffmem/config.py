@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TypeVar
 
 __all__ = ["RecordConfig", "LocateConfig", "LOCATE_PRESETS", "BASE_PRESETS"]
 
@@ -13,21 +12,11 @@ def _check(cond: bool, field: str, value: object, why: str) -> None:
         raise ValueError(f"{field}={value!r} is invalid: {why}")
 
 
-_Config = TypeVar("_Config", bound="_ConfigMethods")
-
-
 class _ConfigMethods:
-    """``to_dict`` and ``from_preset`` (over ``LOCATE_PRESETS``), shared by ``RecordConfig`` and ``LocateConfig``."""
+    """``to_dict``, shared by the config dataclasses."""
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_preset(cls: type[_Config], name: str, **overrides: object) -> _Config:
-        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
-        if name not in LOCATE_PRESETS:
-            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
-        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
 
 
 @dataclass
@@ -138,3 +127,11 @@ class LocateConfig(_ConfigMethods):
         _check(
             0.0 < self.explained_variance <= 1.0, "explained_variance", self.explained_variance, "must be in (0, 1]"
         )
+
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
+        """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
+        if name not in LOCATE_PRESETS:
+            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+        return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})
