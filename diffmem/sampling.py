@@ -76,6 +76,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _rows(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``tensor[index]``, or its single row repeated ``len(index)`` times."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(len(index), *tensor.shape[1:])
+    return tensor[index]
+
+
 @torch.no_grad()
 def generate_images(
     pipe: Any,
@@ -87,6 +94,9 @@ def generate_images(
     desc: str = "generate",
     *,
     prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     **call_kwargs: Any,
 ) -> np.ndarray:
     """Generate ``num_seeds`` images for each prompt (or each conditioning); image ``j`` uses seed ``seed + j``.
@@ -103,6 +113,11 @@ def generate_images(
         desc: Progress bar label.
         prompt_embeds: ``[P, L, D]`` text-encoder outputs used instead of prompts (the unconditional half is the
             empty prompt's, encoded by the pipeline).
+        pooled_prompt_embeds: ``[P, D']`` pooled text embeddings that go with ``prompt_embeds`` on pipelines that
+            take them (SDXL, SD3). Without explicit negatives such a pipeline makes its own unconditional half.
+        negative_prompt_embeds: ``[1, L, D]`` or ``[P, L, D]`` conditioning of the unconditional half, instead of
+            the empty prompt's.
+        negative_pooled_prompt_embeds: ``[1, D']`` or ``[P, D']`` pooled embeddings of the unconditional half.
         **call_kwargs: Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ...).
 
     Returns:
@@ -110,7 +125,22 @@ def generate_images(
     """
     if (prompts is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompts or prompt_embeds")
+    extras = {
+        "pooled_prompt_embeds": pooled_prompt_embeds,
+        "negative_prompt_embeds": negative_prompt_embeds,
+        "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+    }
+    if prompt_embeds is None and any(v is not None for v in extras.values()):
+        given = ", ".join(k for k, v in extras.items() if v is not None)
+        raise ValueError(f"{given} need prompt_embeds, not prompts")
+    if negative_pooled_prompt_embeds is not None and negative_prompt_embeds is None:
+        raise ValueError("negative_pooled_prompt_embeds needs negative_prompt_embeds")
     count = len(prompts) if prompts is not None else int(prompt_embeds.shape[0])
+    for name in ("pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+        value = extras[name]
+        allowed = (count,) if name == "pooled_prompt_embeds" else (1, count)
+        if value is not None and int(value.shape[0]) not in allowed:
+            raise ValueError(f"{name} has {int(value.shape[0])} rows; expected {' or '.join(map(str, allowed))}")
     height, width = image_size(pipe, call_kwargs.pop("height", None), call_kwargs.pop("width", None))
     jobs = [(i, seed + j) for i in range(count) for j in range(num_seeds)]
     out: list[np.ndarray] = []
@@ -124,7 +154,15 @@ def generate_images(
             cond: dict[str, Any] = {"prompt": [prompts[i] for i in index]}
         else:
             cond = {"prompt_embeds": prompt_embeds[index].to(device, dtype)}
-            if call_kwargs.get("guidance_scale", 7.5) > 1:
+            if pooled_prompt_embeds is not None:
+                cond["pooled_prompt_embeds"] = pooled_prompt_embeds[index].to(device, dtype)
+            if negative_prompt_embeds is not None:
+                cond["negative_prompt_embeds"] = _rows(negative_prompt_embeds, index).to(device, dtype)
+                if negative_pooled_prompt_embeds is not None:
+                    cond["negative_pooled_prompt_embeds"] = _rows(negative_pooled_prompt_embeds, index).to(
+                        device, dtype
+                    )
+            elif pooled_prompt_embeds is None and call_kwargs.get("guidance_scale", 7.5) > 1:
                 empty = pipe.encode_prompt([""], device, 1, False)[0]
                 cond["negative_prompt_embeds"] = empty.expand(len(index), -1, -1).to(dtype)
         res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **call_kwargs).images

@@ -1,0 +1,868 @@
+"""Re-extraction attack: optimise the conditioning of a frozen model until it replicates a known training image.
+
+Finding DoRI (ICML 2026, arXiv 2507.16880) shows that pruning-based mitigations can hide memorization rather than
+remove it. The attack keeps every weight frozen and moves only the conditioning tensor that the denoiser's
+cross-attention consumes (the text encoder's output, plus the pooled embedding on SDXL/SD3), with Adam on the
+model's own training loss toward the training image. Sampling with the optimised conditioning then shows whether
+the image comes back. The same attack on images the model did not memorize is the control.
+
+The attack runs on the pipeline as the caller left it: under a reversible edit (``with edit.apply(pipe):``) it
+attacks the edited model. It never reloads, copies or changes weights.
+
+Example::
+
+    scorer = get_scorer("ssim")
+    items = [ReextractItem(prompt, reference_uint8, "memorized", i) for i, (prompt, reference_uint8) in ...]
+    result = reextract(pipe, items, ReextractConfig(call_kwargs={"num_inference_steps": 25}), scorer)
+    result.summary()["memorization_rate"]
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import DiffmemError
+from .sampling import generate_images, image_size
+from .score import Scorer
+from .targets import get_denoiser
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ReextractConfig",
+    "ReextractItem",
+    "ReextractResult",
+    "OptimizedConditioning",
+    "optimize_conditioning",
+    "initial_conditioning",
+    "encode_conditioning",
+    "encode_reference",
+    "conditioning_loss",
+    "DiffusionObjective",
+    "reextract",
+    "KINDS",
+    "DEFAULT_CHECKPOINTS",
+]
+
+KINDS = ("memorized", "control")
+"""Row kinds: prompts whose image the model memorized, and controls (images it saw once, or never)."""
+
+DEFAULT_CHECKPOINTS = (0, 10, 25, 50)
+"""Steps at which replication is measured by default (the paper's budget is 50 steps)."""
+
+_PROMPT_OF = "prompt-of:"
+# pipeline arguments that generate_images or the attack set themselves
+_RESERVED_CALL_KEYS = frozenset(
+    {
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "latents",
+        "generator",
+        "output_type",
+        "num_images_per_prompt",
+        "return_dict",
+    }
+)
+
+
+def _fail(name: str, value: object, why: str) -> ValueError:
+    return ValueError(f"ReextractConfig.{name}={value!r} is invalid: {why}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass
+class ReextractConfig:
+    """Settings of the re-extraction attack.
+
+    Args:
+        opt_steps: Adam steps on the conditioning.
+        lr: Adam learning rate.
+        batch: Noise and timestep draws per Adam step.
+        init: Starting conditioning: ``"prompt"`` (the prompt's text-encoder output), ``"random"`` (random
+            directions with the prompt embedding's per-token norms) or ``"prompt-of:OTHER TEXT"`` (another prompt's
+            embedding).
+        checkpoints: Optimisation steps at which replication is measured by sampling (0 = the starting point);
+            the final step is always added. Steps of the default past a smaller ``opt_steps`` are dropped; steps
+            given explicitly must lie in ``[0, opt_steps]``.
+        num_seeds: Sampling seeds per row and checkpoint.
+        sample_seed: First sampling seed (seeds ``sample_seed .. sample_seed + num_seeds - 1``); keep it apart from
+            the seeds used anywhere else.
+        seed: Seed of the optimisation's noise, timesteps and random start.
+        threshold: Replication threshold on the scorer's similarity (``None``: the scorer's own).
+        call_kwargs: Sampler settings passed to the pipeline (``num_inference_steps``, ``guidance_scale``,
+            ``guidance_rescale``, ``height``, ``width``, ...). ``height``/``width`` also fix the optimisation's size.
+        sample_batch_size: Images per pipeline call when sampling.
+    """
+
+    opt_steps: int = 50
+    lr: float = 0.1
+    batch: int = 8
+    init: str = "prompt"
+    checkpoints: tuple[int, ...] = DEFAULT_CHECKPOINTS
+    num_seeds: int = 4
+    sample_seed: int = 10_000
+    seed: int = 0
+    threshold: float | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    sample_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.opt_steps) or self.opt_steps < 1:
+            raise _fail("opt_steps", self.opt_steps, "must be an integer >= 1")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
+            math.isfinite(self.lr) and self.lr > 0
+        ):
+            raise _fail("lr", self.lr, "must be a finite number > 0")
+        if not _is_int(self.batch) or self.batch < 1:
+            raise _fail("batch", self.batch, "must be an integer >= 1")
+        if not isinstance(self.init, str) or not (
+            self.init in ("prompt", "random")
+            or (self.init.startswith(_PROMPT_OF) and self.init[len(_PROMPT_OF) :].strip())
+        ):
+            raise _fail("init", self.init, "must be 'prompt', 'random' or 'prompt-of:OTHER TEXT'")
+        if isinstance(self.checkpoints, (str, bytes)) or not isinstance(self.checkpoints, Sequence):
+            raise _fail("checkpoints", self.checkpoints, "must be a sequence of integer steps")
+        if tuple(self.checkpoints) == DEFAULT_CHECKPOINTS:
+            self.checkpoints = tuple(s for s in DEFAULT_CHECKPOINTS if s <= self.opt_steps)
+        bad = [s for s in self.checkpoints if not _is_int(s) or not 0 <= s <= self.opt_steps]
+        if bad:
+            why = f"steps must be integers in [0, opt_steps={self.opt_steps}]"
+            raise _fail("checkpoints", tuple(self.checkpoints), why)
+        self.checkpoints = tuple(sorted({int(s) for s in self.checkpoints} | {int(self.opt_steps)}))
+        if not _is_int(self.num_seeds) or self.num_seeds < 1:
+            raise _fail("num_seeds", self.num_seeds, "must be an integer >= 1")
+        if not _is_int(self.sample_seed) or self.sample_seed < 0:
+            raise _fail("sample_seed", self.sample_seed, "must be an integer >= 0")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise _fail("seed", self.seed, "must be an integer >= 0")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+        ):
+            raise _fail("threshold", self.threshold, "must be a finite number or None")
+        if not isinstance(self.call_kwargs, dict) or not all(isinstance(k, str) for k in self.call_kwargs):
+            raise _fail("call_kwargs", self.call_kwargs, "must be a dict of pipeline arguments")
+        reserved = sorted(_RESERVED_CALL_KEYS & set(self.call_kwargs))
+        if reserved:
+            raise _fail("call_kwargs", self.call_kwargs, f"{', '.join(reserved)} are set by the attack itself")
+        for key in ("num_inference_steps", "height", "width"):
+            value = self.call_kwargs.get(key)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise _fail("call_kwargs", self.call_kwargs, f"{key} must be a positive integer")
+        if not _is_int(self.sample_batch_size) or self.sample_batch_size < 1:
+            raise _fail("sample_batch_size", self.sample_batch_size, "must be an integer >= 1")
+        self.opt_steps, self.batch, self.num_seeds = int(self.opt_steps), int(self.batch), int(self.num_seeds)
+        self.sample_seed, self.seed = int(self.sample_seed), int(self.seed)
+        self.lr = float(self.lr)
+        self.threshold = None if self.threshold is None else float(self.threshold)
+        self.call_kwargs = dict(self.call_kwargs)
+
+    @property
+    def init_prompt(self) -> str | None:
+        """The other prompt of a ``"prompt-of:..."`` start, else ``None``."""
+        return self.init[len(_PROMPT_OF) :].strip() if self.init.startswith(_PROMPT_OF) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        out = asdict(self)
+        out["checkpoints"] = list(self.checkpoints)
+        return out
+
+
+@dataclass
+class ReextractItem:
+    """One target of the attack.
+
+    Args:
+        prompt: The caption the image was trained with (the ``"prompt"`` start, and the statistics of ``"random"``).
+        reference: The training image, uint8 ``[H, W, 3]`` at the pipeline's generation size.
+        kind: ``"memorized"`` or ``"control"``.
+        index: Where the row comes from (e.g. its manifest line), or ``None``.
+    """
+
+    prompt: str
+    reference: np.ndarray
+    kind: str
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise DiffmemError(f"ReextractItem.prompt must be a string, got {type(self.prompt).__name__}")
+        if self.kind not in KINDS:
+            raise DiffmemError(f"ReextractItem.kind={self.kind!r} for {self.prompt!r}; expected one of {KINDS}")
+        ref = self.reference
+        if not isinstance(ref, np.ndarray) or ref.dtype != np.uint8 or ref.ndim != 3 or ref.shape[2] != 3:
+            shape = getattr(ref, "shape", None)
+            raise DiffmemError(
+                f"ReextractItem.reference of {self.prompt!r} must be a uint8 [H, W, 3] array, got "
+                f"{type(ref).__name__} {getattr(ref, 'dtype', '')} {tuple(shape) if shape is not None else ''}".rstrip()
+            )
+
+    @classmethod
+    def from_manifest_entry(cls, entry: Any, index: int | None = None) -> ReextractItem:
+        """Build an item from a manifest entry (``prompt``, ``memorized`` and ``reference`` attributes).
+
+        Args:
+            entry: A :class:`diffmem.data.ManifestEntry` or anything with the same attributes.
+            index: Row index to record.
+
+        Returns:
+            The item; memorized entries become ``"memorized"`` rows, all others ``"control"`` rows.
+
+        Raises:
+            DiffmemError: The entry has no reference image, or it cannot be read.
+        """
+        from PIL import Image
+
+        if getattr(entry, "reference", None) is None:
+            raise DiffmemError(f"manifest entry {entry.prompt!r} has no reference image to re-extract")
+        try:
+            with Image.open(entry.reference) as img:
+                ref = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except OSError as err:
+            raise DiffmemError(f"cannot read reference {entry.reference}: {err}") from None
+        kind = "memorized" if entry.memorized else "control"
+        return cls(prompt=entry.prompt, reference=ref, kind=kind, index=index)
+
+
+@dataclass
+class OptimizedConditioning:
+    """What :func:`optimize_conditioning` returns.
+
+    Attributes:
+        embeds: Optimisation step -> fp32 conditioning ``[1, L, D]`` on the CPU (step 0 is the start).
+        loss_curve: Training loss at every Adam step (before that step's update).
+        pooled: Step -> fp32 pooled embedding ``[1, D']`` on the CPU, when pooled embeddings were optimised.
+        seconds: Wall time of the optimisation.
+    """
+
+    embeds: dict[int, torch.Tensor]
+    loss_curve: list[float]
+    pooled: dict[int, torch.Tensor] | None = None
+    seconds: float = 0.0
+
+    @property
+    def final_step(self) -> int:
+        """The last recorded step."""
+        return max(self.embeds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the attack
+
+
+def _components(pipe: Any) -> list[nn.Module]:
+    comps = getattr(pipe, "components", None)
+    if isinstance(comps, dict):
+        mods = [m for m in comps.values() if isinstance(m, nn.Module)]
+    else:
+        mods = []
+    denoiser = get_denoiser(pipe)
+    if not any(m is denoiser for m in mods):
+        mods.append(denoiser)
+    return mods
+
+
+@contextmanager
+def _frozen(pipe: Any) -> Iterator[None]:
+    """Freeze every parameter of the pipeline's modules and put them in eval mode; restore both on exit."""
+    saved: list[tuple[torch.nn.Parameter, bool]] = []
+    modes: list[tuple[nn.Module, bool]] = []
+    seen: set[int] = set()
+    for module in _components(pipe):
+        for sub in module.modules():
+            modes.append((sub, sub.training))
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                saved.append((p, p.requires_grad))
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        for module in _components(pipe):
+            module.eval()
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        for sub, mode in modes:
+            sub.training = mode
+
+
+def _has_pooled(pipe: Any) -> bool:
+    """Whether the pipeline's denoiser consumes a pooled text embedding (SDXL, SD3)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    denoiser = get_denoiser(pipe)
+    if isinstance(denoiser, SD3Transformer2DModel):
+        return True
+    return isinstance(denoiser, UNet2DConditionModel) and denoiser.config.get("addition_embed_type") == "text_time"
+
+
+@torch.no_grad()
+def encode_conditioning(pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text-encoder outputs of prompts, as the pipeline computes them for sampling.
+
+    Args:
+        pipe: A diffusers text-to-image pipeline with ``encode_prompt``.
+        prompts: The prompts.
+
+    Returns:
+        fp32 ``[P, L, D]`` conditioning and fp32 ``[P, D']`` pooled embeddings (``None`` when the pipeline has
+        none), on the CPU.
+    """
+    device = get_denoiser(pipe).device
+    params = inspect.signature(pipe.encode_prompt).parameters
+    kwargs: dict[str, Any] = {"device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
+    for extra in ("prompt_2", "prompt_3"):
+        if extra in params:
+            kwargs[extra] = None
+    out = pipe.encode_prompt(prompt=list(prompts), **kwargs)
+    embeds = out[0].detach().float().cpu()
+    pooled = out[2].detach().float().cpu() if _has_pooled(pipe) and len(out) >= 3 and out[2] is not None else None
+    return embeds, pooled
+
+
+def _random_like(reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian directions scaled to ``reference``'s norm along the last axis (per token, or per pooled vector)."""
+    z = torch.randn(reference.shape, generator=generator, dtype=torch.float32)
+    norms = reference.float().norm(dim=-1, keepdim=True)
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norms
+
+
+def initial_conditioning(
+    pipe: Any, prompts: Sequence[str], config: ReextractConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Starting conditioning of each prompt under ``config.init``.
+
+    Args:
+        pipe: The pipeline.
+        prompts: One prompt per row.
+        config: The attack settings (``init`` and ``seed`` are used).
+
+    Returns:
+        fp32 ``[P, L, D]`` starts and ``[P, D']`` pooled starts (``None`` without pooled embeddings), on the CPU.
+        A random start of row ``i`` is drawn from seed ``config.seed + i``.
+    """
+    other = config.init_prompt
+    if other is not None:
+        embeds, pooled = encode_conditioning(pipe, [other])
+        count = len(prompts)
+        return embeds.expand(count, -1, -1).clone(), None if pooled is None else pooled.expand(count, -1).clone()
+    embeds, pooled = encode_conditioning(pipe, prompts)
+    if config.init == "random":
+        rand_e, rand_p = [], []
+        for i in range(len(prompts)):
+            gen = torch.Generator().manual_seed(config.seed + i)
+            rand_e.append(_random_like(embeds[i : i + 1], gen))
+            if pooled is not None:
+                rand_p.append(_random_like(pooled[i : i + 1], gen))
+        embeds = torch.cat(rand_e)
+        pooled = torch.cat(rand_p) if pooled is not None else None
+    return embeds, pooled
+
+
+@torch.no_grad()
+def encode_reference(pipe: Any, reference: np.ndarray) -> torch.Tensor:
+    """The training latent of an image: the VAE posterior mean, shifted and scaled as diffusers' training does.
+
+    Args:
+        pipe: A pipeline with a ``vae``.
+        reference: uint8 ``[H, W, 3]`` image, sides divisible by the VAE's scale factor.
+
+    Returns:
+        ``[1, C, H / f, W / f]`` latent on the VAE's device, fp32.
+
+    Raises:
+        DiffmemError: The image is not uint8 RGB or its size does not fit the VAE.
+    """
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        raise DiffmemError(f"{type(pipe).__name__} has no vae to encode the reference image with")
+    if not isinstance(reference, np.ndarray) or reference.dtype != np.uint8 or reference.ndim != 3:
+        raise DiffmemError(f"reference must be a uint8 [H, W, 3] array, got {getattr(reference, 'shape', reference)}")
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    h, w = reference.shape[:2]
+    if h % scale or w % scale:
+        raise DiffmemError(f"reference of {h}x{w} px does not fit the VAE: sides must be multiples of {scale}")
+    x = torch.from_numpy(np.array(reference, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    param = next(vae.parameters())
+    latent = vae.encode(x.to(param.device, param.dtype)).latent_dist.mean.float()
+    shift = vae.config.get("shift_factor", None)
+    if shift is not None:
+        latent = latent - float(shift)
+    latent = latent * float(vae.config.get("scaling_factor", 1.0))
+    if not torch.isfinite(latent).all():
+        raise DiffmemError(f"the VAE ({param.dtype}) encodes the reference to non-finite values; use an fp32 VAE")
+    return latent
+
+
+class DiffusionObjective:
+    """Noisy latents, targets and timesteps of the model's training objective, from the pipeline scheduler's config.
+
+    DDPM-family schedules (``epsilon``, ``v_prediction``, ``sample``; any beta schedule, zero-terminal-SNR rescaling)
+    use :class:`diffusers.DDPMScheduler`; flow-matching pipelines (SD3) use
+    :class:`diffusers.FlowMatchEulerDiscreteScheduler`'s training sigmas with ``x_t = (1 - s) x0 + s noise`` and
+    target ``noise - x0``.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        config = pipe.scheduler.config
+        name = type(pipe.scheduler).__name__
+        self.flow = name.startswith("FlowMatch")
+        if self.flow:
+            sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+            self.sigmas = sched.sigmas.float()[: len(sched.timesteps)]
+            self.timesteps = sched.timesteps.float()
+            self.prediction_type = "flow"
+            self.num = len(self.timesteps)
+        else:
+            self.sched = DDPMScheduler.from_config(config)
+            self.prediction_type = self.sched.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise DiffmemError(f"scheduler {name} predicts {self.prediction_type!r}; re-extraction supports "
+                                   "epsilon, v_prediction, sample and flow matching")
+            self.num = int(self.sched.config.num_train_timesteps)
+
+    def draw(
+        self, x0: torch.Tensor, batch: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh noise and uniform timesteps for ``batch`` copies of ``x0``.
+
+        Returns:
+            ``(noisy latents, timesteps for the denoiser, target)`` on ``x0``'s device, fp32.
+        """
+        shape = (batch, *x0.shape[1:])
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(x0.device)
+        idx = torch.randint(0, self.num, (batch,), generator=generator)
+        x0 = x0.float().expand(shape)
+        if self.flow:
+            s = self.sigmas[idx].to(x0.device).view(-1, 1, 1, 1)
+            return (1.0 - s) * x0 + s * noise, self.timesteps[idx].to(x0.device), noise - x0
+        t = idx.to(x0.device)
+        noisy = self.sched.add_noise(x0, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.sched.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        return noisy, t, target
+
+
+def _denoiser_call(pipe: Any, height: int, width: int):
+    """A function ``(x_t, t, cond, pooled) -> prediction`` for the pipeline's denoiser."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    denoiser = get_denoiser(pipe)
+    in_channels = int(denoiser.config.get("in_channels"))
+
+    def first_half(pred: torch.Tensor) -> torch.Tensor:
+        # learned-variance models predict [mean; variance]; the training loss is on the first half
+        return pred[:, :in_channels] if pred.shape[1] == 2 * in_channels else pred
+
+    if isinstance(denoiser, UNet2DConditionModel):
+        kind = denoiser.config.get("addition_embed_type")
+        if kind not in (None, "text_time"):
+            raise DiffmemError(f"re-extraction does not support UNet addition_embed_type={kind!r}")
+
+        def unet(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+            added = None
+            if kind == "text_time":
+                if pooled is None:
+                    raise DiffmemError("this UNet (SDXL) needs pooled embeddings; pass pooled=")
+                ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype, device=x.device)
+                added = {"text_embeds": pooled, "time_ids": ids.expand(x.shape[0], -1)}
+            return first_half(denoiser(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample)
+
+        return unet
+    if isinstance(denoiser, SD3Transformer2DModel):
+
+        def transformer(
+            x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None
+        ) -> torch.Tensor:
+            if pooled is None:
+                raise DiffmemError("this transformer (SD3) needs pooled embeddings; pass pooled=")
+            out = denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond, pooled_projections=pooled)
+            return first_half(out.sample)
+
+        return transformer
+    name = type(denoiser).__name__
+    raise DiffmemError(f"re-extraction supports UNet2DConditionModel and SD3Transformer2DModel denoisers, not {name}")
+
+
+def optimize_conditioning(
+    pipe: Any,
+    reference: np.ndarray,
+    init_embeds: torch.Tensor,
+    config: ReextractConfig,
+    *,
+    pooled: torch.Tensor | None = None,
+    progress: bool = False,
+) -> OptimizedConditioning:
+    """Optimise a conditioning tensor of the frozen model toward a training image with its training loss.
+
+    Every weight of the pipeline is frozen for the duration (``requires_grad`` and train/eval modes are restored
+    afterwards); only the conditioning, and the pooled embedding when given, are optimised, with Adam in fp32.
+    Each step draws ``config.batch`` fresh noises and uniform timesteps from a generator seeded with
+    ``config.seed`` and takes the MSE between the denoiser's prediction and the scheduler's training target.
+
+    Args:
+        pipe: A diffusers pipeline (UNet or SD3 transformer), possibly under a caller's edit.
+        reference: The training image, uint8 ``[H, W, 3]``.
+        init_embeds: Starting conditioning, ``[1, L, D]`` or ``[L, D]``.
+        config: Attack settings (``opt_steps``, ``lr``, ``batch``, ``seed``, ``checkpoints``).
+        pooled: Starting pooled embedding ``[1, D']`` (SDXL, SD3), or ``None``.
+        progress: Show a progress bar over steps.
+
+    Returns:
+        The conditioning at each checkpoint step, the loss curve and the pooled embeddings.
+
+    Raises:
+        DiffmemError: Unsupported denoiser or scheduler, a missing pooled embedding, or an unusable reference.
+    """
+    start = time.perf_counter()
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    if init_embeds.ndim == 2:
+        init_embeds = init_embeds[None]
+    if init_embeds.ndim != 3 or init_embeds.shape[0] != 1:
+        raise DiffmemError(f"init_embeds must be [1, L, D] (one conditioning), got {tuple(init_embeds.shape)}")
+    if pooled is not None and pooled.ndim == 1:
+        pooled = pooled[None]
+    if pooled is None and _has_pooled(pipe):
+        raise DiffmemError(f"{type(denoiser).__name__} needs a pooled embedding; pass pooled=")
+    height, width = reference.shape[:2]
+    predict = _denoiser_call(pipe, height, width)
+    loss_fn = DiffusionObjective(pipe)
+    x0 = encode_reference(pipe, reference).to(device)
+
+    cond = init_embeds.detach().to(device, torch.float32).clone().requires_grad_(True)
+    leaves = [cond]
+    pool = None
+    if pooled is not None:
+        pool = pooled.detach().to(device, torch.float32).clone().requires_grad_(True)
+        leaves.append(pool)
+    opt = torch.optim.Adam(leaves, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    wanted = set(config.checkpoints) | {config.opt_steps}
+    embeds: dict[int, torch.Tensor] = {}
+    pools: dict[int, torch.Tensor] = {}
+
+    def keep(step: int) -> None:
+        if step in wanted:
+            embeds[step] = cond.detach().float().cpu().clone()
+            if pool is not None:
+                pools[step] = pool.detach().float().cpu().clone()
+
+    losses: list[float] = []
+    keep(0)
+    with _frozen(pipe), torch.enable_grad():
+        for step in tqdm(range(1, config.opt_steps + 1), desc="optimise", disable=not progress, leave=False):
+            noisy, t, target = loss_fn.draw(x0, config.batch, generator)
+            c = cond.to(dtype).expand(config.batch, -1, -1)
+            p = None if pool is None else pool.to(dtype).expand(config.batch, -1)
+            pred = predict(noisy.to(dtype), t, c, p)
+            loss = F.mse_loss(pred.float(), target)
+            if not torch.isfinite(loss):
+                raise DiffmemError(f"re-extraction loss is {loss.item()} at step {step}; lower ReextractConfig.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            keep(step)
+    return OptimizedConditioning(
+        embeds=embeds, loss_curve=losses, pooled=pools if pool is not None else None,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def conditioning_loss(
+    pipe: Any,
+    reference: np.ndarray,
+    embeds: torch.Tensor,
+    *,
+    pooled: torch.Tensor | None = None,
+    num_draws: int = 64,
+    seed: int = 1234,
+    batch: int = 16,
+) -> torch.Tensor:
+    """The training loss of one conditioning toward an image, on a fixed set of noises and timesteps.
+
+    With the same ``seed`` two conditionings are compared on identical draws, so the paired difference of their
+    losses measures the change without the noise of fresh draws.
+
+    Args:
+        pipe: The pipeline (as left by the caller).
+        reference: uint8 ``[H, W, 3]`` training image.
+        embeds: Conditioning ``[1, L, D]``.
+        pooled: Pooled embedding ``[1, D']`` when the pipeline uses one.
+        num_draws: Noise/timestep draws.
+        seed: Seed of the draws.
+        batch: Draws per forward pass.
+
+    Returns:
+        fp32 ``[num_draws]`` per-draw MSE on the CPU.
+    """
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    if embeds.ndim == 2:
+        embeds = embeds[None]
+    if pooled is not None and pooled.ndim == 1:
+        pooled = pooled[None]
+    predict = _denoiser_call(pipe, *reference.shape[:2])
+    objective = DiffusionObjective(pipe)
+    x0 = encode_reference(pipe, reference).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, num_draws, batch):
+        n = min(batch, num_draws - start)
+        noisy, t, target = objective.draw(x0, n, generator)
+        c = embeds.to(device, dtype).expand(n, -1, -1)
+        p = None if pooled is None else pooled.to(device, dtype).expand(n, -1)
+        pred = predict(noisy.to(dtype), t, c, p).float()
+        out.append((pred - target).pow(2).flatten(1).mean(1).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attack over many rows
+
+
+def _rate(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+@dataclass
+class ReextractResult:
+    """Outcome of :func:`reextract`.
+
+    Attributes:
+        rows: One dict per item (see :func:`reextract`).
+        config: The attack settings.
+        scorer: The scorer's description.
+        threshold: The replication threshold used.
+        adversarial_embeds: Row index -> final optimised conditioning ``[1, L, D]`` (fp32, CPU), to be passed to the
+            pipeline as ``prompt_embeds=`` (e.g. to record FFN statistics under it).
+        adversarial_pooled: Row index -> final pooled embedding ``[1, D']`` on pipelines that use one.
+        images: Row index -> uint8 ``[checkpoints, num_seeds, H, W, 3]`` samples, when kept.
+        seconds: Wall time of the whole attack.
+    """
+
+    rows: list[dict[str, Any]]
+    config: ReextractConfig
+    scorer: dict[str, Any]
+    threshold: float
+    adversarial_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
+    adversarial_pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def _of(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["kind"] == kind]
+
+    def summary(self) -> dict[str, Any]:
+        """Replication rates over rows.
+
+        Returns:
+            ``memorization_rate`` (mean final success over memorized rows and seeds), ``control_rate`` (the same
+            over control rows; ``None`` without control rows), ``curve`` (kind -> {step: rate}, ``None`` for a kind
+            without rows), row counts, timing, the config and the scorer.
+        """
+        curve: dict[str, dict[int, float] | None] = {}
+        rates: dict[str, float | None] = {}
+        for kind in KINDS:
+            rows = self._of(kind)
+            rates[kind] = _rate([float(np.mean(r["success"])) for r in rows])
+            curve[kind] = (
+                {s: float(np.mean([r["rate_at_steps"][s] for r in rows])) for s in self.config.checkpoints}
+                if rows
+                else None
+            )
+        n = len(self.rows)
+        return {
+            "memorization_rate": rates["memorized"],
+            "control_rate": rates["control"],
+            "curve": curve,
+            "num_memorized": len(self._of("memorized")),
+            "num_control": len(self._of("control")),
+            "mean_final_loss": {
+                k: _rate([float(np.mean(r["loss_curve"][-5:])) for r in self._of(k)]) for k in KINDS
+            },
+            "seconds": self.seconds,
+            "seconds_per_row": self.seconds / n if n else None,
+            "threshold": self.threshold,
+            "config": self.config.to_dict(),
+            "scorer": self.scorer,
+        }
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the summary and rows as JSON (sorted keys), atomically.
+
+        Args:
+            path: Output file.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        text = json.dumps(_jsonable({"summary": self.summary(), "rows": self.rows}), indent=2, sort_keys=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
+def reextract(
+    pipe: Any,
+    items: Sequence[ReextractItem],
+    config: ReextractConfig,
+    scorer: Scorer,
+    *,
+    progress: bool = True,
+    keep_images: bool = False,
+) -> ReextractResult:
+    """Run the re-extraction attack on each item and measure replication at each checkpoint.
+
+    For each item the conditioning starts as ``config.init`` says and is optimised with
+    :func:`optimize_conditioning`; then ``config.num_seeds`` images per checkpoint are sampled with
+    :func:`diffmem.sampling.generate_images` (seeds from ``config.sample_seed``; all rows and checkpoints batched
+    together) and compared with the reference by ``scorer.similarity``. A sample replicates when its similarity is
+    at least the threshold.
+
+    Args:
+        pipe: A diffusers text-to-image pipeline, possibly under a caller's edit (never reloaded or copied).
+        items: The targets.
+        config: Attack settings.
+        scorer: A diffmem scorer, e.g. ``get_scorer("ssim")``.
+        progress: Show progress bars.
+        keep_images: Keep every sample in ``result.images``.
+
+    Returns:
+        A :class:`ReextractResult`. Each row holds ``prompt``, ``kind``, ``index``, ``init``, ``success`` and
+        ``similarity`` (per seed, final step), ``max_similarity``, ``mean_similarity``, ``rate_at_steps``
+        ({step: rate}), ``similarity_at_steps`` ({step: [per seed]}), ``loss_curve``, ``embed_distance``
+        (Frobenius norm of final minus start), ``embed_distance_relative`` (over the start's norm) and
+        ``optimize_seconds``.
+
+    Raises:
+        DiffmemError: A reference that does not have the generation size, or an unsupported pipeline.
+    """
+    start = time.perf_counter()
+    items = list(items)
+    threshold = float(scorer.threshold if config.threshold is None else config.threshold)
+    call_kwargs = dict(config.call_kwargs)
+    height, width = image_size(pipe, call_kwargs.get("height"), call_kwargs.get("width"))
+    for item in items:
+        if not isinstance(item, ReextractItem):
+            raise DiffmemError(f"reextract takes ReextractItem rows, got {type(item).__name__}")
+        if item.reference.shape[:2] != (height, width):
+            raise DiffmemError(
+                f"reference of {item.prompt!r} is {item.reference.shape[1]}x{item.reference.shape[0]} px; the "
+                f"pipeline generates {width}x{height} (resize it, or set call_kwargs height/width)"
+            )
+    result = ReextractResult(rows=[], config=config, scorer=scorer.describe(), threshold=threshold)
+    if not items:
+        return result
+    init_embeds, init_pooled = initial_conditioning(pipe, [it.prompt for it in items], config)
+    steps = list(config.checkpoints)
+
+    traces: list[OptimizedConditioning] = []
+    for i, item in enumerate(tqdm(items, desc="re-extract", disable=not progress)):
+        trace = optimize_conditioning(
+            pipe, item.reference, init_embeds[i : i + 1], config,
+            pooled=None if init_pooled is None else init_pooled[i : i + 1],
+        )
+        traces.append(trace)
+        logger.info("re-extract %d/%d %r (%s): loss %.4f -> %.4f in %.1f s", i + 1, len(items), item.prompt,
+                    item.kind, trace.loss_curve[0], trace.loss_curve[-1], trace.seconds)
+
+    embeds = torch.cat([t.embeds[s] for t in traces for s in steps])
+    pooled = torch.cat([t.pooled[s] for t in traces for s in steps]) if init_pooled is not None else None
+    gens = generate_images(
+        pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_seeds=config.num_seeds,
+        seed=config.sample_seed, batch_size=config.sample_batch_size, progress=progress,
+        desc="re-extract: sample", **call_kwargs,
+    )
+    gens = gens.reshape(len(items), len(steps), config.num_seeds, *gens.shape[2:])
+
+    final = config.opt_steps
+    for i, (item, trace) in enumerate(zip(items, traces)):
+        flat = gens[i].reshape(-1, *gens.shape[3:])
+        sim = scorer.similarity(flat, [item.reference])[:, 0].reshape(len(steps), config.num_seeds)
+        by_step = {s: [float(v) for v in sim[k]] for k, s in enumerate(steps)}
+        y0, y = trace.embeds[0], trace.embeds[final]
+        dist = float((y - y0).norm())
+        row = {
+            "prompt": item.prompt,
+            "kind": item.kind,
+            "index": item.index,
+            "init": config.init,
+            "success": [v >= threshold for v in by_step[final]],
+            "similarity": by_step[final],
+            "max_similarity": max(by_step[final]),
+            "mean_similarity": float(np.mean(by_step[final])),
+            "rate_at_steps": {s: float(np.mean([v >= threshold for v in vals])) for s, vals in by_step.items()},
+            "similarity_at_steps": by_step,
+            "loss_curve": trace.loss_curve,
+            "embed_distance": dist,
+            "embed_distance_relative": dist / max(float(y0.norm()), 1e-12),
+            "optimize_seconds": trace.seconds,
+        }
+        result.rows.append(row)
+        result.adversarial_embeds[i] = y
+        if trace.pooled is not None:
+            result.adversarial_pooled[i] = trace.pooled[final]
+        if keep_images:
+            result.images[i] = gens[i]
+    result.seconds = time.perf_counter() - start
+    summary = result.summary()
+    logger.info("re-extraction: memorization rate %s, control rate %s over %d rows in %.1f s",
+                summary["memorization_rate"], summary["control_rate"], len(items), result.seconds)
+    return result
