@@ -144,6 +144,17 @@ def run_jobs(spec: dict[str, Any]) -> None:
             write_json(Path(spec["root"]) / f"{job['name']}.processes.json", report)
 
 
+def shut_down() -> None:
+    """Leave the process group together: a process that exits with its gloo group still alive can abort
+    ("terminate called without an active exception") while the others are still at work."""
+    from diffmem.parallel import distributed_state
+
+    state = distributed_state()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 if __name__ == "__main__":
     import torch
 
@@ -153,3 +164,4 @@ if __name__ == "__main__":
         slow_down_recording(float(args[1]))
         args = args[2:]
     run_jobs(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    shut_down()  # not after a failure: a process that failed alone would leave the others at the barrier

@@ -128,8 +128,8 @@ def mask_differences(
 
     At step ``t`` weight ``(i, j)`` is selected when its score ``|W_ij| * a_j`` is among the row's top ``k`` and beats
     the base score. A difference of ``a`` within :func:`act_norm_bound` can flip that only where the score lies
-    within ``|W_ij| * da_j + max_l |W_il| * da_l`` of the ``k``-th or ``k + 1``-th score of the row, or within
-    ``|W_ij| * da_j`` of the base score.
+    within ``|W_ij| * da_j + max_l |W_il| * da_l`` of its competitor (the ``k + 1``-th score of the row for a weight
+    among the top ``k``, else the ``k``-th), or within ``|W_ij| * da_j`` of the base score.
     """
     ties, others = [], []
     for name, a_layer in ma.layers.items():
@@ -137,22 +137,29 @@ def mask_differences(
         if not differ.numel():
             continue
         absw = weights[name].detach().double().abs()
-        k = min(absw.shape[1], max(1, math.ceil(round(config.ratio * absw.shape[1], 9))))
+        in_f = absw.shape[1]
+        k = int(config.ratio * in_f) if config.k_rounding == "floor" else min(
+            in_f, max(1, math.ceil(round(config.ratio * in_f, 9))))
         a_mem = stats_act_norm(stats_a, name, config.half).double()[: config.record_steps]
         a_base = stats_act_norm(base, name, config.half).double()[: config.record_steps]
         delta = act_norm_bound(stats_a, stats_b, name, config.half)[: config.record_steps]
         for i, j in differ.tolist():
             near = []
             for t in range(a_mem.shape[0]):
-                row = absw[i] * a_mem[t]
-                tol_j = float(absw[i, j] * delta[t, j])
-                tol_row = tol_j + float((absw[i] * delta[t]).max())
-                top = torch.topk(row, min(k + 1, row.numel())).values  # the k-th and (k + 1)-th scores
-                gap = min(abs(float(row[j]) - float(v)) for v in top[k - 1 :])
-                if gap <= tol_row or abs(float(row[j]) - float(absw[i, j] * a_base[t, j])) <= tol_j:
+                row, base_score = absw[i] * a_mem[t], float(absw[i, j] * a_base[t, j])
+                # the propagated bound, plus the rounding of the fp32 products the library compares
+                tol_j = float(absw[i, j] * delta[t, j]) + EPS * max(float(row[j]), base_score)
+                tol_row = tol_j + float((absw[i] * delta[t]).max()) + EPS * float(row.max())
+                # a selected weight competes with the (k + 1)-th score of its row, an unselected one with the k-th
+                top = torch.topk(row, min(k + 1, in_f)).values.tolist() + [-math.inf]
+                score = float(row[j])
+                gap = score - top[k] if score >= top[k - 1] else top[k - 1] - score
+                if gap <= tol_row or abs(float(row[j]) - base_score) <= tol_j:
                     near.append(t)
-            (ties if near else others).append(f"{name}[{i}, {j}] (near a tie at steps {near})" if near
-                                             else f"{name}[{i}, {j}]")
+            if near:
+                ties.append(f"{name}[{i}, {j}] (a tie within the bound at steps {near})")
+            else:
+                others.append(f"{name}[{i}, {j}]")
     return ties, others
 
 
@@ -166,6 +173,34 @@ def assert_same_mask(ma: Mask, mb: Mask, stats_a, stats_b, base, weights, config
     )
     if ties:
         warnings.warn(f"the masks differ only at near ties within the fp32 summation bound: {ties[:5]}", stacklevel=2)
+
+
+def test_mask_differences_tell_ties_from_real_changes() -> None:
+    """Two columns tied to 1e-6 may swap places within the bound; a real change of the activations may not."""
+    from diffmem.localization import select_wanda
+    from diffmem.stats import LayerStats
+
+    def stats(norms: list[float], tokens: int = 1000) -> ActivationStats:
+        a = torch.tensor([norms], dtype=torch.float32)
+        layer = LayerStats(torch.tensor([tokens]), torch.zeros(1, 4), torch.zeros(1, 4), a * a * tokens)
+        return ActivationStats({"x": (1, 4)}, 1, halves={"cond": {"x": layer}})
+
+    weights = {"x": torch.ones(1, 4)}
+    config = LocateConfig(ratio=0.25, record_steps=1)  # one weight per row
+    base = stats([0.0] * 4)
+    a, tied = stats([1.0, 1.0 - 1e-6, 0.5, 0.5]), stats([1.0 - 1e-6, 1.0, 0.5, 0.5])
+    clear, moved = stats([1.0, 0.9, 0.5, 0.5]), stats([0.9, 1.0, 0.5, 0.5])
+    ma, mt, mc, mm = (select_wanda(s, base, weights, config) for s in (a, tied, clear, moved))
+    assert ma.indices()["x"].tolist() == [0] == mc.indices()["x"].tolist()
+    assert mt.indices()["x"].tolist() == [1] == mm.indices()["x"].tolist()
+    ties, others = mask_differences(ma, mt, a, tied, base, weights, config)
+    assert len(ties) == 2 and others == []
+    with pytest.warns(UserWarning, match="near ties"):
+        assert_same_mask(ma, mt, a, tied, base, weights, config)
+    ties, others = mask_differences(mc, mm, clear, moved, base, weights, config)
+    assert ties == [] and others == ["x[0, 0]", "x[0, 1]"]
+    with pytest.raises(AssertionError, match="differ at 2 weights"):
+        assert_same_mask(mc, mm, clear, moved, base, weights, config)
 
 
 def test_sum_bound_covers_any_order_and_nothing_more() -> None:

@@ -195,18 +195,7 @@ def test_all_is_explicit_and_every_name_imports() -> None:
         diffmem.not_a_name  # noqa: B018
 
 
-# Modules known not to import yet, with the reason; each is reported as an expected failure until it is fixed.
-KNOWN_BROKEN = {
-    "diffmem.report": "imports diffmem.utils, which the restructure removed (diffmem.files holds atomic_write_text); "
-                      "its successor diffmem/workflows/report.py is being rewritten",
-}
-
-
-@pytest.mark.parametrize(
-    "module",
-    [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[m], raises=ImportError)) if m in KNOWN_BROKEN
-     else m for m in sorted(package_modules()) if not is_app(m)],
-)
+@pytest.mark.parametrize("module", sorted(m for m in package_modules() if not is_app(m)))
 def test_every_library_module_imports_and_lists_what_it_defines(module: str) -> None:
     mod = importlib.import_module(module)
     for name in getattr(mod, "__all__", []):
