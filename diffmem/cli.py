@@ -637,7 +637,19 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"diffmem: error: {msg}", file=sys.stderr)  # noqa: T201
         return 2
+    finally:
+        _shutdown_process_group()
     return 0
+
+
+def _shutdown_process_group() -> None:
+    """Leave the process group cleanly under ``accelerate launch`` (an abandoned gloo group can abort at exit)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

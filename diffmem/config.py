@@ -70,7 +70,7 @@ class RecordConfig(_ConfigMethods):
         return self.guidance_scale > 1.0
 
 
-LOCATE_METHODS = ("wanda", "neuron", "directions")
+LOCATE_METHODS = ("wanda", "neuron", "directions")  # built in; diffmem.localization.register_locator adds more
 # Chavhan et al. 2024, as their released code runs it: statistics of the whole [uncond; cond] batch, the empty prompt
 # as the only base prompt (see ``BASE_PRESETS``), k = int(ratio * in) per row, and a strict step-count threshold.
 LOCATE_PRESETS: dict[str, dict[str, object]] = {
@@ -115,7 +115,10 @@ class LocateConfig(_ConfigMethods):
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.method in LOCATE_METHODS, "method", self.method, f"choose one of {', '.join(LOCATE_METHODS)}")
+        _check(
+            isinstance(self.method, str) and bool(self.method), "method", self.method,
+            f"name a registered locate method (built in: {', '.join(LOCATE_METHODS)})",
+        )
         _check(0.0 < self.ratio <= 1.0, "ratio", self.ratio, "must be in (0, 1]")
         _check(
             self.record_steps is None or self.record_steps >= 1, "record_steps", self.record_steps, "must be >= 1 or None"
