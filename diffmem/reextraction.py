@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -424,6 +424,10 @@ def encode_reference(pipe: Any, reference: np.ndarray) -> torch.Tensor:
     return latent
 
 
+_Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(noisy latents, timesteps, conditioning, pooled or None) -> the denoiser's prediction``."""
+
+
 class DiffusionObjective:
     """Noisy latents, targets and timesteps of the model's training objective, from the pipeline scheduler's config.
 
@@ -479,7 +483,7 @@ class DiffusionObjective:
         return noisy, t, target
 
 
-def _denoiser_call(pipe: Any, height: int, width: int):
+def _denoiser_call(pipe: Any, height: int, width: int) -> _Predict:
     """A function ``(x_t, t, cond, pooled) -> prediction`` for the pipeline's denoiser."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
