@@ -51,6 +51,7 @@ __all__ = [
     "ReextractResult",
     "OptimizedConditioning",
     "optimize_conditioning",
+    "optimize_conditionings",
     "initial_conditioning",
     "encode_conditioning",
     "encode_reference",
@@ -554,21 +555,53 @@ def optimize_conditioning(
     Raises:
         DiffmemError: Unsupported denoiser or scheduler, a missing pooled embedding, or an unusable reference.
     """
-    start = time.perf_counter()
-    denoiser = get_denoiser(pipe)
-    device, dtype = denoiser.device, denoiser.dtype
     if init_embeds.ndim == 2:
         init_embeds = init_embeds[None]
     if init_embeds.ndim != 3 or init_embeds.shape[0] != 1:
         raise DiffmemError(f"init_embeds must be [1, L, D] (one conditioning), got {tuple(init_embeds.shape)}")
     if pooled is not None and pooled.ndim == 1:
         pooled = pooled[None]
+    return optimize_conditionings(pipe, [reference], init_embeds, config, pooled=pooled, progress=progress)[0]
+
+
+def optimize_conditionings(
+    pipe: Any,
+    references: Sequence[np.ndarray],
+    init_embeds: torch.Tensor,
+    config: ReextractConfig,
+    *,
+    pooled: torch.Tensor | None = None,
+    progress: bool = False,
+) -> list[OptimizedConditioning]:
+    """:func:`optimize_conditioning` for several images at once, in one batched denoiser call per step.
+
+    Row ``i`` has its own conditioning, its own generator (seeded ``config.seed``, as a lone run) and its own loss;
+    the summed loss gives each conditioning exactly its own gradient and Adam works element-wise, so each row
+    follows the trajectory of a separate run (up to float summation order) while the denoiser runs once per step.
+
+    Args:
+        pipe: The pipeline.
+        references: ``N`` uint8 ``[H, W, 3]`` training images (one size).
+        init_embeds: Starting conditionings ``[N, L, D]``.
+        config: Attack settings.
+        pooled: Starting pooled embeddings ``[N, D']``, or ``None``.
+        progress: Show a progress bar over steps.
+
+    Returns:
+        One :class:`OptimizedConditioning` per row (``seconds`` is the shared wall time divided by ``N``).
+    """
+    start = time.perf_counter()
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    n = len(references)
+    if init_embeds.ndim != 3 or init_embeds.shape[0] != n:
+        raise DiffmemError(f"init_embeds must be [{n}, L, D] (one conditioning per image), got {tuple(init_embeds.shape)}")
     if pooled is None and _has_pooled(pipe):
         raise DiffmemError(f"{type(denoiser).__name__} needs a pooled embedding; pass pooled=")
-    height, width = reference.shape[:2]
+    height, width = references[0].shape[:2]
     predict = _denoiser_call(pipe, height, width)
-    loss_fn = DiffusionObjective(pipe)
-    x0 = encode_reference(pipe, reference).to(device)
+    objective = DiffusionObjective(pipe)
+    x0 = torch.cat([encode_reference(pipe, r) for r in references]).to(device)
 
     cond = init_embeds.detach().to(device, torch.float32).clone().requires_grad_(True)
     leaves = [cond]
@@ -577,37 +610,43 @@ def optimize_conditioning(
         pool = pooled.detach().to(device, torch.float32).clone().requires_grad_(True)
         leaves.append(pool)
     opt = torch.optim.Adam(leaves, lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    generators = [torch.Generator().manual_seed(config.seed) for _ in range(n)]
     wanted = set(config.checkpoints) | {config.opt_steps}
-    embeds: dict[int, torch.Tensor] = {}
-    pools: dict[int, torch.Tensor] = {}
+    embeds: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+    pools: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+    losses: list[list[float]] = [[] for _ in range(n)]
+    b = config.batch
 
     def keep(step: int) -> None:
         if step in wanted:
-            embeds[step] = cond.detach().float().cpu().clone()
-            if pool is not None:
-                pools[step] = pool.detach().float().cpu().clone()
+            for i in range(n):
+                embeds[i][step] = cond[i : i + 1].detach().float().cpu().clone()
+                if pool is not None:
+                    pools[i][step] = pool[i : i + 1].detach().float().cpu().clone()
 
-    losses: list[float] = []
     keep(0)
     with _frozen(pipe), torch.enable_grad():
         for step in tqdm(range(1, config.opt_steps + 1), desc="optimise", disable=not progress, leave=False):
-            noisy, t, target = loss_fn.draw(x0, config.batch, generator)
-            c = cond.to(dtype).expand(config.batch, -1, -1)
-            p = None if pool is None else pool.to(dtype).expand(config.batch, -1)
+            draws = [objective.draw(x0[i : i + 1], b, generators[i]) for i in range(n)]
+            noisy, t, target = (torch.cat(parts) for parts in zip(*draws))
+            c = cond.to(dtype).repeat_interleave(b, dim=0)
+            p = None if pool is None else pool.to(dtype).repeat_interleave(b, dim=0)
             pred = predict(noisy.to(dtype), t, c, p)
-            loss = F.mse_loss(pred.float(), target)
-            if not torch.isfinite(loss):
-                raise DiffmemError(f"re-extraction loss is {loss.item()} at step {step}; lower ReextractConfig.lr")
+            per_row = (pred.float() - target).pow(2).reshape(n, -1).mean(dim=1)
+            if not bool(torch.isfinite(per_row).all()):
+                raise DiffmemError(f"re-extraction loss is not finite at step {step}; lower ReextractConfig.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            per_row.sum().backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            for i, value in enumerate(per_row.detach().cpu().tolist()):
+                losses[i].append(value)
             keep(step)
-    return OptimizedConditioning(
-        embeds=embeds, loss_curve=losses, pooled=pools if pool is not None else None,
-        seconds=time.perf_counter() - start,
-    )
+    seconds = (time.perf_counter() - start) / max(n, 1)
+    return [
+        OptimizedConditioning(embeds=embeds[i], loss_curve=losses[i], pooled=pools[i] if pool is not None else None,
+                              seconds=seconds)
+        for i in range(n)
+    ]
 
 
 @torch.no_grad()
@@ -661,6 +700,9 @@ def conditioning_loss(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The attack over many rows
+
+
+_ROWS_PER_CALL = 64  # denoiser rows per optimisation step when several images are attacked together
 
 
 def _rate(values: list[float]) -> float | None:
@@ -818,14 +860,16 @@ def reextract(
     steps = list(config.checkpoints)
 
     traces: list[OptimizedConditioning] = []
-    for i, item in enumerate(tqdm(items, desc="re-extract", disable=not progress)):
-        trace = optimize_conditioning(
-            pipe, item.reference, init_embeds[i : i + 1], config,
-            pooled=None if init_pooled is None else init_pooled[i : i + 1],
+    per_call = max(1, _ROWS_PER_CALL // config.batch)
+    for lo in tqdm(range(0, len(items), per_call), desc="re-extract", disable=not progress):
+        hi = min(lo + per_call, len(items))
+        traces += optimize_conditionings(
+            pipe, [it.reference for it in items[lo:hi]], init_embeds[lo:hi], config,
+            pooled=None if init_pooled is None else init_pooled[lo:hi],
         )
-        traces.append(trace)
-        logger.info("re-extract %d/%d %r (%s): loss %.4f -> %.4f in %.1f s", i + 1, len(items), item.prompt,
-                    item.kind, trace.loss_curve[0], trace.loss_curve[-1], trace.seconds)
+    for i, (item, trace) in enumerate(zip(items, traces)):
+        logger.debug("re-extract %d/%d %r (%s): loss %.4f -> %.4f", i + 1, len(items), item.prompt, item.kind,
+                     trace.loss_curve[0], trace.loss_curve[-1])
 
     embeds = torch.cat([t.embeds[s] for t in traces for s in steps])
     pooled = torch.cat([t.pooled[s] for t in traces for s in steps]) if init_pooled is not None else None
