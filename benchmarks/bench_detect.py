@@ -1,28 +1,47 @@
-"""Benchmark detection by single-step noise norm against generate-and-compare with SSCD.
+"""Benchmark memorization detection: the noise norm at k = 1, 2, 5, 10 and all steps against generate-and-compare.
 
-Both detectors score every prompt of the model's manifest (``memorized`` true vs false) without training data:
+Every detector scores every prompt of the model's manifest (``memorized`` true vs false) without training data:
 
-* **noise norm** (Wen et al. 2024, :func:`diffmem.detection.noise_norm_scores`): ``||pred(x_T, c) - pred(x_T, "")||``
-  at the first sampling step (``k = 1``), averaged over ``n`` seeds. One denoiser call per prompt.
-* **generate + SSCD**: ``n`` full generations per prompt at the model's sampler defaults (all steps and the VAE
-  decode), each embedded with SSCD; the score is the mean pairwise cosine similarity of the ``n`` embeddings
-  (off-diagonal pairs). A memorized prompt reproduces one image whatever the seed, so its generations agree.
-  The AUC of the maximum pairwise similarity is logged as well.
+* **noise norm** (Wen et al. 2024, :func:`diffmem.detection.noise_norm_scores`): ``||pred(x_t, c) - pred(x_t, "")||``
+  averaged over the first ``k`` sampler steps (``--ks``, by default 1, 2, 5, 10 and all) and ``n`` seeds (the same
+  seeds for every prompt), at the model's sampler settings. ``k`` denoiser evaluations per prompt and seed;
+* **k = 1 with per-prompt seeds**: as k = 1, but prompt ``i`` draws its noises from seed ``seed + i`` (Wen et al.'s
+  seeding), which isolates that one difference;
+* **wen2024**: ``DetectConfig.from_preset("wen2024")``, Wen et al.'s procedure as published: all 50 steps of a
+  50-step schedule at guidance 7.5 (by definition of the preset, whatever the model's own sampler), one noise per
+  prompt seeded with the prompt's index; and **wen2024 at the model's sampler**: the same preset with the
+  model's steps, guidance and guidance rescale;
+* **generate + SSCD** (the baseline): ``n`` full generations per prompt at the model's sampler defaults (all steps
+  and the VAE decode), each embedded with SSCD; the score is the mean pairwise cosine similarity of the ``n``
+  embeddings (off-diagonal pairs). A memorized prompt reproduces one image whatever the seed, so its generations
+  agree. The AUC of the maximum pairwise similarity is logged as well.
 
-The two are timed side by side: prompts are processed in chunks, and each chunk runs both detectors back to
-back in alternating order, so a busy machine slows both alike. A pass covers every prompt; the cost ratio of a
-pass is the total time of generate + SSCD over the total time of the noise norm, and the printed ratio is the
-median over ``--repeats`` passes. The scores and AUCs are deterministic, so every pass gives the same ones.
+All detectors are timed side by side: prompts are processed in chunks, and each chunk runs every detector back to
+back in an order that rotates from chunk to chunk, so a busy machine slows all alike. A pass covers every prompt;
+the cost ratio of a detector in a pass is the total time of generate + SSCD over the detector's total time, and
+the printed ratio is the median over ``--repeats`` passes. A forward pre-hook on the denoiser counts the rows it
+evaluates (an ``[uncond; cond]`` pair is two rows) for every detector; the denoiser ratio is the baseline's rows
+over the detector's. The scores and AUCs are deterministic, so every pass gives the same ones.
 
-Cost is measured in process CPU time by default (``--clock cpu``; both clocks are always logged). ``--threads``
-sets torch's threads, but SSCD runs in onnxruntime with its own thread pool, which diffmem's scorer does not
-expose, so in wall time the baseline's embedding step may use a second core that the noise norm never gets.
-CPU time counts the work of every thread, which keeps the comparison even; it also leaves out the time spent
+Cost is measured in process CPU time by default (``--clock cpu``; both clocks are always logged and printed).
+``--threads`` sets torch's threads, but SSCD runs in onnxruntime with its own thread pool, which diffmem's scorer
+does not expose, so in wall time the baseline's embedding step may use a second core that the noise norm never
+gets. CPU time counts the work of every thread, which keeps the comparison even; it also leaves out the time spent
 waiting for a core while other jobs load the machine.
 
-The script ends with one machine-readable line::
+The default k is chosen from the sweep: the smallest ``k`` whose AUC is at least ``--min-auc`` (0.95) at a cost
+ratio of at least ``--min-cost-ratio`` (5) on the printed clock; ``none`` when no k qualifies.
+
+Result lines::
 
     detect_speedup=<ratio> auc_noise_norm=<auc> auc_generate_sscd=<auc>
+    detect_config=<name> score_steps=<k> auc=<auc> tpr_at_1fpr=<tpr> cost_ratio=<ratio> cost_ratio_wall=<ratio> denoiser_ratio=<ratio>
+    ...
+    default_k=<k or none>
+
+The first line is the k = 1 row against generate + SSCD, as before. ``detect_config`` names are ``k1``, ``k2``,
+..., ``kall``, ``k1_per_prompt_seeds``, ``wen2024`` and ``wen2024_model_sampler``. TPR at 1 % FPR with fewer than
+100 non-memorized prompts allows no false positive at all.
 
 Run ``python benchmarks/bench_detect.py --help`` for the flags.
 """
@@ -61,6 +80,34 @@ def pairwise_agreement(embeddings: torch.Tensor) -> tuple[float, float]:
     return float(upper.mean()), float(upper.max())
 
 
+def parse_ks(values: Sequence[str], steps: int) -> list[int]:
+    """The ``--ks`` values as step counts: ``"all"`` is ``steps``; values above ``steps`` are dropped (logged)."""
+    ks: list[int] = []
+    for value in values:
+        k = steps if value == "all" else int(value)
+        if k > steps:
+            logger.info("k=%d skipped: the sampler runs only %d steps", k, steps)
+        elif k not in ks:
+            ks.append(k)
+    return ks
+
+
+def k_name(k: int, steps: int) -> str:
+    """Detector name of the sweep's ``k``: ``k<k>``, or ``kall`` for every sampler step."""
+    return "kall" if k == steps else f"k{k}"
+
+
+def pick_default_k(
+    rows: dict[str, dict[str, Any]], ks: list[int], steps: int, min_auc: float, min_cost: float
+) -> int | None:
+    """Smallest k of the sweep with ``auc >= min_auc`` and ``cost_ratio >= min_cost``; ``None`` if none."""
+    for k in sorted(ks):
+        row = rows[k_name(k, steps)]
+        if row["auc"] >= min_auc and row["cost_ratio"] >= min_cost:
+            return k
+    return None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     from diffmem.zoo import default_model_path
@@ -69,22 +116,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--model", type=Path, default=default_model_path(), help="checkpoint folder")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both detectors)")
-    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (n), the same for both detectors")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (every detector)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (n) of the k sweep and the baseline")
+    p.add_argument("--ks", nargs="+", default=None,
+                   help="leading steps k of the noise-norm sweep ('all': every sampler step) [default: 1 2 5 10 all; "
+                        "--quick: 1 all]")
+    p.add_argument("--no-presets", action="store_true", help="skip the per-prompt-seed and wen2024 rows")
     p.add_argument("--chunk", type=int, default=8, help="prompts per interleaved chunk (and per pipeline call)")
     p.add_argument("--scorer", default="sscd", help="similarity scorer of the generate-and-compare baseline")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts (median of the ratios)")
     p.add_argument(
         "--clock", choices=("cpu", "wall"), default="cpu",
-        help="clock of the printed cost ratio: process CPU time (all threads) or wall time",
+        help="clock of the printed cost ratios and of the choice of k: process CPU time (all threads) or wall time",
     )
+    p.add_argument("--min-auc", type=float, default=0.95, help="AUC a default k must reach")
+    p.add_argument("--min-cost-ratio", type=float, default=5.0,
+                   help="how many times cheaper than generate + scorer a default k must be")
     p.add_argument("--limit", type=int, default=None, help="at most this many memorized and non-memorized prompts each")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (3 + 3 prompts, 2 seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings for a smoke test (3 + 3 prompts, 2 seeds, k = 1 and all, 1 pass)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds must be >= 2: generate-and-compare needs pairs of generations")
+    if args.ks is None:
+        args.ks = ["1", "all"] if args.quick else ["1", "2", "5", "10", "all"]
+    for value in args.ks:
+        if value != "all" and not (value.isdigit() and int(value) >= 1):
+            p.error(f"--ks takes positive integers or 'all', not {value!r}")
     if args.quick:
         args.seeds, args.repeats = 2, 1
         args.limit = 3 if args.limit is None else args.limit
@@ -92,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Score the manifest's prompts with both detectors, timed side by side, and print the result line.
+    """Score the manifest's prompts with every detector, timed side by side, and print the result lines.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
@@ -107,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from diffmem.data import read_manifest
     from diffmem.detection import DetectConfig, noise_norm_scores
-    from diffmem.metrics import roc_auc
+    from diffmem.metrics import roc_auc, tpr_at_fpr
     from diffmem.pipelines import load_pipeline
     from diffmem.sampling import generate_images
     from diffmem.score import get_scorer
+    from diffmem.targets import get_denoiser
     from diffmem.zoo import sampling_defaults
 
     pipe = load_pipeline(args.model)
@@ -133,18 +194,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         "height": defaults.get("height"),
         "width": defaults.get("width"),
     }
-    detect_config = DetectConfig(score_steps=1, num_seeds=args.seeds, seed=args.seed, batch_size=args.chunk, **call)
+    steps = call["num_inference_steps"]
+    ks = parse_ks(args.ks, steps)
+    if 1 not in ks:
+        ks.insert(0, 1)  # the k = 1 row is the first result line's detector
+    common = {"seed": args.seed, "batch_size": args.chunk}
+    configs: dict[str, Any] = {
+        k_name(k, steps): DetectConfig(score_steps=k, num_seeds=args.seeds, **common, **call) for k in ks
+    }
+    if not args.no_presets:
+        configs["k1_per_prompt_seeds"] = DetectConfig(
+            score_steps=1, num_seeds=args.seeds, per_prompt_seeds=True, **common, **call
+        )
+        configs["wen2024"] = DetectConfig.from_preset("wen2024", height=call["height"], width=call["width"], **common)
+        configs["wen2024_model_sampler"] = DetectConfig.from_preset(
+            "wen2024", num_inference_steps=steps, guidance_scale=call["guidance_scale"],
+            guidance_rescale=call["guidance_rescale"], height=call["height"], width=call["width"], **common,
+        )
     logger.info(
         "%d memorized + %d non-memorized prompts, %d seeds, sampler %s, scorer %s, torch threads %d",
         memorized, nonmem, args.seeds, call, args.scorer, torch.get_num_threads(),
     )
+    for name, cfg in configs.items():
+        logger.info("detector %s: %s", name, cfg.to_dict())
 
-    nn_scores = np.zeros(len(prompts))
+    scores = {name: np.zeros(len(prompts)) for name in configs}
     gen_mean = np.zeros(len(prompts))
     gen_max = np.zeros(len(prompts))
+    # denoiser rows evaluated by each detector, counted by a pre-hook on the denoiser
+    rows = dict.fromkeys([*configs, "gen"], 0)
+    current = {"side": "gen"}
 
-    def run_noise_norm(start: int, chunk: list[str]) -> None:
-        nn_scores[start : start + len(chunk)] = noise_norm_scores(pipe, chunk, detect_config, progress=False)
+    def count_rows(module: torch.nn.Module, fargs: tuple, fkwargs: dict[str, Any]) -> None:
+        sample = fargs[0] if fargs else fkwargs.get("sample", fkwargs.get("hidden_states"))
+        rows[current["side"]] += int(sample.shape[0])
+
+    def run_noise_norm(name: str, start: int, chunk: list[str]) -> None:
+        scores[name][start : start + len(chunk)] = noise_norm_scores(
+            pipe, chunk, configs[name], progress=False, first_index=start
+        )
 
     # time spent embedding, kept apart to show how the baseline's cost splits
     embed_time = {"wall": 0.0, "cpu": 0.0}
@@ -161,55 +249,91 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, emb in enumerate(embeddings):
             gen_mean[start + i], gen_max[start + i] = pairwise_agreement(emb)
 
+    sides: list[tuple[str, Any]] = [("gen", run_generate)]
+    sides += [(name, lambda start, chunk, name=name: run_noise_norm(name, start, chunk)) for name in configs]
     # warm-up on one prompt, not timed
-    run_noise_norm(0, prompts[:1])
-    run_generate(0, prompts[:1])
+    for _, fn in sides:
+        fn(0, prompts[:1])
     embed_time.update(wall=0.0, cpu=0.0)
-    # totals[clock][side][repeat]: each repeat runs every chunk with both detectors, alternating their order
-    totals = {clock: {"nn": [0.0] * args.repeats, "gen": [0.0] * args.repeats} for clock in ("wall", "cpu")}
+    handle = get_denoiser(pipe).register_forward_pre_hook(count_rows, with_kwargs=True)
+    # totals[clock][side][repeat]: each repeat runs every chunk with every detector, in a rotating order
+    totals = {clock: {side: [0.0] * args.repeats for side, _ in sides} for clock in ("wall", "cpu")}
     chunks = [(r, start) for r in range(args.repeats) for start in range(0, len(prompts), args.chunk)]
-    for i, (repeat, start) in enumerate(tqdm(chunks, desc="detect", unit="chunk", disable=args.no_progress)):
-        chunk = prompts[start : start + args.chunk]
-        order = (("nn", run_noise_norm), ("gen", run_generate))
-        for side, fn in order if i % 2 == 0 else order[::-1]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn(start, chunk)
-            totals["cpu"][side][repeat] += time.process_time() - cpu
-            totals["wall"][side][repeat] += time.perf_counter() - wall
+    try:
+        for i, (repeat, start) in enumerate(tqdm(chunks, desc="detect", unit="chunk", disable=args.no_progress)):
+            chunk = prompts[start : start + args.chunk]
+            shift = i % len(sides)
+            for side, fn in sides[shift:] + sides[:shift]:
+                current["side"] = side
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn(start, chunk)
+                totals["cpu"][side][repeat] += time.process_time() - cpu
+                totals["wall"][side][repeat] += time.perf_counter() - wall
+    finally:
+        handle.remove()
 
-    ratios = {
-        clock: statistics.median(g / n for g, n in zip(t["gen"], t["nn"])) for clock, t in totals.items()
-    }
-    for clock, t in totals.items():
+    def cost_ratio(side: str, clock: str) -> float:
+        t = totals[clock]
+        return statistics.median(g / s for g, s in zip(t["gen"], t[side]))
+
+    gen_t = {clock: statistics.median(totals[clock]["gen"]) for clock in ("wall", "cpu")}
+    for clock in ("wall", "cpu"):
         logger.info(
-            "%s time per pass over %d prompts (median of %d): noise norm %.2f s (%.1f ms per prompt), "
-            "generate + %s %.2f s (%.1f ms per prompt, of which %.1f%% embedding); cost ratio %.1f (per pass: %s)",
-            clock, len(prompts), args.repeats, statistics.median(t["nn"]),
-            1000 * statistics.median(t["nn"]) / len(prompts), args.scorer, statistics.median(t["gen"]),
-            1000 * statistics.median(t["gen"]) / len(prompts), 100 * embed_time[clock] / sum(t["gen"]),
-            ratios[clock], ", ".join(f"{g / n:.1f}" for g, n in zip(t["gen"], t["nn"])),
+            "%s time per pass over %d prompts (median of %d): generate + %s %.2f s (%.1f ms per prompt, of which "
+            "%.1f%% embedding)", clock, len(prompts), args.repeats, args.scorer, gen_t[clock],
+            1000 * gen_t[clock] / len(prompts), 100 * embed_time[clock] / sum(totals[clock]["gen"]),
         )
-    auc_nn = roc_auc(nn_scores, labels)
+    results: dict[str, dict[str, Any]] = {}
+    for name, cfg in configs.items():
+        row = {
+            "score_steps": cfg.score_steps,
+            "auc": roc_auc(scores[name], labels),
+            "tpr": tpr_at_fpr(scores[name], labels, 0.01),
+            "cost_ratio": cost_ratio(name, args.clock),
+            "cost_ratio_wall": cost_ratio(name, "wall"),
+            "cost_ratio_cpu": cost_ratio(name, "cpu"),
+            "denoiser_ratio": rows["gen"] / rows[name] if rows[name] else float("nan"),
+        }
+        results[name] = row
+        logger.info(
+            "%s: AUC %.4f, TPR@1%%FPR %.4f; %.1f ms CPU / %.1f ms wall per prompt; cost ratio CPU %.2f (passes %s), "
+            "wall %.2f; denoiser rows %d vs %d for generate (ratio %.2f)",
+            name, row["auc"], row["tpr"], 1000 * statistics.median(totals["cpu"][name]) / len(prompts),
+            1000 * statistics.median(totals["wall"][name]) / len(prompts), row["cost_ratio_cpu"],
+            ", ".join(f"{g / s:.2f}" for g, s in zip(totals["cpu"]["gen"], totals["cpu"][name])),
+            row["cost_ratio_wall"], rows[name], rows["gen"], row["denoiser_ratio"],
+        )
     auc_gen = roc_auc(gen_mean, labels)
     auc_gen_max = roc_auc(gen_max, labels)
     logger.info(
-        "AUC noise norm %.4f; generate + %s: mean pairwise %.4f, max pairwise %.4f",
-        auc_nn, args.scorer, auc_gen, auc_gen_max,
+        "generate + %s: AUC mean pairwise %.4f (TPR@1%%FPR %.4f), max pairwise %.4f",
+        args.scorer, auc_gen, tpr_at_fpr(gen_mean, labels, 0.01), auc_gen_max,
     )
     for group, index in groups.items():
-        line = (
-            f"{group:<28} noise norm {nn_scores[index].mean():.3f} +- {nn_scores[index].std():.3f}, generate + "
-            f"{args.scorer} mean pairwise {gen_mean[index].mean():.3f} +- {gen_mean[index].std():.3f}"
-        )
+        parts = [f"{name} {scores[name][index].mean():.3f} +- {scores[name][index].std():.3f}" for name in configs]
+        line = f"{group:<28} " + ", ".join(parts)
+        line += f", generate + {args.scorer} mean pairwise {gen_mean[index].mean():.3f} +- {gen_mean[index].std():.3f}"
         if labels[index].all() and (~labels).any():
             # this memorized group against every non-memorized prompt
             subset = index | ~labels
-            line += (
-                f"; AUC vs non-memorized: noise norm {roc_auc(nn_scores[subset], labels[subset]):.4f}, "
-                f"generate + {args.scorer} {roc_auc(gen_mean[subset], labels[subset]):.4f}"
-            )
+            aucs = [f"{name} {roc_auc(scores[name][subset], labels[subset]):.4f}" for name in configs]
+            line += f"; AUC vs non-memorized: {', '.join(aucs)}, generate + {args.scorer} "
+            line += f"{roc_auc(gen_mean[subset], labels[subset]):.4f}"
         logger.info(line)
-    print(f"detect_speedup={ratios[args.clock]:.1f} auc_noise_norm={auc_nn:.4f} auc_generate_sscd={auc_gen:.4f}")
+    k1 = results[k_name(1, steps)]
+    print(f"detect_speedup={k1['cost_ratio']:.1f} auc_noise_norm={k1['auc']:.4f} auc_generate_sscd={auc_gen:.4f}")
+    for name, row in results.items():
+        print(
+            f"detect_config={name} score_steps={row['score_steps']} auc={row['auc']:.4f} "
+            f"tpr_at_1fpr={row['tpr']:.4f} cost_ratio={row['cost_ratio']:.2f} "
+            f"cost_ratio_wall={row['cost_ratio_wall']:.2f} denoiser_ratio={row['denoiser_ratio']:.2f}"
+        )
+    default_k = pick_default_k(results, ks, steps, args.min_auc, args.min_cost_ratio)
+    logger.info(
+        "default k: smallest k with AUC >= %g and cost ratio >= %g (%s clock): %s",
+        args.min_auc, args.min_cost_ratio, args.clock, default_k if default_k is not None else "none",
+    )
+    print(f"default_k={default_k if default_k is not None else 'none'}")
     return 0
 
 
