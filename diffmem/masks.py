@@ -9,6 +9,7 @@ layer, so a file grows with the mask, not with the model. :func:`mask_iou` measu
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,8 +53,9 @@ class Mask(Edit):
         layers: dict[str, Tensor] = {}
         for name, m in self.layers.items():
             m = torch.as_tensor(m)
-            if m.dim() != 2:
-                raise ValueError(f"mask layer {name!r} must be 2-D [out, in], got shape {tuple(m.shape)}")
+            if m.dim() < 1 or (self.level == "neuron" and m.dim() != 2):
+                raise ValueError(f"mask layer {name!r} must be shaped like its weight ([out, in] for neuron masks), "
+                                 f"got shape {tuple(m.shape)}")
             m = m.detach().to(device="cpu", dtype=torch.bool)
             if self.level == "neuron" and not torch.equal(m.any(dim=0), m.all(dim=0)):
                 raise ValueError(f"mask layer {name!r} has level 'neuron' but masks partial columns")
@@ -99,16 +101,17 @@ class Mask(Edit):
             MaskMismatchError: A layer has no indices, or an index falls outside its layer.
         """
         layers: dict[str, Tensor] = {}
-        for name, (out_f, in_f) in shapes.items():
+        for name, shape in shapes.items():
             if name not in indices:
                 raise MaskMismatchError(f"mask layer {name!r} has a shape but no indices")
             idx = torch.as_tensor(indices[name]).to(torch.int64).flatten()
-            numel = int(out_f) * int(in_f)
+            dims = tuple(int(d) for d in shape)
+            numel = math.prod(dims)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-                raise MaskMismatchError(f"mask layer {name!r} has indices outside its shape ({out_f}, {in_f})")
+                raise MaskMismatchError(f"mask layer {name!r} has indices outside its shape {dims}")
             flat = torch.zeros(numel, dtype=torch.bool)
             flat[idx] = True
-            layers[name] = flat.view(int(out_f), int(in_f))
+            layers[name] = flat.view(dims)
         return cls(layers, level=level, meta=dict(meta or {}))
 
     @classmethod
@@ -137,9 +140,9 @@ class Mask(Edit):
         return cls(layers, level="neuron", meta=dict(meta or {}))
 
     # ----------------------------------------------------------------------------------------- summaries
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """Return layer name -> weight shape ``(out, in)``, in layer order."""
-        return {n: (int(m.shape[0]), int(m.shape[1])) for n, m in self.layers.items()}
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Return layer name -> weight shape (``(out, in)`` for linear layers), in layer order."""
+        return {n: tuple(int(d) for d in m.shape) for n, m in self.layers.items()}
 
     def counts(self) -> dict[str, int]:
         """Return layer name -> number of masked weights."""
@@ -185,12 +188,19 @@ class Mask(Edit):
     def union(self, other: Mask) -> Mask:
         """The mask of the weights masked in either mask (level ``"weight"`` unless both are neuron masks).
 
+        Layers of only one mask are kept as they are; layers of both must have the same shape.
+
         Raises:
-            MaskMismatchError: The masks cover different layers or shapes.
+            MaskMismatchError: A layer of both masks differs in shape.
         """
-        self.check_compatible(other)
-        level = "neuron" if self.level == other.level == "neuron" else "weight"
-        layers = {n: m | other.layers[n] for n, m in self.layers.items()}
+        mine, theirs = self.shapes(), other.shapes()
+        for name in mine.keys() & theirs.keys():
+            if mine[name] != theirs[name]:
+                raise MaskMismatchError(f"mask layer {name!r} has shape {mine[name]} here but {theirs[name]} there")
+        same = mine.keys() == theirs.keys()
+        level = "neuron" if same and self.level == other.level == "neuron" else "weight"
+        layers = {n: m | other.layers[n] if n in other.layers else m.clone() for n, m in self.layers.items()}
+        layers.update({n: m.clone() for n, m in other.layers.items() if n not in layers})
         return Mask(layers, level=level, meta={**self.meta, "union_of": [self.meta.get("method"), other.meta.get("method")]})
 
     # ----------------------------------------------------------------------------------------- the Edit protocol
@@ -224,7 +234,7 @@ class Mask(Edit):
 
     @classmethod
     def from_storage(cls, header: dict[str, Any], tensors: dict[str, Tensor], meta: dict[str, Any]) -> Mask:
-        shapes = {n: (int(s[0]), int(s[1])) for n, s in header["layers"]}
+        shapes = {n: tuple(int(d) for d in s) for n, s in header["layers"]}
         return cls.from_indices(tensors, shapes, level=header.get("level", "weight"), meta=meta)
 
     @classmethod

@@ -435,5 +435,9 @@ def test_union_and_chance_iou() -> None:
     neurons = Mask.from_columns({"x": [0]}, {"x": (2, 3), "y": (4, 2)}).union(
         Mask.from_columns({"y": [1]}, {"x": (2, 3), "y": (4, 2)}))
     assert neurons.level == "neuron" and {k: v.tolist() for k, v in neurons.columns().items()} == {"x": [0], "y": [1]}
-    with pytest.raises(MaskMismatchError, match="'y'"):
-        a.union(Mask.from_indices({"x": torch.tensor([0])}, {"x": (2, 3)}))
+    # a layer of one mask only is kept as it is (robust pruning adds layers beyond the FFNs)
+    extra = a.union(Mask.from_indices({"z": torch.tensor([1, 5])}, {"z": (2, 1, 3)}))
+    assert list(extra.shapes()) == ["x", "y", "z"] and extra.indices()["z"].tolist() == [1, 5]
+    assert extra.num_masked() == a.num_masked() + 2
+    with pytest.raises(MaskMismatchError, match="'x'"):
+        a.union(Mask.from_indices({"x": torch.tensor([0])}, {"x": (3, 2)}))

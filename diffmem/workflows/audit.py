@@ -90,7 +90,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": call,
                               "settings": asdict(config), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
-        dcfg = DetectConfig(score_steps=1, num_seeds=1 if config.quick else config.detect_seeds,
+        dcfg = DetectConfig(score_steps=5, num_seeds=1 if config.quick else config.detect_seeds,
                             num_inference_steps=int(call.get("num_inference_steps", 50)),
                             guidance_scale=call.get("guidance_scale", 7.5),
                             guidance_rescale=call.get("guidance_rescale", 0.0),

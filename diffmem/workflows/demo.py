@@ -140,7 +140,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     locate_rows = [e for e in entries if e.split == "locate"]
 
     # 1. detection
-    dcfg = DetectConfig(score_steps=1, num_seeds=1 if config.quick else 4, seed=config.seed,
+    dcfg = DetectConfig(score_steps=5, num_seeds=1 if config.quick else 4, seed=config.seed,
                         num_inference_steps=int(call.get("num_inference_steps", 50)),
                         guidance_scale=call.get("guidance_scale", 7.5), guidance_rescale=call.get("guidance_rescale", 0.0),
                         height=call.get("height"), width=call.get("width"))
