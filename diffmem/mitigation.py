@@ -73,6 +73,12 @@ class MitigateConfig:
         record_steps: Leading sampler steps recorded and used to locate (tau).
         sweep_seeds: Seeds per prompt when choosing the strength.
         attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``).
+        robust_score: How a robust pruning round locates again: ``"saliency"`` (default) scores every denoiser
+            weight by how much zeroing it raises the training loss toward the memorized images under the adversarial
+            conditionings, minus ``robust_lambda`` times how much it changes the loss of the ``nonmem`` rows;
+            ``"activations"`` records FFN statistics under the adversarial conditionings and reruns ``method``.
+        robust_fraction: Share of the denoiser's weights a saliency round may add.
+        robust_lambda: Weight of the non-memorized loss change in the saliency score.
         finetune_steps: Optimiser steps per robust fine-tuning round.
         finetune_lr: Learning rate of the fine-tuning.
         finetune_batch: Noise draws per fine-tuning step and loss term.
@@ -85,6 +91,9 @@ class MitigateConfig:
     target: float = 0.05
     robust: str = "none"
     max_rounds: int = 3
+    robust_score: str = "saliency"
+    robust_fraction: float = 0.001
+    robust_lambda: float = 5.0
     record_steps: int = 10
     sweep_seeds: int = 2
     attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(0,), num_seeds=2))
@@ -100,6 +109,12 @@ class MitigateConfig:
             raise ValueError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
         if self.robust == "prune" and self.method == "directions":
             raise ValueError("robust='prune' merges masks: use method wanda or neuron")
+        if self.robust_score not in ("saliency", "activations"):
+            raise ValueError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
+        if not 0 < self.robust_fraction <= 0.1:
+            raise ValueError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
+        if self.robust_lambda < 0:
+            raise ValueError(f"robust_lambda={self.robust_lambda!r} is invalid: must be >= 0")
         if self.ratio is not None and not (0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1)):
             raise ValueError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
         if not self.strengths or list(self.strengths) != sorted(self.strengths):
@@ -274,7 +289,9 @@ def mitigate(
             if rate is not None and rate <= config.target:
                 break
             embeds = torch.cat([att.adversarial_embeds[i] for i in sorted(att.adversarial_embeds)])
-            if config.robust == "prune":
+            if config.robust == "prune" and config.robust_score == "saliency":
+                edit = _saliency_round(pipe, edit, locate_rows, embeds, nonmem, config, call)
+            elif config.robust == "prune":
                 edit = _prune_round(pipe, edit, embeds, base, rcfg, extra, strength, config, progress)
             else:
                 edit = finetune_against(pipe, edit, locate_rows, embeds, nonmem, config, call, progress=progress)
@@ -301,6 +318,76 @@ def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], r
     merged = edit.union(new)
     logger.info("robust prune: %d new weights (IoU with the edit %.3f)", merged.num_masked() - edit.num_masked(),
                 mask_iou(edit, new)["overall"])
+    return merged
+
+
+def _loss_gradients(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, params: dict[str, torch.Tensor],
+                    draws: int, seed: int) -> dict[str, torch.Tensor]:
+    """Gradient of the summed per-image training loss toward ``x0`` under ``cond`` for each parameter."""
+    from .reextraction import DiffusionObjective, denoiser_call
+
+    objective = DiffusionObjective(pipe)
+    predict = denoiser_call(pipe, *image_size(pipe))
+    dtype = get_denoiser(pipe).dtype
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for i in range(x0.shape[0]):
+            noisy, t, target = objective.draw(x0[i : i + 1], draws, generator)
+            pred = predict(noisy.to(dtype), t, cond[i : i + 1].to(dtype).expand(draws, -1, -1), None)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+                grads[n] += g.float()
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return grads
+
+
+def _saliency_round(pipe: Any, edit: Edit, memorized: list[ManifestEntry], adversarial: torch.Tensor,
+                    nonmem: list[ManifestEntry], config: MitigateConfig, call: dict[str, Any]) -> Mask:
+    """Zero the weights that carry the memorized images under the attacker's conditionings, and little else.
+
+    With the edit applied, the first-order change of the training loss when a weight ``w`` is zeroed is
+    ``-w * dL/dw``. A weight scores ``-w * dL_mem/dw - lambda * |w * dL_non/dw|``: ``L_mem`` is the loss toward the
+    memorized training images under their adversarial conditionings, ``L_non`` the loss of the ``nonmem`` rows
+    under their own prompts. The top ``robust_fraction`` of all denoiser weights (with a positive score, not yet
+    masked) join the mask.
+    """
+    from .reextraction import encode_conditioning, encode_reference
+
+    if not isinstance(edit, Mask):
+        raise DiffmemError("robust pruning merges masks: the edit must be a mask")
+    if not nonmem or any(e.reference is None for e in nonmem):
+        raise DiffmemError("robust pruning needs 'nonmem' rows with reference images (what must be kept)")
+    denoiser = get_denoiser(pipe)
+    params = {n[: -len(".weight")]: p for n, p in denoiser.named_parameters() if n.endswith(".weight") and p.dim() >= 2}
+    size = image_size(pipe, call.get("height"), call.get("width"))
+    device = denoiser.device
+    with edit.apply(pipe), torch.enable_grad():
+        with torch.no_grad():
+            x_mem = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in memorized])
+            x_non = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in nonmem])
+            c_non = encode_conditioning(pipe, [e.prompt for e in nonmem])[0]
+        g_mem = _loss_gradients(pipe, x_mem.to(device), adversarial.to(device), params, 16, config.seed + 11)
+        g_non = _loss_gradients(pipe, x_non.to(device), c_non.to(device), params, 16, config.seed + 13)
+        scores = {}
+        for n, p in params.items():
+            w = p.detach().float()
+            score = -(w * g_mem[n]) - config.robust_lambda * (w * g_non[n]).abs()
+            if n in edit.layers:
+                score[edit.layers[n].to(score.device)] = float("-inf")
+            scores[n] = score.cpu()
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    k = max(1, int(config.robust_fraction * flat.numel()))
+    threshold = torch.topk(flat, k).values.min()
+    new = Mask({n: (s >= threshold) & (s > 0) for n, s in scores.items()}, meta={"method": "saliency"})
+    new = Mask({n: m for n, m in new.layers.items() if bool(m.any())}, meta=new.meta)
+    merged = edit.union(new)
+    merged.meta = {**edit.meta, "robust_rounds": int(edit.meta.get("robust_rounds", 0)) + 1}
+    logger.info("robust prune (saliency): %d weights added in %d tensors", new.num_masked(), len(new.layers))
     return merged
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "encode_reference",
     "conditioning_loss",
     "DiffusionObjective",
+    "denoiser_call",
     "reextract",
     "KINDS",
     "DEFAULT_CHECKPOINTS",
@@ -484,7 +485,7 @@ class DiffusionObjective:
         return noisy, t, target
 
 
-def _denoiser_call(pipe: Any, height: int, width: int) -> _Predict:
+def denoiser_call(pipe: Any, height: int, width: int) -> _Predict:
     """A function ``(x_t, t, cond, pooled) -> prediction`` for the pipeline's denoiser."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
@@ -599,7 +600,7 @@ def optimize_conditionings(
     if pooled is None and _has_pooled(pipe):
         raise DiffmemError(f"{type(denoiser).__name__} needs a pooled embedding; pass pooled=")
     height, width = references[0].shape[:2]
-    predict = _denoiser_call(pipe, height, width)
+    predict = denoiser_call(pipe, height, width)
     objective = DiffusionObjective(pipe)
     x0 = torch.cat([encode_reference(pipe, r) for r in references]).to(device)
 
@@ -683,7 +684,7 @@ def conditioning_loss(
         embeds = embeds[None]
     if pooled is not None and pooled.ndim == 1:
         pooled = pooled[None]
-    predict = _denoiser_call(pipe, *reference.shape[:2])
+    predict = denoiser_call(pipe, *reference.shape[:2])
     objective = DiffusionObjective(pipe)
     x0 = encode_reference(pipe, reference).to(device)
     generator = torch.Generator().manual_seed(seed)
