@@ -172,9 +172,14 @@ def _write_json(path: str | Path, obj: Any) -> None:
 def _scorer(name: str, args: argparse.Namespace) -> Any:
     from diffmem.score import get_scorer
 
-    kwargs = {"allow_pickle": True} if getattr(args, "allow_pickle", False) and name == "sscd" else {}
+    weights = getattr(args, "scorer_weights", None)
     if name == "sscd":
+        kwargs: dict[str, Any] = {"allow_pickle": getattr(args, "allow_pickle", False)}
+        if weights:
+            return get_scorer(name, weights=weights, **kwargs)  # the user's file: no silent fallback
         return get_scorer(name, fallback="ssim", **kwargs)
+    if weights:
+        raise ValueError(f"--scorer-weights applies to --scorer sscd, not {name!r}")
     return get_scorer(name)
 
 
@@ -401,7 +406,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
     _need_file(args.prompts, "prompt file")
     run = MitigateRun(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
                       ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
-                      target=args.target, max_rounds=args.max_rounds, scorer=args.scorer, overwrite=args.overwrite,
+                      target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
+                      scorer_weights=args.scorer_weights, overwrite=args.overwrite,
                       allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
                       opt_steps=args.opt_steps, seed=args.seed)
     report = run_mitigate(run)
@@ -527,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="fixed similarity threshold (skips calibration)")
     p.add_argument("--false-flag-rate", type=_rate, default=0.05)
     p.add_argument("--scorer", default="ssim")
+    p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--edit", default=None, help="apply a saved edit reversibly first")
     _add_references(p)
@@ -542,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive_int, default=8)
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--scorer", default="sscd", help="sscd (falls back to ssim when unavailable), clip, ssim, ...")
+    p.add_argument("--scorer-weights", default=None, help="the scorer's weights file (e.g. the official SSCD .pt/.onnx)")
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--clip-pretrained", default=None, help="CLIP weights tag or file for the CLIP score")
     _add_references(p)
@@ -561,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive_int, default=4)
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--scorer", default="ssim")
+    p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     _add_sampling(p)
     _add_references(p)
 
@@ -575,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=_positive_int, default=3)
     p.add_argument("--opt-steps", type=_positive_int, default=50, help="attack steps during mitigation")
     p.add_argument("--scorer", default="ssim")
+    p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
     _add_references(p)

@@ -228,8 +228,13 @@ def torchscript_path(tmp_path_factory):
     return path
 
 
+def test_sscd_torchscript_is_refused_without_allow_pickle(torchscript_path):
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        get_scorer("sscd", weights=torchscript_path)
+
+
 def test_sscd_torchscript_route(images, torchscript_path):
-    scorer = get_scorer("sscd", weights=torchscript_path, batch_size=2)
+    scorer = get_scorer("sscd", weights=torchscript_path, batch_size=2, allow_pickle=True)
     desc = scorer.describe()
     assert desc["backend"] == "torchscript" and desc["source"] == str(torchscript_path.resolve())
     assert "mean (0.485, 0.456, 0.406)" in desc["preprocessing"]
@@ -248,7 +253,7 @@ def test_sscd_torchscript_normalisation(torchscript_path, preprocess, mean, std)
     grey = np.full((1, 40, 60, 3), 200, np.uint8)
     channel = (200 / 255 - np.asarray(mean)) / np.asarray(std)
     expected = torch.tensor(np.r_[channel, np.repeat(channel, 16)], dtype=torch.float32)
-    emb = get_scorer("sscd", weights=torchscript_path, preprocess=preprocess).embed(grey)
+    emb = get_scorer("sscd", weights=torchscript_path, preprocess=preprocess, allow_pickle=True).embed(grey)
     torch.testing.assert_close(emb[0], F.normalize(expected, dim=0))
 
 
@@ -258,7 +263,7 @@ def test_sscd_bad_weights(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="TorchScript"):
-        get_scorer("sscd", weights=junk)
+        get_scorer("sscd", weights=junk, allow_pickle=True)
     bad_onnx = tmp_path / "junk.onnx"
     bad_onnx.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="ONNX"):

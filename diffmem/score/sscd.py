@@ -73,6 +73,9 @@ class SSCDScorer(EmbeddingScorer):
         device: Torch device for TorchScript weights; ``"cuda..."`` also selects onnxruntime's CUDA provider.
         threshold: Replication threshold on cosine similarity (default 0.5).
         providers: onnxruntime execution providers, overriding the choice made from ``device``.
+        allow_pickle: Accept a TorchScript file. Loading TorchScript can run code embedded in the file (it is
+            pickle-based), so it is refused unless the user opts in (``--allow-pickle``); ONNX files are always
+            accepted.
     """
 
     threshold = 0.5
@@ -87,6 +90,7 @@ class SSCDScorer(EmbeddingScorer):
         device: str | torch.device = "cpu",
         threshold: float | None = None,
         providers: list[str] | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         if preprocess not in SSCD_PREPROCESS:
             raise DiffmemError(f"unknown SSCD preprocessing {preprocess!r}; choose one of {', '.join(SSCD_PREPROCESS)}")
@@ -116,6 +120,11 @@ class SSCDScorer(EmbeddingScorer):
             self.source = str(path.resolve())
             if path.suffix.lower() == ".onnx":
                 self._load_onnx(path, providers)
+            elif not allow_pickle:
+                raise ModelLoadError(
+                    f"SSCD weights {str(path)!r} are TorchScript, which can run code when loaded; pass --allow-pickle "
+                    "(allow_pickle=True) to load them, only if you trust the file, or use an .onnx export"
+                )
             else:
                 self._load_torchscript(path)
         self.path = path

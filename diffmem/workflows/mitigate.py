@@ -48,6 +48,7 @@ class MitigateRun:
     target: float = 0.05
     max_rounds: int = 3
     scorer: str = "ssim"
+    scorer_weights: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
     allow_outside: bool = False
@@ -120,7 +121,8 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
         if e.split in ("locate", "nonmem") and e.reference is None:
             raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
     call = {k: v for k, v in sampling_defaults(run.model).items() if v}
-    scorer = get_scorer(run.scorer)
+    scorer = (get_scorer(run.scorer, weights=run.scorer_weights, allow_pickle=run.allow_pickle) if run.scorer_weights
+              else get_scorer(run.scorer))
     pipe = load_pipeline(run.model, allow_pickle=run.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
