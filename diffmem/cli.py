@@ -135,11 +135,15 @@ def _check_device(device: str | None) -> None:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from diffmem.pipelines import load_pipeline
+    from diffmem.pipelines import load_pipeline, quiet_diffusers, warn_long_prompts
 
+    quiet_diffusers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=True)
+    prompts = getattr(args, "_prompts", None)
+    if prompts:
+        warn_long_prompts(pipe, prompts)
     return pipe
 
 
@@ -187,7 +191,9 @@ def _entries(args: argparse.Namespace, split: str | None = None) -> list:
     from diffmem.data import read_entries
 
     entries = read_entries(args.prompts, allow_outside=getattr(args, "allow_outside_references", False))
-    return [e for e in entries if split is None or e.split == split]
+    entries = [e for e in entries if split is None or e.split == split]
+    args._prompts = [e.prompt for e in entries]  # checked against the text encoder's length once loaded
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,6 +214,7 @@ def cmd_record(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompts)
         if args.add_empty_prompt:
             prompts = [""] + prompts
+    args._prompts = prompts
     s = _sampling(args)
     cfg = RecordConfig(
         num_inference_steps=s["num_inference_steps"], record_steps=args.record_steps,

@@ -179,3 +179,30 @@ def sampling_defaults(model: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or any(k not in _DEFAULT_KEYS for k in data):
         raise ModelLoadError(f"{path} must be a JSON object with keys among {', '.join(_DEFAULT_KEYS)}")
     return data
+
+
+def warn_long_prompts(pipe: Any, prompts: list[str]) -> int:
+    """Say once, in one line, how many prompts the text encoder truncates (diffusers' own warning is muted).
+
+    Returns:
+        The number of prompts longer than the tokenizer's ``model_max_length``.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not limit or limit > 100_000:
+        return 0
+    long = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
+    if long:
+        example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
+        logger.warning("%d of %d prompts are longer than the text encoder's %d tokens and are truncated (e.g. %r)",
+                       len(long), len(prompts), limit, example)
+    return len(long)
+
+
+def quiet_diffusers() -> None:
+    """Mute diffusers' and transformers' per-call warnings (e.g. the multi-line truncation notice); diffmem reports them itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()

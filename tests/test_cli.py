@@ -242,3 +242,14 @@ def test_every_subcommand_rejects_bad_input_in_one_line(model_dir, flow, tmp_pat
         assert "Traceback" not in err and needle in err, (argv, err)
         for name in ("out", "out.txt", "out.csv", "out.json"):
             assert not (tmp_path / name).exists(), (argv, name)
+
+
+def test_long_prompts_are_reported_once_in_one_line(model_dir, tmp_path, capsys, caplog):
+    long = "a red cat " * 40
+    _write(tmp_path / "p.txt", [long, long, "a red cat"])
+    code, res = _run(["detect", model_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "d.jsonl",
+                      "--seeds", "1", *SAMPLING], capsys)
+    assert code == 0
+    lines = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(lines) == 1 and "2 of 3 prompts" in lines[0] and "\n" not in lines[0]
+    assert "truncated because CLIP" not in res.err + res.out and long not in res.err
