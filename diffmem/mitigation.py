@@ -96,7 +96,7 @@ class MitigateConfig:
     robust_lambda: float = 5.0
     record_steps: int = 10
     sweep_seeds: int = 2
-    attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(0,), num_seeds=2))
+    attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(), num_seeds=2))
     finetune_steps: int = 100
     finetune_lr: float = 1e-4
     finetune_batch: int = 8

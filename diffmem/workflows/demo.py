@@ -57,6 +57,7 @@ class DemoConfig:
         target: Target rate of the mitigation (replication on the ``locate`` split, and under the attack).
         eval_seeds: Seeds per prompt in the evaluation.
         attack_generations: Generations per prompt in Carlini et al.'s attack.
+        attack_controls: Non-memorized training images attacked as the re-extraction control, per edit.
         opt_steps: Adam steps of the re-extraction attack.
         max_rounds: Robust pruning rounds.
         scorer: Similarity scorer (SSIM: the embedded model makes 32 px images, too small for SSCD).
@@ -71,6 +72,7 @@ class DemoConfig:
     target: float = 0.05
     eval_seeds: int = 4
     attack_generations: int = 8
+    attack_controls: int = 8
     opt_steps: int = 50
     max_rounds: int = 3
     scorer: str = "ssim"
@@ -149,7 +151,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     lap("detect")
 
     # 2. mitigation (locate and nonmem rows only)
-    attack_m = ReextractConfig(opt_steps=opt_steps, checkpoints=(0,), num_seeds=2, seed=config.seed,
+    attack_m = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=2, seed=config.seed,
                                sample_seed=10_000 + config.seed)
     mcfg = MitigateConfig(ratio=config.ratio, robust="prune", target=config.target, max_rounds=max_rounds,
                           attack=attack_m, seed=config.seed,
@@ -180,13 +182,13 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
-    final_attack = final_attack_config(opt_steps, call, config.seed)
+    final_attack = final_attack_config(opt_steps, call, config.seed, num_seeds=2)
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
 
     def measure(name: str, edit: Any, seconds: float) -> None:
         row, summary = edit_row(pipe, name, edit, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
-                                seconds=seconds, progress=progress)
+                                seconds=seconds, controls=config.attack_controls, progress=progress)
         rows.append(row)
         curves[name] = summary
 

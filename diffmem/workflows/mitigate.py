@@ -62,17 +62,18 @@ def _mean(values: list[float]) -> float | None:
 
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
-             *, eval_seeds: int, attack: ReextractConfig, seconds: float,
+             *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = None,
              progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
     The row holds held-out replication with the prompt and under attack, the control rate, drift and size. The
     attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows (their
-    training images), with the same budget.
+    training images; the first ``controls`` of them when given), with the same budget.
     """
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
     ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call)
+    attacked_controls = [e for e in nonmem if e.reference is not None][:controls]
     t0 = time.time()
     base = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
     with apply_edit(pipe, edit), torch.no_grad():
@@ -80,8 +81,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
     size = image_size(pipe, call.get("height"), call.get("width"))
     items = [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "memorized") for e in heldout]
-    items += [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "control") for e in nonmem
-              if e.reference is not None]
+    items += [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "control") for e in attacked_controls]
     with apply_edit(pipe, edit):
         att = reextract(pipe, items, attack, scorer, progress=progress)
     summary = att.summary()
@@ -103,10 +103,10 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     return row, summary
 
 
-def final_attack_config(opt_steps: int, call: dict, seed: int) -> ReextractConfig:
+def final_attack_config(opt_steps: int, call: dict, seed: int, num_seeds: int = 4) -> ReextractConfig:
     """The evaluation attack: held-out seeds and an optimisation seed that mitigation never used."""
     return ReextractConfig(opt_steps=opt_steps, checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= opt_steps),
-                           num_seeds=4, sample_seed=20_000 + seed, seed=seed + 1, call_kwargs=call)
+                           num_seeds=num_seeds, sample_seed=20_000 + seed, seed=seed + 1, call_kwargs=call)
 
 
 def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, seed=run.seed,
-                          attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(0,), num_seeds=2,
+                          attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
     result = mitigate(pipe, visible, mcfg, scorer, call_kwargs=call, progress=progress)
