@@ -612,7 +612,7 @@ def optimize_conditionings(
         leaves.append(pool)
     opt = torch.optim.Adam(leaves, lr=config.lr)
     generators = [torch.Generator().manual_seed(config.seed) for _ in range(n)]
-    wanted = set(config.checkpoints) | {config.opt_steps}
+    wanted = set(config.checkpoints) | {0, config.opt_steps}  # the start is kept for the distance moved
     embeds: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
     pools: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
     losses: list[list[float]] = [[] for _ in range(n)]

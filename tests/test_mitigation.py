@@ -45,7 +45,7 @@ def test_robust_prune_round_changes_the_edit_and_never_reads_heldout(pipe, tmp_p
     assert any(e.split == "heldout" for e in entries)
     call = {k: v for k, v in sampling_defaults(MODEL).items() if v}
     cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, target=0.0, sweep_seeds=1,
-                         attack=ReextractConfig(opt_steps=10, checkpoints=(0,), num_seeds=2))
+                         attack=ReextractConfig(opt_steps=10, checkpoints=(), num_seeds=2))
     result = mitigate(pipe, entries, cfg, get_scorer("ssim"), call_kwargs=call, progress=False)
     assert isinstance(result.edit, Mask) and isinstance(result.plain_edit, Mask)
     first = result.rounds[0]
