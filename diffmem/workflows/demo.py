@@ -226,7 +226,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
 
     # 6. evaluation grids, export and report
     ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, call_kwargs=call)
-    shown = [e for e in entries if e.split in ("heldout", "nonmem")][:12]
+    shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
     report: dict[str, Any] = {
         "title": "diffmem demo", "model": str(model), "sampler": call, "settings": config.to_dict(),
