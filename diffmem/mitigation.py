@@ -136,7 +136,11 @@ class MitigateConfig:
 
 @dataclass
 class MitigationResult:
-    """What :func:`mitigate` found: the edit, how its strength was chosen and what each robust round did."""
+    """What :func:`mitigate` found: the edit, how its strength was chosen and what each robust round did.
+
+    ``plain_edit`` is the located edit before any robust round; ``first_adversarial`` the conditionings the first
+    robust round's attack found against it (``[P, L, D]``, one per ``locate`` row), or ``None``.
+    """
 
     edit: Edit
     strength: float
@@ -145,6 +149,7 @@ class MitigationResult:
     locality: dict[str, Any]
     timings_s: dict[str, float]
     plain_edit: Edit | None = None
+    first_adversarial: torch.Tensor | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -275,6 +280,7 @@ def mitigate(
     lap("strength")
 
     rounds: list[dict[str, Any]] = []
+    first_adversarial: torch.Tensor | None = None
     if config.robust != "none":
         items = _items(pipe, locate_rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
         acfg = replace(config.attack, call_kwargs={**call, **config.attack.call_kwargs})
@@ -289,6 +295,8 @@ def mitigate(
             if rate is not None and rate <= config.target:
                 break
             embeds = torch.cat([att.adversarial_embeds[i] for i in sorted(att.adversarial_embeds)])
+            if first_adversarial is None:
+                first_adversarial = embeds  # the attack on the plain edit (reusable, e.g. by fine-tuning)
             if config.robust == "prune" and config.robust_score == "saliency":
                 edit = _saliency_round(pipe, edit, locate_rows, embeds, nonmem, config, call)
             elif config.robust == "prune":
@@ -304,7 +312,7 @@ def mitigate(
         lap("robust")
     edit.meta = {**edit.meta, "mitigation": config.to_dict(), "strength": strength}
     return MitigationResult(edit=edit, strength=strength, sweep=sweep, rounds=rounds, locality={},
-                            timings_s=timings, plain_edit=plain)
+                            timings_s=timings, plain_edit=plain, first_adversarial=first_adversarial)
 
 
 def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], rcfg: RecordConfig,

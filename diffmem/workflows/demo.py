@@ -28,7 +28,7 @@ from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, check_output_dir, export_edited
 from diffmem.errors import PromptFileError
-from diffmem.evaluation import EvalConfig, evaluate_edit
+from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
 from diffmem.hooks import record
@@ -186,9 +186,14 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
 
+    nonmem_rows = [e for e in entries if e.split == "nonmem"]
+    unedited = evaluate(pipe, nonmem_rows, EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call), scorer,
+                        progress=False)
+
     def measure(name: str, edit: Any, seconds: float) -> None:
         row, summary = edit_row(pipe, name, edit, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
-                                seconds=seconds, controls=config.attack_controls, progress=progress)
+                                seconds=seconds, controls=config.attack_controls, baseline=unedited,
+                                progress=progress)
         rows.append(row)
         curves[name] = summary
 
@@ -202,7 +207,9 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
         measure("directions", dres.edit, time.time() - t_d)
     measure("robust prune", robust, robust_s)
     t_f = time.time()
-    adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, call, progress)
+    adv = result.first_adversarial  # the attack on the plain mask, already run by the first robust round
+    if adv is None:
+        adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, call, progress)
     delta = finetune_against(pipe, mask, locate_rows, adv, [e for e in visible if e.split == "nonmem"],
                              MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed), call,
                              progress=progress)

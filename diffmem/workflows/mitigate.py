@@ -20,7 +20,7 @@ import torch
 
 from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
-from diffmem.evaluation import EvalConfig, evaluate
+from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline, sampling_defaults
@@ -63,20 +63,26 @@ def _mean(values: list[float]) -> float | None:
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
              *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = None,
-             progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+             baseline: EvalResult | None = None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
     The row holds held-out replication with the prompt and under attack, the control rate, drift, size, the time
     it took to find the edit (``seconds``, given by the caller) and the time of this measurement. The
     attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows (their
-    training images; the first ``controls`` of them when given), with the same budget.
+    training images; ``controls`` of them, evenly spread, when given), with the same budget. ``baseline`` is the
+    unedited evaluation of the ``nonmem`` rows with the same settings; it is computed when not given (pass it when
+    measuring several edits).
     """
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
     ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call)
-    attacked_controls = [e for e in nonmem if e.reference is not None][:controls]
+    candidates = [e for e in nonmem if e.reference is not None]
+    step = max(1, len(candidates) // controls) if controls else 1
+    attacked_controls = candidates[::step][:controls]  # spread over the rows, not the first few
     t0 = time.time()
-    base = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
+    if baseline is not None and [r["prompt"] for r in baseline.rows] != [e.prompt for e in nonmem]:
+        raise ValueError("baseline must be the unedited evaluation of the nonmem rows, in order")
+    base = baseline if baseline is not None or not nonmem else evaluate(pipe, nonmem, ecfg, scorer, progress=False)
     with apply_edit(pipe, edit), torch.no_grad():
         held = evaluate(pipe, heldout, ecfg, scorer, progress=progress, desc=f"{name}: held-out")
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
