@@ -88,6 +88,22 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_references(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-references", action="store_true",
                    help="accept reference paths outside the manifest's folder")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out rows whose reference cannot be downloaded or read (each is reported), instead of "
+                        "stopping at the first")
+
+
+def _fetch(args: argparse.Namespace, entries: list) -> tuple[list, list[dict]]:
+    """Download URL references into the cache and check local ones, before the model loads.
+
+    Returns:
+        The usable entries and, with ``--skip-missing``, one record per left-out row (else the first failure raises).
+    """
+    from diffmem.data import fetch_references
+
+    ok, failures = fetch_references(entries, skip_missing=args.skip_missing,
+                                    allow_outside=getattr(args, "allow_outside_references", False))
+    return ok, [f.to_dict() for f in failures]
 
 
 def _need_model(args: argparse.Namespace) -> None:
@@ -347,7 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _need_model(args)
     edit_path = args.edit or args.mask or args.directions
     _need_edit(edit_path)
-    entries = read_manifest(args.prompts, allow_outside=args.allow_outside_references)
+    entries, failures = _fetch(args, read_manifest(args.prompts, allow_outside=args.allow_outside_references))
     missing = [e for e in entries if e.reference is None]
     if len(missing) == len(entries):
         raise ValueError(f"{args.prompts}: no row has a reference image, so replication cannot be measured")
@@ -361,7 +377,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
     before, after = evaluate_edit(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
     report: dict[str, Any] = {"model": str(args.model), "edit": edit_path, "sampler": s, "scorer": scorer.describe(),
-                              "config": cfg.to_dict(), "before": before.summary(), "rows_before": before.rows}
+                              "config": cfg.to_dict(), "before": before.summary(), "rows_before": before.rows,
+                              "skipped_rows": failures}
     if after is not None:
         report.update(after=after.summary(), rows_after=after.rows)
     if is_main_process():
@@ -381,6 +398,10 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     rows = [e for e in entries if e.split == args.split or (args.control and e.split == "nonmem")]
     if not any(e.split == args.split for e in rows):
         raise ValueError(f"{args.prompts}: no row of split {args.split!r}")
+    for e in rows:  # the attack needs every training image: check them all before the model loads
+        if e.reference is None:
+            raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
+    rows, failures = _fetch(args, rows)
     edit = load_edit(args.edit) if args.edit else None
     s = _sampling(args)
     cfg = ReextractConfig(opt_steps=args.opt_steps, lr=args.lr, batch=args.batch, init=args.init,
@@ -389,9 +410,6 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     from diffmem.data import load_reference
 
     size = (s["height"], s["width"]) if s["height"] else None
-    for e in rows:  # the attack needs every training image: check them all before the model loads
-        if e.reference is None:
-            raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
     refs = [load_reference(e, size, row=e) for e in rows] if size else None
     pipe = _load(args)
     if refs is None:
@@ -401,6 +419,10 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     with apply_edit(pipe, edit):
         res = reextract(pipe, items, cfg, _scorer(args.scorer, args))
     if is_main_process():
+        if failures:
+            from diffmem.files import write_json
+
+            write_json(Path(args.out) / "skipped_rows.json", failures)
         path = res.to_json(Path(args.out) / "reextract.json")
         logger.info("wrote %s: %s", path, json.dumps({k: v for k, v in res.summary().items()
                                                       if k in ("memorization_rate", "control_rate")}))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import _check
 from .errors import DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
@@ -72,27 +73,17 @@ class DetectConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_inference_steps!r} is invalid: must be >= 1")
-        if not 1 <= self.score_steps <= self.num_inference_steps:
-            raise ValueError(
-                f"score_steps={self.score_steps!r} is invalid: must be in [1, num_inference_steps="
-                f"{self.num_inference_steps}]"
-            )
-        if self.num_seeds < 1:
-            raise ValueError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
-        if not self.guidance_scale > 1:
-            raise ValueError(f"guidance_scale={self.guidance_scale!r} is invalid: detection needs > 1 (CFG)")
-        if not 0 <= self.guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale={self.guidance_rescale!r} is invalid: must be in [0, 1]")
+        n = self.num_inference_steps
+        _check(n >= 1, "num_inference_steps", n, "must be >= 1")
+        _check(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        _check(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.guidance_scale > 1, "guidance_scale", self.guidance_scale, "detection needs > 1 (CFG)")
+        _check(0 <= self.guidance_rescale <= 1, "guidance_rescale", self.guidance_rescale, "must be in [0, 1]")
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v is not None and (v <= 0 or v % 8):
-                raise ValueError(f"{name}={v!r} is invalid: must be a positive multiple of 8")
-        if self.space not in ("model", "epsilon"):
-            raise ValueError(f"space={self.space!r} is invalid: choose 'model' or 'epsilon'")
+            _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
+        _check(self.space in ("model", "epsilon"), "space", self.space, "choose 'model' or 'epsilon'")
 
     def to_dict(self) -> dict:
         return asdict(self)

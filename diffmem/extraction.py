@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import _check
 from .errors import DiffmemError
 from .files import atomic_write_text, write_json
 from .metrics import threshold_at_false_flag_rate
@@ -83,18 +84,13 @@ class AttackConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations!r} is invalid: must be >= 2")
-        if not 2 <= self.clique_size <= self.num_generations:
-            raise ValueError(
-                f"clique_size={self.clique_size!r} is invalid: must be in [2, num_generations={self.num_generations}]"
-            )
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ValueError(f"threshold={self.threshold!r} is invalid: must be finite or None")
-        if not 0.0 <= self.false_flag_rate < 1.0:
-            raise ValueError(f"false_flag_rate={self.false_flag_rate!r} is invalid: must be in [0, 1)")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
+        n = self.num_generations
+        _check(n >= 2, "num_generations", n, "must be >= 2")
+        _check(2 <= self.clique_size <= n, "clique_size", self.clique_size, f"must be in [2, num_generations={n}]")
+        _check(self.threshold is None or math.isfinite(self.threshold), "threshold", self.threshold,
+               "must be finite or None")
+        _check(0.0 <= self.false_flag_rate < 1.0, "false_flag_rate", self.false_flag_rate, "must be in [0, 1)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

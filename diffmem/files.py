@@ -93,17 +93,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, text)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a JSON file, raising a one-line :class:`~diffmem.errors.DiffmemError` naming it when unreadable."""
+def read_json(path: str | os.PathLike, what: str = "file", *, fmt: str | None = None, hint: str = "") -> Any:
+    """Read a JSON file, raising a one-line :class:`~diffmem.errors.DiffmemError` naming it when unreadable.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages ("checkpoint", "activation statistics file", ...).
+        fmt: When given, the file must be a JSON object whose ``format`` is ``fmt``.
+        hint: Appended to every message (e.g. how to recover).
+    """
     from .errors import DiffmemError
 
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DiffmemError(f"{what} {path} does not exist") from None
+        raise DiffmemError(f"{what} {path} does not exist{hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DiffmemError(f"cannot read {what} {path}: {err}") from None
+        raise DiffmemError(f"cannot read {what} {path}: {err}{hint}") from None
+    if fmt is not None and (not isinstance(data, dict) or data.get("format") != fmt):
+        raise DiffmemError(f"{path} is not a diffmem {what}{hint}")
+    return data
 
 
 def pair_paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -20,11 +20,9 @@ Example::
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DiffmemError
+from .files import write_json
+from .parallel import shard_map
 from .sampling import generate_images, image_size
 from .score import Scorer
 from .targets import get_denoiser
@@ -782,18 +782,7 @@ class ReextractResult:
         Returns:
             The path written.
         """
-        path = Path(path)
-        text = json.dumps(_jsonable({"summary": self.summary(), "rows": self.rows}), indent=2, sort_keys=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json(Path(path), _jsonable({"summary": self.summary(), "rows": self.rows}))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -804,6 +793,64 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (np.floating, np.integer, np.bool_)):
         return obj.item()
     return obj
+
+
+def _attack_rows(
+    pipe: Any, items: list[ReextractItem], init_embeds: torch.Tensor, init_pooled: torch.Tensor | None,
+    config: ReextractConfig, scorer: Scorer, threshold: float, keep_images: bool, progress: bool,
+) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, np.ndarray | None]]:
+    """Optimise, sample and score some rows (one process's shard): ``(row, final, final pooled, images)`` each."""
+    call_kwargs = dict(config.call_kwargs)
+    steps = list(config.checkpoints)
+    out: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, np.ndarray | None]] = []
+
+    traces: list[OptimizedConditioning] = []
+    per_call = max(1, _ROWS_PER_CALL // config.batch)
+    for lo in tqdm(range(0, len(items), per_call), desc="re-extract", disable=not progress):
+        hi = min(lo + per_call, len(items))
+        traces += optimize_conditionings(
+            pipe, [it.reference for it in items[lo:hi]], init_embeds[lo:hi], config,
+            pooled=None if init_pooled is None else init_pooled[lo:hi],
+        )
+    for i, (item, trace) in enumerate(zip(items, traces)):
+        logger.debug("re-extract %d/%d %r (%s): loss %.4f -> %.4f", i + 1, len(items), item.prompt, item.kind,
+                     trace.loss_curve[0], trace.loss_curve[-1])
+
+    embeds = torch.cat([t.embeds[s] for t in traces for s in steps])
+    pooled = torch.cat([t.pooled[s] for t in traces for s in steps]) if init_pooled is not None else None
+    gens = generate_images(
+        pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_seeds=config.num_seeds,
+        seed=config.sample_seed, batch_size=config.sample_batch_size, progress=progress,
+        desc="re-extract: sample", **call_kwargs,
+    )
+    gens = gens.reshape(len(items), len(steps), config.num_seeds, *gens.shape[2:])
+
+    final = config.opt_steps
+    for i, (item, trace) in enumerate(zip(items, traces)):
+        flat = gens[i].reshape(-1, *gens.shape[3:])
+        sim = scorer.similarity(flat, [item.reference])[:, 0].reshape(len(steps), config.num_seeds)
+        by_step = {s: [float(v) for v in sim[k]] for k, s in enumerate(steps)}
+        y0, y = trace.embeds[0], trace.embeds[final]
+        dist = float((y - y0).norm())
+        row = {
+            "prompt": item.prompt,
+            "kind": item.kind,
+            "index": item.index,
+            "init": config.init,
+            "success": [v >= threshold for v in by_step[final]],
+            "similarity": by_step[final],
+            "max_similarity": max(by_step[final]),
+            "mean_similarity": float(np.mean(by_step[final])),
+            "rate_at_steps": {s: float(np.mean([v >= threshold for v in vals])) for s, vals in by_step.items()},
+            "similarity_at_steps": by_step,
+            "loss_curve": trace.loss_curve,
+            "embed_distance": dist,
+            "embed_distance_relative": dist / max(float(y0.norm()), 1e-12),
+            "optimize_seconds": trace.seconds,
+        }
+        out.append((row, y, trace.pooled[final] if trace.pooled is not None else None,
+                    gens[i] if keep_images else None))
+    return out
 
 
 def reextract(
@@ -858,58 +905,19 @@ def reextract(
     if not items:
         return result
     init_embeds, init_pooled = initial_conditioning(pipe, [it.prompt for it in items], config)
-    steps = list(config.checkpoints)
-
-    traces: list[OptimizedConditioning] = []
-    per_call = max(1, _ROWS_PER_CALL // config.batch)
-    for lo in tqdm(range(0, len(items), per_call), desc="re-extract", disable=not progress):
-        hi = min(lo + per_call, len(items))
-        traces += optimize_conditionings(
-            pipe, [it.reference for it in items[lo:hi]], init_embeds[lo:hi], config,
-            pooled=None if init_pooled is None else init_pooled[lo:hi],
-        )
-    for i, (item, trace) in enumerate(zip(items, traces)):
-        logger.debug("re-extract %d/%d %r (%s): loss %.4f -> %.4f", i + 1, len(items), item.prompt, item.kind,
-                     trace.loss_curve[0], trace.loss_curve[-1])
-
-    embeds = torch.cat([t.embeds[s] for t in traces for s in steps])
-    pooled = torch.cat([t.pooled[s] for t in traces for s in steps]) if init_pooled is not None else None
-    gens = generate_images(
-        pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_seeds=config.num_seeds,
-        seed=config.sample_seed, batch_size=config.sample_batch_size, progress=progress,
-        desc="re-extract: sample", **call_kwargs,
+    outcomes = shard_map(
+        lambda idx: _attack_rows(pipe, [items[i] for i in idx], init_embeds[idx],
+                                 None if init_pooled is None else init_pooled[idx], config, scorer, threshold,
+                                 keep_images, progress),
+        list(range(len(items))),
     )
-    gens = gens.reshape(len(items), len(steps), config.num_seeds, *gens.shape[2:])
-
-    final = config.opt_steps
-    for i, (item, trace) in enumerate(zip(items, traces)):
-        flat = gens[i].reshape(-1, *gens.shape[3:])
-        sim = scorer.similarity(flat, [item.reference])[:, 0].reshape(len(steps), config.num_seeds)
-        by_step = {s: [float(v) for v in sim[k]] for k, s in enumerate(steps)}
-        y0, y = trace.embeds[0], trace.embeds[final]
-        dist = float((y - y0).norm())
-        row = {
-            "prompt": item.prompt,
-            "kind": item.kind,
-            "index": item.index,
-            "init": config.init,
-            "success": [v >= threshold for v in by_step[final]],
-            "similarity": by_step[final],
-            "max_similarity": max(by_step[final]),
-            "mean_similarity": float(np.mean(by_step[final])),
-            "rate_at_steps": {s: float(np.mean([v >= threshold for v in vals])) for s, vals in by_step.items()},
-            "similarity_at_steps": by_step,
-            "loss_curve": trace.loss_curve,
-            "embed_distance": dist,
-            "embed_distance_relative": dist / max(float(y0.norm()), 1e-12),
-            "optimize_seconds": trace.seconds,
-        }
+    for i, (row, final, final_pooled, images) in enumerate(outcomes):
         result.rows.append(row)
-        result.adversarial_embeds[i] = y
-        if trace.pooled is not None:
-            result.adversarial_pooled[i] = trace.pooled[final]
-        if keep_images:
-            result.images[i] = gens[i]
+        result.adversarial_embeds[i] = final
+        if final_pooled is not None:
+            result.adversarial_pooled[i] = final_pooled
+        if images is not None:
+            result.images[i] = images
     result.seconds = time.perf_counter() - start
     summary = result.summary()
     logger.info("re-extraction: memorization rate %s, control rate %s over %d rows in %.1f s",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffmemError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json
 from .parallel import (
     distributed_state,
     gather_all,
@@ -70,12 +70,7 @@ def _load_checkpoint(folder: Path, key: str, world: int) -> list[tuple[int, Any]
     progress_file = folder / _PROGRESS_FILE
     if not progress_file.is_file():
         return None
-    try:
-        info = json.loads(progress_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DiffmemError(f"cannot read checkpoint {progress_file}: {err}; delete {folder} to start over") from None
-    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
-        raise DiffmemError(f"{progress_file} is not a diffmem checkpoint; delete {folder} to start over")
+    info = read_json(progress_file, "checkpoint", fmt=CHECKPOINT_FORMAT, hint=f"; delete {folder} to start over")
     if info.get("key") != key:
         logger.warning("ignoring checkpoint %s: it belongs to other prompts, settings, model or process count", folder)
         return None

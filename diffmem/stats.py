@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiffmemError
-from .files import atomic_write_bytes, atomic_write_text, pair_paths
+from .files import atomic_write_bytes, atomic_write_text, pair_paths, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -409,12 +409,7 @@ class ActivationStats:
         for p in (tensor_path, json_path):
             if not p.is_file():
                 raise DiffmemError(f"activation statistics file not found: {p}")
-        try:
-            header = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DiffmemError(f"cannot read {json_path}: {err}") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise DiffmemError(f"{json_path} is not a diffmem activation statistics file")
+        header = read_json(json_path, "activation statistics file", fmt=FORMAT)
         try:
             tensors = load_file(str(tensor_path))
         except Exception as err:  # safetensors raises its own error types

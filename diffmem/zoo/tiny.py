@@ -26,20 +26,10 @@ DEFAULT_WORDS = (
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """Return the reversible byte -> printable unicode map used by byte-level BPE (GPT-2 / CLIP)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, codes)}
+    """Return the reversible byte -> printable unicode map used by byte-level BPE (GPT-2 / CLIP), from transformers."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as table
+
+    return table()
 
 
 def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
