@@ -258,6 +258,7 @@ class AttackResult:
             calibration prompts).
         scorer: ``scorer.describe()``.
         config: The attack configuration.
+        sampler: The pipeline call arguments the generations used (``None`` for images generated elsewhere).
     """
 
     rows: list[AttackRow]
@@ -265,6 +266,7 @@ class AttackResult:
     calibration: dict[str, Any]
     scorer: dict[str, Any]
     config: AttackConfig
+    sampler: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers: prompts flagged and verified, extraction rate, threshold and false-flag rates."""
@@ -288,6 +290,7 @@ class AttackResult:
             "calibration": self.calibration,
             "scorer": self.scorer,
             "config": self.config.to_dict(),
+            "sampler": self.sampler,
             "summary": self.summary(),
         }
 
@@ -388,11 +391,12 @@ def _finish(
     config: AttackConfig,
     scorer: Scorer,
     out_dir: str | os.PathLike[str] | None,
+    sampler: dict[str, Any] | None = None,
 ) -> AttackResult:
     """Assemble the result; with ``out_dir`` write ``attack.json`` and the verified extractions."""
     rows = [o[0] for o in outcomes]
     result = AttackResult(rows=rows, threshold=threshold, calibration=calibration, scorer=scorer.describe(),
-                          config=config)
+                          config=config, sampler=sampler)
     if out_dir is not None and is_main_process():
         ext_dir = Path(out_dir).expanduser() / EXTRACTIONS_DIR
         ext_dir.mkdir(parents=True, exist_ok=True)
@@ -539,4 +543,4 @@ def extraction_attack(
                                config, scorer) for i, imgs in zip(indices, bar)]
 
     outcomes = shard_map(attack, list(range(len(prompts))))
-    return _finish(outcomes, threshold, calibration, config, scorer, out_dir)
+    return _finish(outcomes, threshold, calibration, config, scorer, out_dir, sampler=kwargs)

@@ -273,18 +273,17 @@ def _folder_mb(model: Path) -> float:
 
 
 def _write_grid(path: Path, rows: list[dict], gens: np.ndarray, train: np.ndarray, scale: int = 2) -> None:
-    """Reference | generations, one row per prompt (memorized first)."""
+    """Reference | generations, one row per prompt (memorized first), with ``diffusers.utils.make_image_grid``."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
     order = sorted(range(len(rows)), key=lambda i: (not rows[i]["memorized"], -rows[i]["duplicates"]))
-    h, w = gens.shape[2:4]
-    gap = np.full((h, 4, 3), 255, np.uint8)
-    lines = []
+    images = []
     for i in order:
         ref = train[int(Path(rows[i]["reference"]).stem)]
-        lines.append(np.concatenate([ref, gap] + list(gens[i]), axis=1))
-    grid = np.concatenate(lines, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+        images += [Image.fromarray(ref)] + [Image.fromarray(g) for g in gens[i]]
+    grid = make_image_grid(images, rows=len(order), cols=1 + gens.shape[1])
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
 def main(argv: list[str] | None = None) -> None:
