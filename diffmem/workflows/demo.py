@@ -38,6 +38,7 @@ from diffmem.metrics import roc_curve
 from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, locality_evidence, mitigate
 from diffmem.pipelines import load_pipeline, sampling_defaults
 from diffmem.reextraction import ReextractConfig
+from diffmem.sampling import image_size
 from diffmem.score import get_scorer
 from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config
 
@@ -248,7 +249,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
         "before": before.summary(), "after": after.summary() if after is not None else None,
         "timings_s": timings,
     }
-    gallery = _gallery(shown, before, after)
+    gallery = _gallery(shown, before, after, scorer, size or image_size(pipe))
     report["headline_text"] = _headline(report, out)
 
     def fill(folder: Path) -> None:
@@ -277,17 +278,23 @@ def _adversarial(pipe, edit, rows, attack, scorer, call, progress) -> torch.Tens
     return torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)])
 
 
-def _gallery(entries, before, after) -> list[dict]:
+def _gallery(entries, before, after, scorer, size) -> list[dict]:
+    """Reference | generations before | after, each generation with its similarity to the reference."""
     rows = []
     for i, e in enumerate(entries):
-        cells = [{"label": f"before, seed {j}", "image": img, "score": None, "replicated": None}
-                 for j, img in enumerate(before.images[i])]
-        if after is not None and after.images is not None:
-            cells += [{"label": f"robust prune, seed {j}", "image": img, "score": None, "replicated": None}
-                      for j, img in enumerate(after.images[i])]
+        ref = load_reference(e.reference, size, row=e) if e.reference is not None else None
+        cells = [] if ref is None else [{"label": "training image", "image": ref}]
+        for label, result in (("before", before), ("robust prune", after)):
+            if result is None or result.images is None:
+                continue
+            images = result.images[i]
+            sims = scorer.similarity(images, [ref])[:, 0].tolist() if ref is not None else [None] * len(images)
+            cells += [{"label": f"{label}, seed {j}", "image": img, "score": sim,
+                       "replicated": None if sim is None else bool(sim >= scorer.threshold)}
+                      for j, (img, sim) in enumerate(zip(images, sims))]
         rows.append({"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "cells": cells})
-    return [{"title": "Generations before and after the robust edit", "caption": "same seeds in both columns",
-             "rows": rows}]
+    return [{"title": "Generations before and after the robust edit",
+             "caption": "The training image, then the same seeds before and after the edit.", "rows": rows}]
 
 
 def _fmt(x: Any) -> str:
