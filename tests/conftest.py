@@ -99,19 +99,10 @@ def tiny_sd3():
 
 def _tiny_vae():
     """A tiny two-level ``AutoencoderKL`` (scale factor 2); text-to-latent tests never decode with it."""
-    from diffusers import AutoencoderKL
+    from diffmem.zoo.tiny import tiny_vae
 
     torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
+    return tiny_vae(16, channels=(8, 16)).eval()
 
 
 def _tiny_tokenizer(folder):

@@ -126,11 +126,12 @@ def tiny_unet(sample_size: int, block_out_channels: tuple[int, ...], cross_atten
     )
 
 
-def tiny_vae(image_size: int):
-    """A two-level ``AutoencoderKL`` (channels 32, 64) with 4 latent channels and half-size latents.
+def tiny_vae(image_size: int, channels: tuple[int, int] = (32, 64)):
+    """A two-level ``AutoencoderKL`` with 4 latent channels and half-size latents.
 
     Args:
         image_size: Image size in pixels.
+        channels: Block widths of the two levels (the group norm uses the first as its group count).
 
     Returns:
         The randomly initialised VAE (from the current torch seed).
@@ -142,9 +143,9 @@ def tiny_vae(image_size: int):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=channels[0],
         sample_size=image_size,
     )
 
