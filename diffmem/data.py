@@ -74,8 +74,10 @@ logger = logging.getLogger(__name__)
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 """File suffixes that :func:`read_prompt_records` understands."""
 
-MANIFEST_SPLITS = ("locate", "heldout", "nonmem")
-"""Manifest splits: prompts used to locate memorization, held-out memorized prompts, non-memorized prompts."""
+MANIFEST_SPLITS = ("locate", "heldout", "nonmem", "never_seen")
+"""Manifest splits: prompts used to locate memorization, held-out memorized prompts, non-memorized prompts (once-seen
+training images or ordinary prompts), and ``never_seen`` images like the memorized ones that are in no training set
+(the attack's control: what re-extraction reaches without memorization)."""
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 """Largest reference download kept (20 MiB); reading stops as soon as a body grows past it."""
@@ -295,7 +297,7 @@ class ManifestEntry:
         prompt: The prompt.
         memorized: Whether the prompt is (meant to be) memorized.
         duplicates: How many times its image occurs in the training set (0 when it is not there).
-        split: ``"locate"``, ``"heldout"`` or ``"nonmem"``.
+        split: ``"locate"``, ``"heldout"``, ``"nonmem"`` or ``"never_seen"``.
         reference: The training image the prompt should replicate, if any: an absolute path (as read from a
             manifest), or an ``http(s)`` URL kept as a string.
         extra: Any other fields of the manifest line.
@@ -545,7 +547,7 @@ def split_entries(entries: Iterable[ManifestEntry], split: str) -> list[Manifest
 
     Args:
         entries: Manifest entries.
-        split: ``"locate"``, ``"heldout"`` or ``"nonmem"``.
+        split: ``"locate"``, ``"heldout"``, ``"nonmem"`` or ``"never_seen"``.
 
     Returns:
         The entries whose ``split`` matches, in order.

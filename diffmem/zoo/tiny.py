@@ -15,7 +15,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "bytes_to_unicode", "write_word_vocab", "tiny_unet", "tiny_vae", "tiny_text_encoder", "build_tiny_pipeline",
+    "bytes_to_unicode", "write_word_vocab", "tiny_unet", "tiny_vae", "tiny_text_encoder", "tiny_t5_encoder",
+    "tiny_pixart", "build_tiny_pipeline",
     "DEFAULT_WORDS",
 ]
 
@@ -126,12 +127,12 @@ def tiny_unet(sample_size: int, block_out_channels: tuple[int, ...], cross_atten
     )
 
 
-def tiny_vae(image_size: int, channels: tuple[int, int] = (32, 64)):
-    """A two-level ``AutoencoderKL`` with 4 latent channels and half-size latents.
+def tiny_vae(image_size: int, channels: tuple[int, ...] = (32, 64)):
+    """An ``AutoencoderKL`` with 4 latent channels, downsampling ``2 ** (len(channels) - 1)`` times.
 
     Args:
         image_size: Image size in pixels.
-        channels: Block widths of the two levels (the group norm uses the first as its group count).
+        channels: Block widths of the levels (the group norm uses the first as its group count).
 
     Returns:
         The randomly initialised VAE (from the current torch seed).
@@ -141,8 +142,8 @@ def tiny_vae(image_size: int, channels: tuple[int, int] = (32, 64)):
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=tuple(channels),
         latent_channels=4,
         norm_num_groups=channels[0],
@@ -176,6 +177,40 @@ def tiny_text_encoder(tokenizer, hidden_size: int, intermediate_size: int, num_h
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    )
+
+
+def tiny_t5_encoder(tokenizer, d_model: int, d_ff: int, num_layers: int):
+    """A ``T5EncoderModel`` over ``tokenizer``'s vocabulary (PixArt's text encoder, tiny).
+
+    Returns:
+        The randomly initialised encoder (from the current torch seed).
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=d_ff,
+                                   num_layers=num_layers, num_heads=4, pad_token_id=tokenizer.pad_token_id))
+
+
+def tiny_pixart(sample_size: int, num_layers: int, num_heads: int, head_dim: int, caption_channels: int):
+    """A ``PixArtTransformer2DModel`` (DiT blocks with cross-attention, patch 2, no learned sigma).
+
+    Args:
+        sample_size: Latent size.
+        num_layers: Transformer blocks.
+        num_heads: Attention heads.
+        head_dim: Width of each head.
+        caption_channels: Width of the text embeddings.
+
+    Returns:
+        The randomly initialised transformer (from the current torch seed).
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        num_layers=num_layers, cross_attention_dim=num_heads * head_dim, sample_size=sample_size, patch_size=2,
+        caption_channels=caption_channels, norm_num_groups=1,
     )
 
 

@@ -30,22 +30,62 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.zoo.designs import (OverlapConfig, PhotosConfig, make_overlap, make_photos, never_seen_overlap,
+                                 never_seen_photos)
 from diffmem.zoo.shapes import Sample, ShapesConfig, caption_words, make_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train_memorizer", "write_assets"]
+__all__ = ["TrainConfig", "train_memorizer", "write_assets", "DESIGNS", "build_dataset", "build_never_seen",
+           "config_from_dict"]
+
+
+def _no_never_seen(config: ShapesConfig) -> list[Sample]:
+    """Emblems drawn like the memorized ones with names no training caption uses."""
+    from diffmem.zoo.shapes import _render_emblem
+
+    taken = {s.attrs["name"] for s in make_dataset(config) if "name" in s.attrs}
+    rng = np.random.default_rng(config.seed + 50_000)
+    out = []
+    for _ in range(12):
+        img, spec = _render_emblem(rng, config.image_size, taken)
+        out.append(Sample(img, f"the {spec.name} emblem", 0, "never_seen", {"name": spec.name}))
+    return out
+
+
+DESIGNS = {
+    "shapes": (ShapesConfig, make_dataset, _no_never_seen),
+    "overlap": (OverlapConfig, make_overlap, never_seen_overlap),
+    "photos": (PhotosConfig, make_photos, never_seen_photos),
+}
+"""Data designs: name -> (config class, training-set builder, never-seen builder)."""
+
+
+def build_dataset(config: "TrainConfig") -> list[Sample]:
+    """The distinct training images of ``config``'s design."""
+    return DESIGNS[config.design][1](config.dataset)
+
+
+def build_never_seen(config: "TrainConfig") -> list[Sample]:
+    """Images of the memorized images' distribution that are in no training set (the attack's control)."""
+    return DESIGNS[config.design][2](config.dataset)
 
 
 @dataclass
 class TrainConfig:
     """Everything that determines the checkpoint (written next to the weights as ``train_config.json``)."""
 
-    dataset: ShapesConfig = field(default_factory=ShapesConfig)
+    dataset: ShapesConfig | OverlapConfig | PhotosConfig = field(default_factory=ShapesConfig)
+    design: str = "shapes"
+    denoiser: str = "unet"
     seed: int = 0
     text_dim: int = 64
     text_layers: int = 2
     unet_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (32, 64)
+    dit_layers: int = 8
+    dit_heads: int = 4
+    dit_head_dim: int = 24
     vae_steps: int = 1500
     vae_lr: float = 1e-3
     vae_batch_size: int = 32
@@ -62,11 +102,37 @@ class TrainConfig:
     split_seed: int = 1234
     num_nonmem_prompts: int = 24
 
+    def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise ValueError(f"design={self.design!r} is unknown: expected one of {', '.join(DESIGNS)}")
+        if self.denoiser not in ("unet", "pixart"):
+            raise ValueError(f"denoiser={self.denoiser!r} is unknown: expected 'unet' or 'pixart'")
+        if not isinstance(self.dataset, DESIGNS[self.design][0]):
+            raise ValueError(f"dataset is a {type(self.dataset).__name__}; design {self.design!r} needs a "
+                             f"{DESIGNS[self.design][0].__name__}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.dataset.image_size // 2 ** (len(self.vae_channels) - 1)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dataset"] = self.dataset.to_dict()
         d["unet_channels"] = list(self.unet_channels)
+        d["vae_channels"] = list(self.vae_channels)
         return d
+
+
+def config_from_dict(saved: dict) -> TrainConfig:
+    """Rebuild a :class:`TrainConfig` from its ``train_config.json`` (older files have no design: shapes)."""
+    saved = dict(saved)
+    design = saved.get("design", "shapes")
+    ds = dict(saved.pop("dataset"))
+    ds["duplicates"] = tuple(ds["duplicates"])
+    for key in ("unet_channels", "vae_channels"):
+        if key in saved:
+            saved[key] = tuple(saved[key])
+    return TrainConfig(dataset=DESIGNS[design][0](**ds), **saved)
 
 
 def _images_tensor(samples: list[Sample]) -> torch.Tensor:
@@ -77,16 +143,21 @@ def _images_tensor(samples: list[Sample]) -> torch.Tensor:
 def _build_models(config: TrainConfig, tokenizer_dir: Path, words: list[str]):
     from transformers import CLIPTokenizer
 
-    from diffmem.zoo.tiny import tiny_text_encoder, tiny_unet, tiny_vae, write_word_vocab
+    from diffmem.zoo.tiny import tiny_pixart, tiny_t5_encoder, tiny_text_encoder, tiny_unet, tiny_vae, write_word_vocab
 
     write_word_vocab(tokenizer_dir, words)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(config.seed)
     size = config.dataset.image_size
-    vae = tiny_vae(size)
-    text_encoder = tiny_text_encoder(tokenizer, config.text_dim, config.text_dim * 4, config.text_layers)
-    unet = tiny_unet(size // 2, tuple(config.unet_channels), config.text_dim)
-    return tokenizer, text_encoder, vae, unet
+    vae = tiny_vae(size, tuple(config.vae_channels))
+    if config.denoiser == "pixart":
+        text_encoder = tiny_t5_encoder(tokenizer, config.text_dim, config.text_dim * 4, config.text_layers)
+        denoiser = tiny_pixart(config.latent_size, config.dit_layers, config.dit_heads, config.dit_head_dim,
+                               config.text_dim)
+    else:
+        text_encoder = tiny_text_encoder(tokenizer, config.text_dim, config.text_dim * 4, config.text_layers)
+        denoiser = tiny_unet(config.latent_size, tuple(config.unet_channels), config.text_dim)
+    return tokenizer, text_encoder, vae, denoiser
 
 
 def _schedulers():
@@ -197,9 +268,19 @@ def psnr(vae, images: torch.Tensor, batch: int = 64) -> float:
     return float(torch.cat(vals).mean())
 
 
+def _denoise(model, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One denoiser call, as the pipeline makes it (PixArt takes the caption's attention mask)."""
+    if type(model).__name__ == "PixArtTransformer2DModel" or "PixArt" in type(getattr(model, "module", model)).__name__:
+        return model(xt, encoder_hidden_states=cond, encoder_attention_mask=mask, timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return model(xt, t, encoder_hidden_states=cond).sample
+
+
 def train_unet(accelerator, unet, latents: torch.Tensor, embeds: torch.Tensor, null_embed: torch.Tensor,
-               copies: np.ndarray, config: TrainConfig, work_dir: Path) -> None:
-    """Train the UNet on pre-encoded latents and text embeddings, with v-prediction on a zero-SNR schedule."""
+               copies: np.ndarray, config: TrainConfig, work_dir: Path, masks: torch.Tensor | None = None,
+               null_mask: torch.Tensor | None = None) -> None:
+    """Train the denoiser (UNet or PixArt transformer) on pre-encoded latents and text embeddings, with
+    v-prediction on a zero-SNR schedule."""
     train_sched, _ = _schedulers()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
     total = config.unet_steps
@@ -223,12 +304,17 @@ def train_unet(accelerator, unet, latents: torch.Tensor, embeds: torch.Tensor, n
         cond = embeds[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < config.caption_dropout
         cond[drop] = null_embed
+        mask = None
+        if masks is not None:
+            mask = masks[idx].clone()
+            mask[drop] = null_mask
+            mask = mask.to(accelerator.device)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         xt = train_sched.add_noise(x0, noise, t)
         target = train_sched.get_velocity(x0, noise, t)
         dev = accelerator.device
-        pred = unet(xt.to(dev), t.to(dev), encoder_hidden_states=cond.to(dev)).sample
+        pred = _denoise(unet, xt.to(dev), t.to(dev), cond.to(dev), mask)
         loss = F.mse_loss(pred.float(), target.to(dev))
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -244,13 +330,21 @@ def train_unet(accelerator, unet, latents: torch.Tensor, embeds: torch.Tensor, n
 
 
 @torch.no_grad()
-def _encode_text(tokenizer, text_encoder, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    out = []
+def _encode_text(tokenizer, text_encoder, prompts: list[str], batch: int = 256,
+                 max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings and attention masks, tokenized as the pipeline does (PixArt: 120 tokens with a mask)."""
+    out, masks = [], []
+    t5 = type(text_encoder).__name__.startswith("T5")
+    length = max_length or (120 if t5 else tokenizer.model_max_length)
     for i in range(0, len(prompts), batch):
-        ids = tokenizer(prompts[i : i + batch], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
+        enc = tokenizer(prompts[i : i + batch], padding="max_length", max_length=length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+        if t5:
+            out.append(text_encoder(enc.input_ids, attention_mask=enc.attention_mask)[0])
+        else:
+            out.append(text_encoder(enc.input_ids)[0])
+        masks.append(enc.attention_mask)
+    return torch.cat(out), torch.cat(masks)
 
 
 def _manifest_rows(samples: list[Sample], config: TrainConfig) -> list[dict]:
@@ -276,10 +370,18 @@ def _manifest_rows(samples: list[Sample], config: TrainConfig) -> list[dict]:
     for c in sorted(chosen):
         cap = unique_caps[c]
         i = next(k for k, s in enumerate(samples) if s.caption == cap)
-        fg = samples[i].attrs["fg"]
-        rows.append(dict(prompt=cap, memorized=False, duplicates=1, reference=f"references/{i:05d}.png",
-                         split="nonmem", kind="unique", fg=fg))
+        row = dict(prompt=cap, memorized=False, duplicates=1, reference=f"references/{i:05d}.png",
+                   split="nonmem", kind="unique")
+        if samples[i].attrs.get("fg"):
+            row["fg"] = samples[i].attrs["fg"]
+        rows.append(row)
     return rows
+
+
+def _never_seen_rows(never_seen: list[Sample]) -> list[dict]:
+    """The attack's control: images like the memorized ones that are in no training set (split ``never_seen``)."""
+    return [dict(prompt=s.caption, memorized=False, duplicates=0, reference=f"references/never_seen_{k:02d}.png",
+                 split="never_seen", kind="never_seen") for k, s in enumerate(never_seen)]
 
 
 def base_prompts(samples: list[Sample], rows: list[dict], config: TrainConfig, n: int = 32) -> list[str]:
@@ -299,13 +401,18 @@ def write_assets(out: Path, samples: list[Sample], config: TrainConfig) -> None:
     for r in rows:
         i = int(Path(r["reference"]).stem)
         Image.fromarray(samples[i].image).save(out / r["reference"])
+    never_seen = build_never_seen(config)
+    extra = _never_seen_rows(never_seen)
+    for r, s in zip(extra, never_seen):
+        Image.fromarray(s.image).save(out / r["reference"])
     with open(out / "memorization.jsonl", "w") as f:
-        for r in rows:
+        for r in rows + extra:
             f.write(json.dumps(r, sort_keys=True) + "\n")
     (out / "base_prompts.txt").write_text("\n".join(base_prompts(samples, rows, config)) + "\n")
     defaults = dict(num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
-                    guidance_rescale=config.guidance_rescale, height=config.dataset.image_size,
-                    width=config.dataset.image_size)
+                    height=config.dataset.image_size, width=config.dataset.image_size)
+    if config.guidance_rescale and config.denoiser == "unet":  # PixArt's pipeline has no guidance rescale
+        defaults["guidance_rescale"] = config.guidance_rescale
     (out / "diffmem_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -329,8 +436,8 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     t0 = time.time()
-    samples = make_dataset(config.dataset)
-    words = caption_words(samples)
+    samples = build_dataset(config)
+    words = caption_words(samples + build_never_seen(config))
     tokenizer, text_encoder, vae, unet = _build_models(config, work_dir / "tokenizer", words)
     text_encoder.requires_grad_(False).eval()
     images = _images_tensor(samples)
@@ -357,17 +464,24 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
     scale = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     latents = lat * scale
-    embeds = _encode_text(tokenizer, text_encoder, [s.caption for s in samples])
-    null_embed = _encode_text(tokenizer, text_encoder, [""])[0]
-
-    train_unet(accelerator, unet, latents, embeds, null_embed, copies, config, work_dir)
+    embeds, masks = _encode_text(tokenizer, text_encoder, [s.caption for s in samples])
+    null_embeds, null_masks = _encode_text(tokenizer, text_encoder, [""])
+    pixart = config.denoiser == "pixart"
+    train_unet(accelerator, unet, latents, embeds, null_embeds[0], copies, config, work_dir,
+               masks=masks if pixart else None, null_mask=null_masks[0] if pixart else None)
     unet = accelerator.unwrap_model(unet).to("cpu").eval()
 
     if accelerator.is_main_process:
         _, sample_sched = _schedulers()
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sample_sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        if pixart:
+            from diffusers import PixArtAlphaPipeline
+
+            pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=unet,
+                                       scheduler=sample_sched)
+        else:
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=sample_sched, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -388,26 +502,29 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--member", default="tiny-sd-memorizer", help="zoo member to train (diffmem.zoo.members)")
     p.add_argument("--work-dir", default=None, help="checkpoint folder (default: <out>.work)")
-    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    p.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--assets-only", action="store_true",
                    help="rewrite the manifest, references and defaults of an existing --out folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                         batch_size=args.batch_size, checkpoint_every=args.checkpoint_every)
-    config.dataset.seed = args.seed
+    from diffmem.zoo.members import member_config
+
+    config = member_config(args.member)
+    given = {k: getattr(args, k) for k in ("seed", "vae_steps", "unet_steps", "batch_size", "checkpoint_every")
+             if getattr(args, k) is not None}
+    for key, value in given.items():
+        setattr(config, key, value)
+    if "seed" in given:
+        config.dataset.seed = args.seed
     if args.assets_only:
-        saved = json.loads((Path(args.out) / "train_config.json").read_text())
-        ds = dict(saved.pop("dataset"))
-        ds["duplicates"] = tuple(ds["duplicates"])
-        saved["unet_channels"] = tuple(saved["unet_channels"])
-        config = TrainConfig(dataset=ShapesConfig(**ds), **saved)
-        write_assets(Path(args.out), make_dataset(config.dataset), config)
+        config = config_from_dict(json.loads((Path(args.out) / "train_config.json").read_text()))
+        write_assets(Path(args.out), build_dataset(config), config)
         return
     work = Path(args.work_dir) if args.work_dir else Path(args.out + ".work")
     train_memorizer(args.out, config, work)
