@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "RecordConfig": "diffmem.config",
     "LocateConfig": "diffmem.config",
     "DiffmemError": "diffmem.errors",
+    "ConfigError": "diffmem.errors",
     "MaskMismatchError": "diffmem.errors",
     "PromptFileError": "diffmem.errors",
     "ModelLoadError": "diffmem.errors",

@@ -1,9 +1,14 @@
-"""User-facing errors. Each message is one line that names the culprit."""
+"""User-facing errors. Each message is one line that names the culprit.
+
+The command line reports a :class:`DiffmemError` as one line with exit status 2; any other exception is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "DiffmemError",
+    "ConfigError",
     "TargetNotFoundError",
     "MaskMismatchError",
     "PromptFileError",
@@ -14,6 +19,13 @@ __all__ = [
 
 class DiffmemError(Exception):
     """Base class of the errors a user can fix; ``str(err)`` is one line naming the culprit."""
+
+
+class ConfigError(DiffmemError, ValueError):
+    """A value given by the user is invalid: a config field, a function argument or a command-line value.
+
+    It is also a ``ValueError``, so code that catches (or tests that expect) ``ValueError`` keeps working.
+    """
 
 
 class TargetNotFoundError(DiffmemError):
