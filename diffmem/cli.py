@@ -1,9 +1,9 @@
 """``diffmem`` command line: thin subcommands, one library call each.
 
 Every user-fixable problem (a wrong path, a malformed prompt file, a mismatched edit, an out-of-range value)
-ends in one line ``diffmem: error: ...`` and exit status 2, and cheap checks (files, suffixes, values) run before
-the model is loaded. ``--steps`` always means sampler steps; tau (the recorded leading steps) is
-``--record-steps`` everywhere.
+ends in one line ``diffmem: error: ...`` and exit status 2; anything else is a bug and keeps its traceback (exit
+status 1). Cheap checks (files, suffixes, values) run before the model is loaded. ``--steps`` always means sampler
+steps; tau (the recorded leading steps) is ``--record-steps`` everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from diffmem.errors import ConfigError, DiffmemError
 
 logger = logging.getLogger("diffmem")
 
@@ -121,7 +123,6 @@ def _need_file(path: str | None, what: str) -> None:
 
 
 def _need_edit(path: str | None) -> None:
-    from diffmem.errors import DiffmemError
     from diffmem.files import pair_paths
 
     if path is not None and not pair_paths(path)[0].is_file():
@@ -130,7 +131,7 @@ def _need_edit(path: str | None) -> None:
 
 def _need_suffix(path: str, suffixes: tuple[str, ...], flag: str) -> None:
     if Path(path).suffix not in suffixes:
-        raise ValueError(f"{flag} {path}: use a {' or '.join(suffixes)} suffix")
+        raise ConfigError(f"{flag} {path}: use a {' or '.join(suffixes)} suffix")
 
 
 def _check_device(device: str | None) -> None:
@@ -141,11 +142,11 @@ def _check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a torch device: {err}") from None
+        raise ConfigError(f"--device {device!r} is not a torch device: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine")
+        raise ConfigError(f"--device {device}: MPS is not available on this machine")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -199,7 +200,7 @@ def _scorer(name: str, args: argparse.Namespace) -> Any:
             return get_scorer(name, weights=weights, **kwargs)  # the user's file: no silent fallback
         return get_scorer(name, fallback="ssim", **kwargs)
     if weights:
-        raise ValueError(f"--scorer-weights applies to --scorer sscd, not {name!r}")
+        raise ConfigError(f"--scorer-weights applies to --scorer sscd, not {name!r}")
     return get_scorer(name)
 
 
@@ -226,7 +227,7 @@ def cmd_record(args: argparse.Namespace) -> None:
         prompts = [""]
     else:
         if args.prompts is None:
-            raise ValueError("give --prompts FILE (or --empty-prompt-only)")
+            raise ConfigError("give --prompts FILE (or --empty-prompt-only)")
         prompts = read_prompts(args.prompts)
         if args.add_empty_prompt:
             prompts = [""] + prompts
@@ -276,7 +277,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     _need_model(args)
     edit_path = args.edit or args.mask or args.directions
     if edit_path is None:
-        raise ValueError("give the edit to export with --edit FILE")
+        raise ConfigError("give the edit to export with --edit FILE")
     _need_edit(edit_path)
     edit = load_edit(edit_path)
     from diffmem.edits import check_output_dir
@@ -366,7 +367,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     entries, failures = _fetch(args, read_manifest(args.prompts, allow_outside=args.allow_outside_references))
     missing = [e for e in entries if e.reference is None]
     if len(missing) == len(entries):
-        raise ValueError(f"{args.prompts}: no row has a reference image, so replication cannot be measured")
+        raise ConfigError(f"{args.prompts}: no row has a reference image, so replication cannot be measured")
     if missing:
         logger.warning("%d rows have no reference image: their replication is not measured", len(missing))
     edit = load_edit(edit_path) if edit_path else None
@@ -397,10 +398,10 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     entries = _entries(args)
     rows = [e for e in entries if e.split == args.split or (args.control and e.split == "nonmem")]
     if not any(e.split == args.split for e in rows):
-        raise ValueError(f"{args.prompts}: no row of split {args.split!r}")
+        raise ConfigError(f"{args.prompts}: no row of split {args.split!r}")
     for e in rows:  # the attack needs every training image: check them all before the model loads
         if e.reference is None:
-            raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
+            raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
     rows, failures = _fetch(args, rows)
     edit = load_edit(args.edit) if args.edit else None
     s = _sampling(args)
@@ -661,10 +662,22 @@ def _cap_threads() -> None:
         logger.info("using %d of %d CPU threads (the others are busy; set OMP_NUM_THREADS to choose)", free, cores)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``diffmem`` console script."""
-    from diffmem.errors import DiffmemError
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffmem`` console script.
+
+    A user error (a :class:`~diffmem.errors.DiffmemError`, such as a ``ConfigError`` for an invalid value, or an OS
+    error on a named path) ends in one line ``diffmem: error: ...`` and exit status 2; argparse rejects bad flags the
+    same way. Any other exception is a bug: it propagates with its traceback (exit status 1).
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 for a user error.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -674,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (DiffmemError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        if args.verbose:
+    except (DiffmemError, *_PATH_ERRORS) as err:
+        if args.verbose or (isinstance(err, OSError) and err.filename is None):
             raise
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"diffmem: error: {msg}", file=sys.stderr)  # noqa: T201

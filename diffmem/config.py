@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .errors import ConfigError
+
 __all__ = ["RecordConfig", "LocateConfig", "LOCATE_PRESETS", "BASE_PRESETS"]
 
 
 def _check(cond: bool, field: str, value: object, why: str) -> None:
     if not cond:
-        raise ValueError(f"{field}={value!r} is invalid: {why}")
+        raise ConfigError(f"{field}={value!r} is invalid: {why}")
 
 
 class _ConfigMethods:
@@ -136,5 +138,5 @@ class LocateConfig(_ConfigMethods):
     def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
         """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
         if name not in LOCATE_PRESETS:
-            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+            raise ConfigError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
         return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import PromptFileError
+from .errors import ConfigError, PromptFileError
 
 __all__ = [
     "PROMPT_SUFFIXES",
@@ -522,7 +522,7 @@ def write_manifest(entries: Iterable[ManifestEntry], path: str | os.PathLike[str
     for entry in entries:
         clash = set(entry.extra) & set(_MANIFEST_FIELDS)
         if clash:
-            raise ValueError(f"extra fields {sorted(clash)} clash with manifest fields")
+            raise ConfigError(f"extra fields {sorted(clash)} clash with manifest fields")
         if entry.reference is None:
             reference = None
         elif is_url(entry.reference):
@@ -553,7 +553,7 @@ def split_entries(entries: Iterable[ManifestEntry], split: str) -> list[Manifest
         The entries whose ``split`` matches, in order.
     """
     if split not in MANIFEST_SPLITS:
-        raise ValueError(f"split={split!r} is invalid: expected one of {', '.join(MANIFEST_SPLITS)}")
+        raise ConfigError(f"split={split!r} is invalid: expected one of {', '.join(MANIFEST_SPLITS)}")
     return [e for e in entries if e.split == split]
 
 
@@ -764,11 +764,11 @@ def _download(
 
 def _check_limits(timeout: float, max_bytes: int, total_timeout: float | None) -> None:
     if not timeout > 0:
-        raise ValueError(f"timeout={timeout!r} is invalid: must be > 0 seconds")
+        raise ConfigError(f"timeout={timeout!r} is invalid: must be > 0 seconds")
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes={max_bytes!r} is invalid: must be an integer >= 1")
+        raise ConfigError(f"max_bytes={max_bytes!r} is invalid: must be an integer >= 1")
     if total_timeout is not None and not total_timeout > 0:
-        raise ValueError(f"total_timeout={total_timeout!r} is invalid: must be > 0 seconds or None")
+        raise ConfigError(f"total_timeout={total_timeout!r} is invalid: must be > 0 seconds or None")
 
 
 def _row_label(row: ManifestEntry | str | None) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import _check
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
 from .sampling import image_size, initial_latents, latent_shape
@@ -96,7 +96,7 @@ class DetectConfig:
         7.5, and each prompt seeded with its own index.
         """
         if name not in DETECT_PRESETS:
-            raise ValueError(f"preset={name!r} is invalid: choose one of {', '.join(DETECT_PRESETS)}")
+            raise ConfigError(f"preset={name!r} is invalid: choose one of {', '.join(DETECT_PRESETS)}")
         settings = {**DETECT_PRESETS[name], **overrides}
         if settings.get("score_steps") == "all":
             settings["score_steps"] = settings.get("num_inference_steps", 50)
@@ -273,9 +273,9 @@ def detect(pipe, prompts: list[str], config: DetectConfig | None = None, labels:
     config = config or DetectConfig()
     prompts = list(prompts)
     if labels is not None and len(labels) != len(prompts):
-        raise ValueError(f"labels has {len(labels)} entries for {len(prompts)} prompts")
+        raise ConfigError(f"labels has {len(labels)} entries for {len(prompts)} prompts")
     if calibration_prompts is not None and len(calibration_prompts) == 1:
-        raise ValueError("calibration needs at least 2 non-memorized prompts")
+        raise ConfigError("calibration needs at least 2 non-memorized prompts")
     scores = _sharded_scores(pipe, prompts, config, progress)
     res = DetectionResult(prompts, scores)
     if labels is not None:

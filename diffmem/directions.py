@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import LocateConfig
 from .edits import Edit, load_edit, register_edit
-from .errors import DiffmemError, MaskMismatchError
+from .errors import ConfigError, DiffmemError, MaskMismatchError
 
 from .stats import check_same_layers, provenance
 
@@ -62,20 +62,20 @@ class DirectionBasis(Edit):
         shapes = {str(n): (int(s[0]), int(s[1])) for n, s in self.shapes.items()}
         if list(shapes) != list(self.layers):
             missing = next((n for n in [*self.layers, *shapes] if n not in shapes or n not in self.layers), None)
-            raise ValueError(f"layers and shapes must name the same layers in the same order (first: {missing!r})")
+            raise ConfigError(f"layers and shapes must name the same layers in the same order (first: {missing!r})")
         layers: dict[str, Tensor] = {}
         for name, u in self.layers.items():
             u = torch.as_tensor(u).detach().to(device="cpu", dtype=torch.float32).contiguous()
             in_f = shapes[name][1]
             if u.dim() != 2 or u.shape[0] != in_f or u.shape[1] > in_f:
-                raise ValueError(
+                raise ConfigError(
                     f"direction layer {name!r} must be [in_features={in_f}, k <= {in_f}], got {tuple(u.shape)}"
                 )
             if u.shape[1]:
                 gram = u.T @ u
                 err = float((gram - torch.eye(u.shape[1])).abs().max())
                 if err > _ORTHONORMAL_ATOL:
-                    raise ValueError(f"direction layer {name!r} is not orthonormal (max |U^T U - I| = {err:.2e})")
+                    raise ConfigError(f"direction layer {name!r} is not orthonormal (max |U^T U - I| = {err:.2e})")
             layers[name] = u
         self.layers = layers
         self.shapes = shapes
@@ -115,7 +115,7 @@ class DirectionBasis(Edit):
             A new basis sharing this one's meta (with ``meta["truncated_to"] = k``).
         """
         if k < 0:
-            raise ValueError(f"k={k!r} is invalid: must be >= 0")
+            raise ConfigError(f"k={k!r} is invalid: must be >= 0")
         layers = {n: u[:, :k].clone() for n, u in self.layers.items()}
         return DirectionBasis(layers, dict(self.shapes), meta={**self.meta, "truncated_to": int(k)})
 

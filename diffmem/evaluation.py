@@ -16,6 +16,7 @@ from PIL import Image
 
 from .data import load_reference
 from .edits import Edit, apply_edit
+from .errors import ConfigError
 from .parallel import distributed_state, shard_map
 from .sampling import generate_images
 from .score import EmbeddingScorer
@@ -46,11 +47,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.strict_threshold is not None and not -1.0 <= self.strict_threshold <= 1.0:
-            raise ValueError(f"strict_threshold={self.strict_threshold!r} is invalid: must be in [-1, 1] or None")
+            raise ConfigError(f"strict_threshold={self.strict_threshold!r} is invalid: must be in [-1, 1] or None")
         if self.num_seeds < 1:
-            raise ValueError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
+            raise ConfigError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
+            raise ConfigError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +169,7 @@ def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit: Edit | None, 
     """
     entries = list(entries)
     if not entries:
-        raise ValueError("entries is empty: nothing to evaluate")
+        raise ConfigError("entries is empty: nothing to evaluate")
 
     def run(part: list) -> tuple[EvalResult, EvalResult | None]:
         before = evaluate(pipe, part, config, scorer, clip_scorer=clip_scorer, progress=progress, desc="before")

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import _check
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .files import atomic_write_text, write_json
 from .metrics import threshold_at_false_flag_rate
 from .parallel import is_main_process, shard_map
@@ -122,7 +122,7 @@ def _graph(s: np.ndarray, threshold: float) -> nx.Graph:
 
 def _check_m(m: int) -> None:
     if m < 2:
-        raise ValueError(f"m={m!r} is invalid: a clique needs at least 2 members")
+        raise ConfigError(f"m={m!r} is invalid: a clique needs at least 2 members")
 
 
 def _has_clique(s: np.ndarray, threshold: float, m: int) -> bool:
@@ -427,7 +427,7 @@ def _check_inputs(prompts: list[str], config: AttackConfig, has_calibration: boo
     if config.threshold is None and not has_calibration:
         raise DiffmemError("config.threshold is None and no calibration prompts were given; set one of them")
     if references is not None and len(references) != len(prompts):
-        raise ValueError(f"references has {len(references)} entries for {len(prompts)} prompts")
+        raise ConfigError(f"references has {len(references)} entries for {len(prompts)} prompts")
 
 
 def extraction_attack_images(

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -150,7 +152,7 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
         w.writerows(rows)
         return atomic_write_text(path, buf.getvalue())
     if path.suffix != ".jsonl":
-        raise ValueError(f"table {str(path)!r}: use a .jsonl or .csv suffix")
+        raise ConfigError(f"table {str(path)!r}: use a .jsonl or .csv suffix")
     return atomic_write_text(path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows))
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import RecordConfig
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .sampling import image_size, latent_shape, seed_noise
 from .stats import HALVES, ActivationStats, prompts_sha256, row_moments
 from .targets import find_targets, get_denoiser, model_source
@@ -167,9 +167,9 @@ class ActivationRecorder:
         self.targets = find_targets(self.denoiser, config.target)
         self.stop_generation = stop_generation
         if config.signatures and (num_prompts is None or num_prompts < 1):
-            raise ValueError(f"num_prompts={num_prompts!r} is invalid: signatures need the number of prompts (>= 1)")
+            raise ConfigError(f"num_prompts={num_prompts!r} is invalid: signatures need the number of prompts (>= 1)")
         if sorted(cfg_call_order) != sorted(HALVES) or len(cfg_call_order) != 2:
-            raise ValueError(f"cfg_call_order={cfg_call_order!r} is invalid: give ('uncond', 'cond') in some order")
+            raise ConfigError(f"cfg_call_order={cfg_call_order!r} is invalid: give ('uncond', 'cond') in some order")
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler {type(scheduler).__name__} has no step() method")
         self.num_prompts = num_prompts
@@ -659,28 +659,28 @@ def _check_conditioning(
         The prompts as a list (or ``None``), the number of conditionings ``P`` and their metadata.
     """
     if (prompts is None) == (prompt_embeds is None):
-        raise ValueError("give exactly one of prompts or prompt_embeds")
+        raise ConfigError("give exactly one of prompts or prompt_embeds")
     meta: dict[str, Any] = {}
     if prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
+            raise ConfigError("prompts must be a non-empty list of strings")
         count = len(prompts)
         meta["prompts_sha256"] = prompts_sha256(prompts)
     else:
         if not isinstance(prompt_embeds, Tensor) or prompt_embeds.dim() != 3 or prompt_embeds.shape[0] < 1:
             shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, Tensor) else type(prompt_embeds).__name__
-            raise ValueError(f"prompt_embeds must be a [P, L, D] tensor with P >= 1, got {shape}")
+            raise ConfigError(f"prompt_embeds must be a [P, L, D] tensor with P >= 1, got {shape}")
         count = int(prompt_embeds.shape[0])
         meta["prompts_sha256"] = _tensor_sha256(prompt_embeds)
         meta["conditioning"] = "prompt_embeds"
     if negative_prompt_embeds is not None:
         if config.negative_prompt is not None:
-            raise ValueError("give config.negative_prompt or negative_prompt_embeds, not both")
+            raise ConfigError("give config.negative_prompt or negative_prompt_embeds, not both")
         ok = isinstance(negative_prompt_embeds, Tensor) and negative_prompt_embeds.dim() == 3
         if not ok or int(negative_prompt_embeds.shape[0]) not in (1, count):
             shape = tuple(negative_prompt_embeds.shape) if isinstance(negative_prompt_embeds, Tensor) else None
-            raise ValueError(f"negative_prompt_embeds must be a [1 or {count}, L, D] tensor, got {shape}")
+            raise ConfigError(f"negative_prompt_embeds must be a [1 or {count}, L, D] tensor, got {shape}")
         meta["negative_prompt_embeds_sha256"] = _tensor_sha256(negative_prompt_embeds)
     return prompts, count, meta
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .edits import Edit, load_edit, register_edit
-from .errors import MaskMismatchError
+from .errors import ConfigError, MaskMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,16 @@ class Mask(Edit):
 
     def __post_init__(self) -> None:
         if self.level not in MASK_LEVELS:
-            raise ValueError(f"level={self.level!r} is invalid: choose one of {', '.join(MASK_LEVELS)}")
+            raise ConfigError(f"level={self.level!r} is invalid: choose one of {', '.join(MASK_LEVELS)}")
         layers: dict[str, Tensor] = {}
         for name, m in self.layers.items():
             m = torch.as_tensor(m)
             if m.dim() < 1 or (self.level == "neuron" and m.dim() != 2):
-                raise ValueError(f"mask layer {name!r} must be shaped like its weight ([out, in] for neuron masks), "
-                                 f"got shape {tuple(m.shape)}")
+                raise ConfigError(f"mask layer {name!r} must be shaped like its weight ([out, in] for neuron masks), "
+                                  f"got shape {tuple(m.shape)}")
             m = m.detach().to(device="cpu", dtype=torch.bool)
             if self.level == "neuron" and not torch.equal(m.any(dim=0), m.all(dim=0)):
-                raise ValueError(f"mask layer {name!r} has level 'neuron' but masks partial columns")
+                raise ConfigError(f"mask layer {name!r} has level 'neuron' but masks partial columns")
             layers[name] = m
         self.layers = layers
 

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .errors import ConfigError
+
 __all__ = [
     "roc_auc",
     "roc_curve",
@@ -21,16 +23,16 @@ def _scores_labels(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
     if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.size} and {y.size}")
+        raise ConfigError(f"scores and labels differ in length: {s.size} and {y.size}")
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
     if y.dtype != bool:
         if not np.isin(y, (0, 1)).all():
-            raise ValueError("labels must be booleans or 0/1")
+            raise ConfigError("labels must be booleans or 0/1")
         y = y.astype(bool)
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
-        raise ValueError(f"labels need both classes, got {n_pos} positives and {y.size - n_pos} negatives")
+        raise ConfigError(f"labels need both classes, got {n_pos} positives and {y.size - n_pos} negatives")
     return s, y
 
 
@@ -82,7 +84,7 @@ def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, fpr: float = 0.01) -> float
         ValueError: ``fpr`` is outside ``[0, 1]``, or the scores and labels are invalid.
     """
     if not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"fpr={fpr!r} is invalid: must be in [0, 1]")
+        raise ConfigError(f"fpr={fpr!r} is invalid: must be in [0, 1]")
     f, t, _ = roc_curve(scores, labels)
     return float(t[f <= fpr + 1e-12].max())
 
@@ -99,7 +101,7 @@ def threshold_mean_std(values: ArrayLike, m: float = 3.0) -> float:
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size < 2:
-        raise ValueError(f"calibration needs at least 2 values, got {v.size}")
+        raise ConfigError(f"calibration needs at least 2 values, got {v.size}")
     if not np.isfinite(v).all():
         raise ValueError("values contain NaN or inf")
     return float(v.mean() + m * v.std(ddof=1))
@@ -118,10 +120,10 @@ def quantile_threshold(values: ArrayLike, rate: float) -> float:
         The threshold (linear interpolation between order statistics).
     """
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate={rate} must be in [0, 1]")
+        raise ConfigError(f"rate={rate} must be in [0, 1]")
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
-        raise ValueError("quantile_threshold needs at least 1 value")
+        raise ConfigError("quantile_threshold needs at least 1 value")
     if np.isnan(v).any():
         raise ValueError("values contain NaN")
     return float(np.quantile(v, 1.0 - rate))
@@ -144,11 +146,11 @@ def threshold_at_false_flag_rate(values: ArrayLike, false_flag_rate: float) -> t
     """
     s = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
     if s.ndim != 1 or s.size == 0:
-        raise ValueError("calibration needs at least one reference value")
+        raise ConfigError("calibration needs at least one reference value")
     if np.isnan(s).any():
         raise ValueError("calibration values hold NaN")
     if not 0.0 <= false_flag_rate < 1.0:
-        raise ValueError(f"false_flag_rate={false_flag_rate!r} is invalid: must be in [0, 1)")
+        raise ConfigError(f"false_flag_rate={false_flag_rate!r} is invalid: must be in [0, 1)")
     k = math.floor(false_flag_rate * s.size + 1e-9)
     threshold = float(np.nextafter(np.sort(s)[::-1][k], np.inf))
     return threshold, float(np.count_nonzero(s >= threshold)) / s.size

@@ -33,7 +33,7 @@ from .data import ManifestEntry, load_reference
 from .deltas import WeightDelta
 from .directions import DirectionBasis
 from .edits import Edit, apply_edit
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .evaluation import EvalConfig, EvalResult, evaluate
 from .hooks import record
 from .localization import locate
@@ -104,28 +104,28 @@ class MitigateConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("wanda", "neuron", "directions"):
-            raise ValueError(f"method={self.method!r} is invalid: choose wanda, neuron or directions")
+            raise ConfigError(f"method={self.method!r} is invalid: choose wanda, neuron or directions")
         if self.robust not in ROBUST:
-            raise ValueError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
+            raise ConfigError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
         if self.robust == "prune" and self.method == "directions":
-            raise ValueError("robust='prune' merges masks: use method wanda or neuron")
+            raise ConfigError("robust='prune' merges masks: use method wanda or neuron")
         if self.robust_score not in ("saliency", "activations"):
-            raise ValueError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
+            raise ConfigError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
         if not 0 < self.robust_fraction <= 0.1:
-            raise ValueError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
+            raise ConfigError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
         if self.robust_lambda < 0:
-            raise ValueError(f"robust_lambda={self.robust_lambda!r} is invalid: must be >= 0")
+            raise ConfigError(f"robust_lambda={self.robust_lambda!r} is invalid: must be >= 0")
         if self.ratio is not None and not (0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1)):
-            raise ValueError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
+            raise ConfigError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
         if not self.strengths or list(self.strengths) != sorted(self.strengths):
-            raise ValueError(f"strengths={self.strengths!r} is invalid: give ascending values")
+            raise ConfigError(f"strengths={self.strengths!r} is invalid: give ascending values")
         if not 0 <= self.target <= 1:
-            raise ValueError(f"target={self.target!r} is invalid: must be in [0, 1]")
+            raise ConfigError(f"target={self.target!r} is invalid: must be in [0, 1]")
         for name in ("max_rounds", "record_steps", "sweep_seeds", "finetune_steps", "finetune_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
         if not self.finetune_lr > 0:
-            raise ValueError(f"finetune_lr={self.finetune_lr!r} is invalid: must be > 0")
+            raise ConfigError(f"finetune_lr={self.finetune_lr!r} is invalid: must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

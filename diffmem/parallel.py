@@ -98,7 +98,7 @@ def gather_all(obj: Any, state: Any) -> list:
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
-    if isinstance(err, (DiffmemError, ValueError, FileNotFoundError)):
+    if isinstance(err, (DiffmemError, FileNotFoundError)):
         return text or type(err).__name__
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 

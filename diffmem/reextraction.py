@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .files import write_json
 from .parallel import shard_map
 from .sampling import generate_images, image_size
@@ -90,8 +90,8 @@ _RESERVED_CALL_KEYS = frozenset(
 )
 
 
-def _fail(name: str, value: object, why: str) -> ValueError:
-    return ValueError(f"ReextractConfig.{name}={value!r} is invalid: {why}")
+def _fail(name: str, value: object, why: str) -> ConfigError:
+    return ConfigError(f"ReextractConfig.{name}={value!r} is invalid: {why}")
 
 
 def _is_int(value: object) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .files import atomic_write_text, read_json
 from .parallel import (
     distributed_state,
@@ -152,9 +152,9 @@ def record_resumable(pipe, prompts: Sequence[str], config, *, partial: str | os.
 
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise ConfigError("prompts must be a non-empty list of strings")
     if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every!r} is invalid: must be >= 0")
+        raise ConfigError(f"checkpoint_every={checkpoint_every!r} is invalid: must be >= 0")
     state = distributed_state()
     place(pipe, state)
     world, rank = state.num_processes, state.process_index
@@ -228,7 +228,7 @@ def record_to_file(pipe, prompts: Sequence[str], config, *, out: str | os.PathLi
         The statistics (on every process; only the main process writes them).
     """
     if checkpoint_every > 0 and out is None:
-        raise ValueError("checkpoint_every needs an output path (out) to keep the checkpoints beside")
+        raise ConfigError("checkpoint_every needs an output path (out) to keep the checkpoints beside")
     partial = checkpoint_dir(out) if out is not None and checkpoint_every > 0 else None
     stats = record_resumable(pipe, prompts, config, partial=partial, checkpoint_every=checkpoint_every,
                              model_id=model_id, pipe_kwargs=pipe_kwargs, progress=progress)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def generate_images(
         ``uint8 [P, num_seeds, H, W, 3]``.
     """
     if (prompts is None) == (prompt_embeds is None):
-        raise ValueError("give exactly one of prompts or prompt_embeds")
+        raise ConfigError("give exactly one of prompts or prompt_embeds")
     extras = {
         "pooled_prompt_embeds": pooled_prompt_embeds,
         "negative_prompt_embeds": negative_prompt_embeds,
@@ -132,15 +133,15 @@ def generate_images(
     }
     if prompt_embeds is None and any(v is not None for v in extras.values()):
         given = ", ".join(k for k, v in extras.items() if v is not None)
-        raise ValueError(f"{given} need prompt_embeds, not prompts")
+        raise ConfigError(f"{given} need prompt_embeds, not prompts")
     if negative_pooled_prompt_embeds is not None and negative_prompt_embeds is None:
-        raise ValueError("negative_pooled_prompt_embeds needs negative_prompt_embeds")
+        raise ConfigError("negative_pooled_prompt_embeds needs negative_prompt_embeds")
     count = len(prompts) if prompts is not None else int(prompt_embeds.shape[0])
     for name in ("pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
         value = extras[name]
         allowed = (count,) if name == "pooled_prompt_embeds" else (1, count)
         if value is not None and int(value.shape[0]) not in allowed:
-            raise ValueError(f"{name} has {int(value.shape[0])} rows; expected {' or '.join(map(str, allowed))}")
+            raise ConfigError(f"{name} has {int(value.shape[0])} rows; expected {' or '.join(map(str, allowed))}")
     height, width = image_size(pipe, call_kwargs.pop("height", None), call_kwargs.pop("width", None))
     jobs = [(i, seed + j) for i in range(count) for j in range(num_seeds)]
     out: list[np.ndarray] = []

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import DiffmemError
+from .errors import ConfigError, DiffmemError
 from .files import atomic_write_bytes, atomic_write_text, pair_paths, read_json
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class ActivationStats:
         signatures: Mapping[str, Tensor] | None = None,
     ) -> None:
         if steps < 1:
-            raise ValueError(f"steps={steps!r} is invalid: must be >= 1")
+            raise ConfigError(f"steps={steps!r} is invalid: must be >= 1")
         self.layers: dict[str, tuple[int, int]] = {name: (int(s[0]), int(s[1])) for name, s in layers.items()}
         self.steps = int(steps)
         self.halves: dict[str, dict[str, LayerStats]] = {}
@@ -215,7 +215,7 @@ class ActivationStats:
             Layer -> statistics for that half.
         """
         if half not in HALVES:
-            raise ValueError(f"half={half!r} is invalid: choose one of {', '.join(HALVES)}")
+            raise ConfigError(f"half={half!r} is invalid: choose one of {', '.join(HALVES)}")
         if half not in self.halves:
             self.halves[half] = {name: LayerStats.zeros(self.steps, shape[1]) for name, shape in self.layers.items()}
             self.halves = {h: self.halves[h] for h in HALVES if h in self.halves}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DiffmemError
+from ..errors import ConfigError, DiffmemError
 
 __all__ = [
     "Images",
@@ -223,7 +223,7 @@ class EmbeddingScorer(Scorer):
     def _set_options(self, batch_size: int, device: str | torch.device, threshold: float | None) -> None:
         """Check and keep what every embedding model takes: images per forward pass, device, threshold override."""
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
         self.batch_size = batch_size
         self.device = torch.device(device)
         if threshold is not None:

@@ -10,6 +10,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 from skimage.transform import pyramid_reduce
 
+from ..errors import ConfigError
 from .base import PixelScorer, register_scorer
 
 __all__ = ["SSIMScorer", "MSSSIMScorer", "MS_SSIM_WEIGHTS", "ms_ssim"]
@@ -107,10 +108,10 @@ def ms_ssim(
     if x.shape != y.shape:
         raise ValueError(f"ms_ssim needs images of equal shape, got {x.shape} and {y.shape}")
     if not 1 <= max_scales <= len(MS_SSIM_WEIGHTS):
-        raise ValueError(f"max_scales={max_scales} must be in [1, {len(MS_SSIM_WEIGHTS)}]")
+        raise ConfigError(f"max_scales={max_scales} must be in [1, {len(MS_SSIM_WEIGHTS)}]")
     n = _num_scales(x.shape[0], x.shape[1], max_scales, win_size)
     if n == 0:
-        raise ValueError(f"images of {x.shape[0]}x{x.shape[1]} px are smaller than the {win_size}-px MS-SSIM window")
+        raise ConfigError(f"images of {x.shape[0]}x{x.shape[1]} px are smaller than the {win_size}-px MS-SSIM window")
     weights = np.asarray(MS_SSIM_WEIGHTS[:n])
     weights = weights / weights.sum()
     a, b = x.astype(np.float64) / 255.0, y.astype(np.float64) / 255.0
@@ -142,7 +143,7 @@ class MSSSIMScorer(PixelScorer):
 
     def __init__(self, max_scales: int = 5, threshold: float | None = None) -> None:
         if not 1 <= max_scales <= len(MS_SSIM_WEIGHTS):
-            raise ValueError(f"max_scales={max_scales} must be in [1, {len(MS_SSIM_WEIGHTS)}]")
+            raise ConfigError(f"max_scales={max_scales} must be in [1, {len(MS_SSIM_WEIGHTS)}]")
         self.max_scales = max_scales
         if threshold is not None:
             self.threshold = float(threshold)

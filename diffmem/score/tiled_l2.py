@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .base import PixelScorer, register_scorer
 
 __all__ = ["TiledL2Scorer", "tiled_l2_distance"]
@@ -28,7 +29,7 @@ def tiled_l2_distance(x: np.ndarray, y: np.ndarray, tiles: int = 4) -> float:
     if x.shape != y.shape:
         raise ValueError(f"tiled_l2_distance needs images of equal shape, got {x.shape} and {y.shape}")
     if tiles < 1 or tiles > min(x.shape[:2]):
-        raise ValueError(f"tiles={tiles} must be in [1, {min(x.shape[:2])}] for {x.shape[0]}x{x.shape[1]} images")
+        raise ConfigError(f"tiles={tiles} must be in [1, {min(x.shape[:2])}] for {x.shape[0]}x{x.shape[1]} images")
     diff = (x.astype(np.float64) - y.astype(np.float64)) / 255.0
     worst = 0.0
     for band in np.array_split(diff, tiles, axis=0):
@@ -53,7 +54,7 @@ class TiledL2Scorer(PixelScorer):
 
     def __init__(self, tiles: int = 4, threshold: float | None = None) -> None:
         if tiles < 1:
-            raise ValueError(f"tiles={tiles} must be >= 1")
+            raise ConfigError(f"tiles={tiles} must be >= 1")
         self.tiles = tiles
         if threshold is not None:
             self.threshold = float(threshold)

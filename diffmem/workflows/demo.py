@@ -27,7 +27,7 @@ from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, check_output_dir, export_edited
-from diffmem.errors import PromptFileError
+from diffmem.errors import ConfigError, PromptFileError
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
@@ -134,7 +134,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
         base_prompts, opt_steps, max_rounds, eval_seeds = base_prompts[:7], min(opt_steps, 10), 1, 2
     overlap = {e.prompt for e in entries} & set(base_prompts)
     if overlap:
-        raise ValueError(f"base prompts overlap the evaluation prompts (e.g. {sorted(overlap)[0]!r})")
+        raise ConfigError(f"base prompts overlap the evaluation prompts (e.g. {sorted(overlap)[0]!r})")
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
     call = {k: v for k, v in sampling_defaults(model).items() if v}

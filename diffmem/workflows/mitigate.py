@@ -20,6 +20,7 @@ import torch
 
 from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
+from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
@@ -127,7 +128,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     entries = read_manifest(run.prompts, allow_outside=run.allow_outside)
     for e in entries:  # the attack needs every training image of the rows it uses: fail before the slow work
         if e.split in ("locate", "nonmem") and e.reference is None:
-            raise ValueError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
+            raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
     call = {k: v for k, v in sampling_defaults(run.model).items() if v}
     scorer = (get_scorer(run.scorer, weights=run.scorer_weights, allow_pickle=run.allow_pickle) if run.scorer_weights
               else get_scorer(run.scorer))

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from diffmem.errors import ConfigError
 from diffmem.zoo.shapes import PALETTE, SHAPES, Sample, _emblem_name, _jitter, _shape_mask
 
 __all__ = [
@@ -204,7 +205,7 @@ class PhotosConfig:
     def __post_init__(self) -> None:
         need = len(self.duplicates) * self.per_level + self.num_controls
         if need > len(PHOTO_NAMES):
-            raise ValueError(f"PhotosConfig needs {need} photographs, only {len(PHOTO_NAMES)} ship with skimage")
+            raise ConfigError(f"PhotosConfig needs {need} photographs, only {len(PHOTO_NAMES)} ship with skimage")
 
 
 def make_photos(config: PhotosConfig | None = None) -> list[Sample]:

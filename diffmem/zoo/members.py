@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from diffmem.errors import ConfigError
 from diffmem.zoo.designs import OverlapConfig, PhotosConfig
 from diffmem.zoo.shapes import ShapesConfig
 from diffmem.zoo.train_memorizer import TrainConfig
@@ -42,7 +43,7 @@ MEMBERS: dict[str, Callable[[], TrainConfig]] = {
 def member_config(name: str) -> TrainConfig:
     """The training configuration of zoo member ``name``."""
     if name not in MEMBERS:
-        raise ValueError(f"zoo member {name!r} is unknown: expected one of {', '.join(MEMBERS)}")
+        raise ConfigError(f"zoo member {name!r} is unknown: expected one of {', '.join(MEMBERS)}")
     return MEMBERS[name]()
 
 

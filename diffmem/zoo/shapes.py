@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from diffmem.errors import ConfigError
+
 __all__ = [
     "PALETTE",
     "SHAPES",
@@ -110,7 +112,7 @@ def _shape_mask(shape: str, cy: float, cx: float, r: float, size: int) -> np.nda
         top, bottom = cy - r, cy + r * 0.8
         half_width = (ys - top) / (bottom - top) * r
         return (ys >= top) & (ys <= bottom) & (np.abs(xs - cx) <= half_width)
-    raise ValueError(f"unknown shape {shape!r}")
+    raise ConfigError(f"unknown shape {shape!r}")
 
 
 def _jitter(rng: np.random.Generator, colour: tuple[int, int, int], amount: int = 15) -> np.ndarray:

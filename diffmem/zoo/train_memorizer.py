@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.errors import ConfigError
 from diffmem.zoo.designs import (OverlapConfig, PhotosConfig, make_overlap, make_photos, never_seen_overlap,
                                  never_seen_photos)
 from diffmem.zoo.shapes import Sample, ShapesConfig, caption_words, make_dataset
@@ -104,12 +105,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
-            raise ValueError(f"design={self.design!r} is unknown: expected one of {', '.join(DESIGNS)}")
+            raise ConfigError(f"design={self.design!r} is unknown: expected one of {', '.join(DESIGNS)}")
         if self.denoiser not in ("unet", "pixart"):
-            raise ValueError(f"denoiser={self.denoiser!r} is unknown: expected 'unet' or 'pixart'")
+            raise ConfigError(f"denoiser={self.denoiser!r} is unknown: expected 'unet' or 'pixart'")
         if not isinstance(self.dataset, DESIGNS[self.design][0]):
-            raise ValueError(f"dataset is a {type(self.dataset).__name__}; design {self.design!r} needs a "
-                             f"{DESIGNS[self.design][0].__name__}")
+            raise ConfigError(f"dataset is a {type(self.dataset).__name__}; design {self.design!r} needs a "
+                              f"{DESIGNS[self.design][0].__name__}")
 
     @property
     def latent_size(self) -> int:
