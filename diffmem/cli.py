@@ -469,6 +469,15 @@ def cmd_audit(args: argparse.Namespace) -> None:
     print(report["headline_text"])  # noqa: T201 - the command's output
 
 
+def cmd_manifest_convert(args: argparse.Namespace) -> None:
+    from diffmem.data import SplitConfig, convert_manifest
+
+    split = SplitConfig(seed=args.split_seed, locate_fraction=args.locate_fraction)
+    summary = convert_manifest(args.source, args.out, memorized=args.memorized, split=split,
+                               allow_outside=args.allow_outside_references)
+    print(summary.text)  # noqa: T201 - the command's output
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -640,6 +649,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quick", action="store_true")
     _add_references(p)
+
+    p = sub.add_parser("manifest", help="manifest tools")
+    manifest = p.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True, parser_class=_Parser)
+    p = manifest.add_parser("convert", help="write a checked manifest from a published prompt set or a prompt list")
+    p.set_defaults(func=cmd_manifest_convert)
+    p.add_argument("source", metavar="IN",
+                   help="Wen jsonl, NeMo csv, Webster parquet, MemBench csv, diffmem manifest or prompt list")
+    p.add_argument("out", metavar="OUT", help="the manifest to write (.jsonl)")
+    label = p.add_mutually_exclusive_group()
+    label.add_argument("--memorized", action="store_const", const=True, default=None,
+                       help="every row of a file without labels (prompt list, Wen jsonl, NeMo csv) is memorized")
+    label.add_argument("--not-memorized", dest="memorized", action="store_const", const=False,
+                       help="no row of a file without labels is memorized")
+    p.add_argument("--split-seed", type=_nonneg_int, default=0,
+                   help="seed of the hash that splits memorized rows between locate and heldout (default 0)")
+    p.add_argument("--locate-fraction", type=_rate, default=0.5,
+                   help="share of the memorized prompts that go to locate; the rest go to heldout (default 0.5)")
+    p.add_argument("--allow-outside-references", action="store_true",
+                   help="accept reference paths outside the input's or the output's folder")
     return parser
 
 

@@ -7,6 +7,8 @@ Prompt files (``read_prompts`` / ``read_prompt_records``):
   ``sdv1_500_memorized.jsonl``).
 * ``.csv`` / ``.tsv``: a header row with a ``prompt`` or ``caption`` column (any case); the delimiter is sniffed
   among ``, ; TAB |`` (NeMo's prompt lists use ``;`` and quoted fields with doubled quotes).
+* ``.parquet``: a ``prompt`` or ``caption`` column (e.g. Webster's ground-truth files); needs pyarrow
+  (``pip install 'diffmem[formats]'``). Rows are counted from 1 and named ``file row N`` in messages.
 
 Manifests (``read_manifest``) are jsonl files written next to the images they reference, one entry per prompt::
 
@@ -16,7 +18,10 @@ Manifests (``read_manifest``) are jsonl files written next to the images they re
 ``reference`` is a path relative to the manifest's folder (and must lie inside it, after resolving symlinks and
 ``..``, unless the caller allows otherwise) or an ``http(s)`` URL. :func:`read_entries` reads either kind of file;
 a plain prompt file becomes unlabelled ``nonmem`` entries whose ``reference`` comes from a ``reference`` or ``url``
-column when there is one (Wen et al.'s ``url``, NeMo's ``URL``).
+column when there is one (Wen et al.'s ``url``, NeMo's ``URL``). Two published sets carry labels and are read as
+manifests: Webster's ground-truth parquet files and MemBench's csv (see :mod:`diffmem.formats`), their memorized
+rows split between ``locate`` and ``heldout`` by a seeded hash of the prompt. :func:`convert_manifest` writes any of
+these files as a checked manifest.
 
 Reference images (:func:`load_reference`, :func:`fetch_references`): a URL is downloaded once into a cache folder
 (``~/.cache/diffmem``, or ``$DIFFMEM_CACHE``, or the ``cache`` argument) under the sha256 of the URL, with limits on
@@ -45,7 +50,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import formats
 from .errors import ConfigError, PromptFileError
+from .files import atomic_write_text
+from .formats import ConversionSummary, SplitConfig, _where
 
 __all__ = [
     "PROMPT_SUFFIXES",
@@ -60,6 +68,9 @@ __all__ = [
     "read_manifest",
     "read_entries",
     "write_manifest",
+    "convert_manifest",
+    "ConversionSummary",
+    "SplitConfig",
     "split_entries",
     "resolve_references",
     "is_url",
@@ -71,7 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv", ".parquet")
 """File suffixes that :func:`read_prompt_records` understands."""
 
 MANIFEST_SPLITS = ("locate", "heldout", "nonmem", "never_seen")
@@ -103,8 +114,7 @@ def _one_line(text: str) -> str:
 
 
 def _fail(path: Path, line: int | None, problem: str) -> PromptFileError:
-    where = f"{path}:{line}" if line is not None else str(path)
-    return PromptFileError(f"{where}: {_one_line(problem)}")
+    return PromptFileError(f"{_where(path, line)}: {_one_line(problem)}")
 
 
 def _read_text(path: Path) -> str:
@@ -171,8 +181,12 @@ def _read_txt(path: Path, text: str) -> list[_Record]:
 
 
 def _read_jsonl(path: Path, text: str) -> list[_Record]:
+    return _read_objects(path, _jsonl_objects(path, text))
+
+
+def _read_objects(path: Path, objects: Iterable[tuple[int, dict[str, Any]]]) -> list[_Record]:
     records = []
-    for n, obj in _jsonl_objects(path, text):
+    for n, obj in objects:
         key = _prompt_key(obj)
         if key is None:
             raise _fail(path, n, f"missing field 'prompt' or 'caption' (fields: {', '.join(obj) or 'none'})")
@@ -239,6 +253,13 @@ def _read_records(path: Path) -> list[_Record]:
     if suffix not in PROMPT_SUFFIXES:
         kind = suffix or "(none)"
         raise _fail(path, None, f"unknown prompt file type {kind!r}; expected one of {', '.join(PROMPT_SUFFIXES)}")
+    if suffix == ".parquet":
+        columns, rows = formats.read_parquet_rows(path)
+        if _prompt_key(columns) is None:
+            raise _fail(path, None, f"no 'prompt' or 'caption' column (columns: {', '.join(columns) or 'none'})")
+        if not rows:
+            raise _fail(path, None, "no prompts (no rows)")
+        return _read_objects(path, rows)
     text = _read_text(path)
     if not text.strip():
         raise _fail(path, None, "empty file")
@@ -258,7 +279,7 @@ def read_prompt_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a prompt file, keeping every field of every row.
 
     Args:
-        path: A ``.txt``, ``.jsonl``, ``.csv`` or ``.tsv`` file (see the module docstring).
+        path: A ``.txt``, ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet`` file (see the module docstring).
 
     Returns:
         One dict per prompt, in file order, with the file's fields (CSV values stay strings) and a ``prompt``
@@ -274,7 +295,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     """Read the prompts of a prompt file.
 
     Args:
-        path: A ``.txt``, ``.jsonl``, ``.csv`` or ``.tsv`` file (see the module docstring).
+        path: A ``.txt``, ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet`` file (see the module docstring).
 
     Returns:
         The stripped prompts, in file order.
@@ -296,7 +317,8 @@ class ManifestEntry:
     Args:
         prompt: The prompt.
         memorized: Whether the prompt is (meant to be) memorized.
-        duplicates: How many times its image occurs in the training set (0 when it is not there).
+        duplicates: How many times its image occurs in the training set (0 when it is not there, or not known, as
+            in the published prompt sets).
         split: ``"locate"``, ``"heldout"``, ``"nonmem"`` or ``"never_seen"``.
         reference: The training image the prompt should replicate, if any: an absolute path (as read from a
             manifest), or an ``http(s)`` URL kept as a string.
@@ -321,7 +343,7 @@ class ManifestEntry:
     def row(self) -> str:
         """Where the entry came from, for messages: ``file:line`` when known, else the (shortened) prompt."""
         if self.source is not None and self.line is not None:
-            return f"{self.source}:{self.line}"
+            return _where(self.source, self.line)
         if self.source is not None:
             return f"{self.source} (prompt {_short(self.prompt)!r})"
         return f"prompt {_short(self.prompt)!r}"
@@ -460,50 +482,99 @@ def _is_manifest(path: Path) -> bool:
     return isinstance(obj, dict) and "split" in obj and "memorized" in obj
 
 
-def read_entries(path: str | os.PathLike[str], *, allow_outside: bool = False) -> list[ManifestEntry]:
-    """Read a manifest or a plain prompt file as manifest entries.
+def read_entries(
+    path: str | os.PathLike[str],
+    *,
+    allow_outside: bool = False,
+    memorized: bool | None = None,
+    split: SplitConfig | None = None,
+) -> list[ManifestEntry]:
+    """Read a manifest, a published prompt set or a plain prompt file as manifest entries.
 
-    A ``.jsonl`` file whose first row has ``split`` and ``memorized`` fields is a manifest (:func:`read_manifest`).
-    Any other prompt file (see :func:`read_prompt_records`) becomes unlabelled entries (``memorized=False``,
-    ``duplicates=0``, split ``"nonmem"``); a ``reference`` column (a path relative to the file's folder, or a URL)
-    or else a ``url`` column (any case: Wen et al.'s ``url``, NeMo's ``URL``) gives each entry's reference, and the
-    row's other fields (not the prompt, caption, reference or url ones) are kept in ``extra``.
+    * A ``.jsonl`` file whose first row has ``split`` and ``memorized`` fields is a manifest (:func:`read_manifest`).
+    * Webster's ground-truth parquet (a ``.parquet`` with ``overfit_type``): ``MV``, ``RV`` and ``TV`` rows are
+      memorized, ``N`` rows are not (split ``"nonmem"``); ``extra["kind"]`` records the type, and the ``url``
+      column (the caption's own LAION image) is the reference. For ``RV`` and ``TV`` rows the images the
+      generations matched are listed in ``retrieved_urls``, kept in ``extra`` with the other columns.
+    * MemBench's csv (a ``.csv`` with a ``urls`` column holding a Python-style list): every row is memorized; the
+      first URL is the reference and the others are kept in ``extra["extra_references"]``.
+    * Any other prompt file (see :func:`read_prompt_records`) becomes unlabelled entries (``memorized=False``,
+      split ``"nonmem"``) unless ``memorized`` labels them all; a ``reference`` column (a path relative to the
+      file's folder, or a URL) or else a ``url`` column (any case: Wen et al.'s ``url``, NeMo's ``URL``) gives
+      each entry's reference.
+
+    Memorized rows that are not from a manifest are split between ``locate`` and ``heldout`` by
+    :func:`diffmem.formats.assign_splits` (a seeded hash of the prompt). ``duplicates`` is 0: the published
+    files do not give it. A row's other fields (not the prompt, caption, reference, url or manifest ones) are kept
+    in ``extra``.
 
     Args:
         path: The manifest or prompt file.
         allow_outside: Accept local references outside the file's folder (see :func:`read_manifest`).
+        memorized: Label every row of a file that carries no labels of its own (a plain prompt list, Wen's jsonl,
+            NeMo's csv) as memorized (``True``) or not (``False``); ``None`` leaves them unlabelled. It must be
+            ``None`` for a manifest, Webster's parquet and MemBench's csv.
+        split: Seed and locate fraction of the split of memorized rows (default: seed 0, half and half).
 
     Returns:
-        The entries in file order, each recording its file, line and folder.
+        The entries in file order, each recording its file, line (or parquet row) and folder.
 
     Raises:
-        PromptFileError: A missing or malformed file, a ``url`` value that is not an http(s) URL, or a local
-            reference that does not exist or lies outside the folder; the message names the file and line.
+        PromptFileError: A missing or malformed file, an unknown ``overfit_type``, a ``url`` value that is not
+            an http(s) URL, a local reference that does not exist or lies outside the folder, or ``memorized``
+            given for a file with labels; the message names the file and line (or row).
     """
-    p = Path(path).expanduser()
+    return _read_labelled(Path(path).expanduser(), allow_outside, memorized, split)[1]
+
+
+def _read_labelled(
+    p: Path, allow_outside: bool, memorized: bool | None, split: SplitConfig | None
+) -> tuple[str, list[ManifestEntry]]:
+    """``(format, entries)`` of a file, as :func:`read_entries` describes."""
+    own_labels = "carries its own labels; leave out memorized= (--memorized / --not-memorized)"
     if _is_manifest(p):
-        return read_manifest(p, allow_outside=allow_outside)
+        if memorized is not None:
+            raise _fail(p, None, f"a diffmem manifest {own_labels}")
+        return "manifest", read_manifest(p, allow_outside=allow_outside)
     records = _read_records(p)
+    fmt = formats.detect_format(p, records[0][1])
+    if memorized is not None and formats.is_labelled(fmt):
+        raise _fail(p, None, f"a {formats.format_name(fmt)} {own_labels}")
     folder = p.resolve().parent
-    special = {*_PROMPT_KEYS, *_REFERENCE_KEYS, *_MANIFEST_FIELDS}
-    entries = []
+    special = {*_PROMPT_KEYS, *_REFERENCE_KEYS, *_MANIFEST_FIELDS, "overfit_type", "urls"}
+    rows = []
     for n, record in records:
-        reference: Path | str | None = None
-        ref_key = _find_key(record, _REFERENCE_KEYS)
-        value = record.get(ref_key) if ref_key is not None else None
-        if isinstance(value, str) and not value.strip():
-            value = None
-        if value is not None:
-            local = str(ref_key).strip().lower() == "reference"
-            try:
-                reference = _checked_reference(value, folder, allow_outside, local=local)
-            except _ReferenceProblem as err:
-                raise _fail(p, n, f"field {ref_key!r} {value!r} {err.reason}") from None
         extra = {k: v for k, v in record.items() if str(k).strip().lower() not in special}
-        entries.append(
-            ManifestEntry(record["prompt"], False, 0, "nonmem", reference, extra, source=p, line=n, folder=folder)
-        )
-    return entries
+        label = bool(memorized)
+        if fmt == "webster":
+            label, extra["kind"] = formats.webster_label(p, n, record)
+        if fmt == "membench":
+            label = True
+            urls = formats.membench_urls(p, n, record)
+            refs = [_row_reference(p, n, "urls", url, folder, allow_outside) for url in urls]
+            reference = refs[0] if refs else None
+            if len(refs) > 1:
+                extra["extra_references"] = refs[1:]
+        else:
+            ref_key = _find_key(record, _REFERENCE_KEYS)
+            reference = _row_reference(p, n, ref_key, record.get(ref_key), folder, allow_outside) if ref_key else None
+        rows.append((n, record["prompt"], label, reference, extra))
+    splits = formats.assign_splits([r[1] for r in rows], [r[2] for r in rows], split)
+    entries = [
+        ManifestEntry(prompt, label, 0, s, reference, extra, source=p, line=n, folder=folder)
+        for (n, prompt, label, reference, extra), s in zip(rows, splits)
+    ]
+    return fmt, entries
+
+
+def _row_reference(p: Path, n: int, key: str, value: Any, folder: Path, allow_outside: bool) -> Path | str | None:
+    """The checked reference of one prompt-file row: a local path only from a ``reference`` column, else a URL."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return _checked_reference(value, folder, allow_outside, local=key.strip().lower() == "reference")
+    except _ReferenceProblem as err:
+        raise _fail(p, n, f"field {key!r} {value!r} {err.reason}") from None
 
 
 def write_manifest(entries: Iterable[ManifestEntry], path: str | os.PathLike[str]) -> Path:
@@ -511,7 +582,8 @@ def write_manifest(entries: Iterable[ManifestEntry], path: str | os.PathLike[str
 
     Args:
         entries: Entries to write; local references are stored relative to the manifest's folder, URLs as they are.
-        path: Output file; its folder must exist.
+        path: Output file, replaced atomically (temporary file, fsync, rename), so a reader never sees half a
+            manifest; its folder is created when missing.
 
     Returns:
         The path written.
@@ -538,8 +610,64 @@ def write_manifest(entries: Iterable[ManifestEntry], path: str | os.PathLike[str
             "reference": reference,
         }
         lines.append(json.dumps(obj, sort_keys=True, ensure_ascii=False))
-    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    atomic_write_text(p, "".join(line + "\n" for line in lines))
     return p
+
+
+def convert_manifest(
+    source: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    memorized: bool | None = None,
+    split: SplitConfig | None = None,
+    allow_outside: bool = False,
+) -> ConversionSummary:
+    """Write any supported prompt set as a checked manifest (:func:`write_manifest`, atomically).
+
+    The source is read and every row checked (:func:`read_entries`) before anything is written, so a malformed
+    file leaves ``path`` untouched. Sources: a diffmem manifest, Webster's ground-truth parquet, MemBench's csv,
+    or a file without labels (Wen's jsonl, NeMo's csv, any prompt list), which needs ``memorized``.
+
+    Args:
+        source: The file to convert.
+        path: The manifest to write (``.jsonl``). Local references are stored relative to its folder and must lie
+            inside it unless ``allow_outside``.
+        memorized: The label of every row of a source without labels (required there, refused elsewhere).
+        split: Seed and locate fraction of the ``locate`` / ``heldout`` split of memorized rows (a manifest keeps
+            its own splits).
+        allow_outside: Accept local references outside the source's folder, and outside the output's folder.
+
+    Returns:
+        A :class:`ConversionSummary`; its ``text`` is one line with the rows by label and split.
+
+    Raises:
+        PromptFileError: A malformed source (naming the file and line or row), a source without labels and no
+            ``memorized``, ``memorized`` for a source with labels, an output without a ``.jsonl`` suffix, or a
+            local reference outside the output's folder.
+    """
+    src, dst = Path(source).expanduser(), Path(path).expanduser()
+    if dst.suffix.lower() != ".jsonl":
+        raise PromptFileError(f"{dst}: a manifest is a .jsonl file")
+    fmt, entries = _read_labelled(src, allow_outside, memorized, split)
+    if memorized is None and not formats.is_labelled(fmt):
+        raise _fail(src, None, f"a {formats.format_name(fmt)} does not say which prompts are memorized; "
+                               "give memorized=True or False (--memorized / --not-memorized)")
+    base = dst.resolve().parent
+    for e in entries:
+        if e.reference is not None and not is_url(e.reference) and not allow_outside:
+            if not Path(e.reference).resolve().is_relative_to(base):
+                raise PromptFileError(
+                    f"{e.row}: reference {str(e.reference)!r} lies outside the folder of {dst}; write the manifest "
+                    "next to its images, or pass allow_outside=True (--allow-outside-references)"
+                )
+    write_manifest(entries, dst)
+    counts: dict[str, dict[str, int]] = {"memorized": {}, "not memorized": {}}
+    for e in sorted(entries, key=lambda e: MANIFEST_SPLITS.index(e.split)):  # splits in their usual order
+        by_split = counts["memorized" if e.memorized else "not memorized"]
+        by_split[e.split] = by_split.get(e.split, 0) + 1
+    summary = ConversionSummary(src, dst, fmt, counts)
+    logger.debug("%s", summary.text)
+    return summary
 
 
 def split_entries(entries: Iterable[ManifestEntry], split: str) -> list[ManifestEntry]:
