@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     _add_references(p)
 
-    p = sub.add_parser("manifest", help="manifest tools")
+    p = sub.add_parser("manifest", help="manifest tools: convert published prompt sets into checked manifests")
     manifest = p.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True, parser_class=_Parser)
     p = manifest.add_parser("convert", help="write a checked manifest from a published prompt set or a prompt list")
     p.set_defaults(func=cmd_manifest_convert)
@@ -662,9 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every row of a file without labels (prompt list, Wen jsonl, NeMo csv) is memorized")
     label.add_argument("--not-memorized", dest="memorized", action="store_const", const=False,
                        help="no row of a file without labels is memorized")
-    p.add_argument("--split-seed", type=_nonneg_int, default=0,
+    p.add_argument("--split-seed", type=_nonneg_int, default=0, metavar="N",
                    help="seed of the hash that splits memorized rows between locate and heldout (default 0)")
-    p.add_argument("--locate-fraction", type=_rate, default=0.5,
+    p.add_argument("--locate-fraction", type=_rate, default=0.5, metavar="F",
                    help="share of the memorized prompts that go to locate; the rest go to heldout (default 0.5)")
     p.add_argument("--allow-outside-references", action="store_true",
                    help="accept reference paths outside the input's or the output's folder")
