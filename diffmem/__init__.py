@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ModelLoadError": "diffmem.errors",
     "TargetNotFoundError": "diffmem.errors",
     "ExportError": "diffmem.errors",
+    "PushError": "diffmem.errors",
     # models and data
     "load_pipeline": "diffmem.pipelines",
     "find_targets": "diffmem.targets",
@@ -47,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "apply_edit": "diffmem.edits",
     "export_edited": "diffmem.edits",
     "load_edit": "diffmem.edits",
+    "write_model_card": "diffmem.modelcard",
+    "push_to_hub": "diffmem.modelcard",
     "Mask": "diffmem.masks",
     "mask_iou": "diffmem.masks",
     "DirectionBasis": "diffmem.directions",

@@ -129,6 +129,28 @@ def _need_edit(path: str | None) -> None:
         raise DiffmemError(f"edit file {pair_paths(path)[0]} does not exist (--edit)")
 
 
+def _need_repo_id(repo_id: str | None) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except ValueError:
+            raise ConfigError(f"--push-to-hub {repo_id!r}: not a Hub repo id (namespace/name)") from None
+
+
+def _push(folder: Path, repo_id: str) -> None:
+    """Upload a finished export; a failure names the repository and leaves the export in place."""
+    from diffmem.errors import PushError
+    from diffmem.modelcard import push_to_hub
+
+    try:
+        url = push_to_hub(folder, repo_id)
+    except PushError as err:
+        raise PushError(f"{err} (the export {folder} is complete; retry with: hf upload {repo_id} {folder})") from err
+    logger.info("pushed %s to %s", folder, url)
+
+
 def _need_suffix(path: str, suffixes: tuple[str, ...], flag: str) -> None:
     if Path(path).suffix not in suffixes:
         raise ConfigError(f"{flag} {path}: use a {' or '.join(suffixes)} suffix")
@@ -279,6 +301,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if edit_path is None:
         raise ConfigError("give the edit to export with --edit FILE")
     _need_edit(edit_path)
+    _need_repo_id(args.push_to_hub)
     edit = load_edit(edit_path)
     from diffmem.edits import check_output_dir
 
@@ -286,6 +309,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     pipe = _load(args)
     out = export_edited(pipe, edit, args.out, overwrite=args.overwrite, source=str(args.model), edit_path=edit_path)
     logger.info("exported %s", out)
+    if args.push_to_hub:
+        _push(Path(out), args.push_to_hub)
 
 
 def cmd_iou(args: argparse.Namespace) -> None:
@@ -434,6 +459,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
 
     _need_model(args)
     _need_file(args.prompts, "prompt file")
+    _need_repo_id(args.push_to_hub)
     run = MitigateRun(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
                       ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
                       target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
@@ -442,6 +468,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                       opt_steps=args.opt_steps, seed=args.seed)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
+    if args.push_to_hub:
+        _push(Path(args.out) / "pruned", args.push_to_hub)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -542,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem export at --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the export to this Hub model repo")
 
     p = command("iou", cmd_iou, "overlap of two masks, per layer and overall")
     p.add_argument("mask_a")
@@ -626,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the exported model (OUT/pruned) to this Hub model repo")
     _add_references(p)
 
     p = command("demo", cmd_demo, "the full mitigate-and-attack demo on the embedded tiny memorizer")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .errors import DiffmemError, ExportError, MaskMismatchError
 from .files import atomic_write_bytes, pair_paths, replace_dir, sha256_file, write_json
+from .modelcard import write_model_card
 from .targets import get_denoiser, model_source
 
 logger = logging.getLogger(__name__)
@@ -363,13 +364,15 @@ def export_edited(
     source: str | None = None,
     edit_path: str | os.PathLike | None = None,
     settings: dict[str, Any] | None = None,
+    results: list[dict[str, Any]] | str | None = None,
 ) -> Path:
-    """Save an edited copy of a pipeline (or of a bare denoiser) with a ``diffmem_manifest.json``.
+    """Save an edited copy of a pipeline (or of a bare denoiser) with a ``diffmem_manifest.json`` and a model card.
 
     The edit is applied with :meth:`Edit.apply` around ``save_pretrained``, so the in-memory model is left as it
     was. Shapes never change, so the export loads with a plain ``from_pretrained``. Files go to a temporary folder
     that replaces ``out_dir`` only once complete; on failure ``out_dir`` is left as it was. diffmem's own sidecars
-    of the source model folder (``diffmem_defaults.json``: the sampler settings) are copied into the export.
+    of the source model folder (``diffmem_defaults.json``: the sampler settings) are copied into the export, and a
+    ``README.md`` model card in the Hub's convention describes the edit (:func:`~diffmem.modelcard.write_model_card`).
 
     Args:
         pipe: A ``DiffusionPipeline``, or a diffusers ``ModelMixin`` denoiser, which is saved alone.
@@ -378,7 +381,9 @@ def export_edited(
         overwrite: Replace an earlier diffmem export at ``out_dir``.
         source: Source model (path or hub id); defaults to the model's ``_name_or_path``.
         edit_path: The edit's file; its sha256 is recorded beside the edit's own.
-        settings: Settings recorded in the manifest (e.g. locate and sampler settings).
+        settings: Settings recorded in the manifest (e.g. locate and sampler settings); a ``"sampler"`` entry is
+            listed on the model card when the export has no ``diffmem_defaults.json``.
+        results: Measured figures for the model card's table (rows of a table, or a Markdown table).
 
     Returns:
         ``out_dir``.
@@ -411,6 +416,7 @@ def export_edited(
         manifest["edit_path"] = str(st_path)
         manifest["edit_file_sha256"] = sha256_file(st_path)
     src_dir = Path(source) if source and Path(source).is_dir() else None
+    sampler = (settings or {}).get("sampler") if isinstance((settings or {}).get("sampler"), dict) else None
 
     def fill(folder: Path) -> None:
         with apply_edit(pipe, edit):
@@ -421,6 +427,7 @@ def export_edited(
                 shutil.copyfile(src_dir / name, folder / name)
                 carried.append(name)
         write_json(folder / MANIFEST_NAME, {**manifest, "carried_sidecars": carried})
+        write_model_card(folder, edit, base_model=source, sampler=None if carried else sampler, results=results)
 
     replace_dir(out_dir, fill)
     logger.info("exported %s with %s to %s", component,

@@ -14,6 +14,7 @@ __all__ = [
     "PromptFileError",
     "ModelLoadError",
     "ExportError",
+    "PushError",
 ]
 
 
@@ -46,3 +47,7 @@ class ModelLoadError(DiffmemError):
 
 class ExportError(DiffmemError):
     """An export could not be written."""
+
+
+class PushError(DiffmemError):
+    """An export could not be uploaded to the Hugging Face Hub (network, login or permissions)."""
