@@ -101,8 +101,8 @@ def _edit_section(edit: Any) -> list[str]:
     kind = str(d.get("kind", edit.kind))
     what = _KIND_TEXT.get(kind, kind)
     if kind == "mask" and d.get("level") == "neuron":
-        what = "whole hidden neurons of the denoiser's feed-forward layers are switched off (their output weights " \
-               "are set to zero)"
+        what = ("whole hidden neurons of the denoiser's feed-forward layers are switched off (their output weights "
+                "are set to zero)")
     layers = d.get("counts") or d.get("ranks")
     rows = [
         ("Kind", f"{kind}: {what}"),
@@ -119,15 +119,15 @@ def _edit_section(edit: Any) -> list[str]:
         given = ", ".join(f"{k} {_cell(config[k])}" for k in ("ratio", "rank", "explained_variance") if k in config)
         rows.append(("Located with", f"{meta['method']}" + (f" ({given})" if given else "")))
     rows.append(("Edit sha256", f"`{d['sha256']}`"))
-    return ["## The edit", "", "| | |", "|---|---|", *(f"| {k} | {_cell(v) if k != 'Kind' else v} |"
-                                                       for k, v in rows), "",
+    table = [f"| {k} | {_cell(v)} |" for k, v in rows]
+    return ["## The edit", "", "| | |", "|---|---|", *table, "",
             "Shapes are unchanged, so the folder loads with a plain `from_pretrained` and needs no diffmem code. "
             "`diffmem_manifest.json` beside this card records the full provenance.", ""]
 
 
 def _sampler_section(sampler: dict[str, Any], pipeline: bool) -> list[str]:
     lines = ["## Sampler settings", "",
-             "The settings the model declares in `diffmem_defaults.json` (diffusers itself does not read that file, "
+             "The sampler settings to use with this model (diffusers does not read diffmem's `diffmem_defaults.json`, "
              "so pass them to the call):", "", "| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | {_cell(v)} |" for k, v in sorted(sampler.items())]
     if pipeline:
