@@ -7,7 +7,8 @@
 | ``tiny-sd-photos`` | UNet | real photographs (skimage) memorized among shapes and textures | 64 px | 25 steps, guidance 4 |
 | ``tiny-pixart-memorizer`` | PixArt DiT | shapes + emblems (another seed) | 32 px | 25 steps, guidance 4 |
 
-All use v-prediction on a zero-terminal-SNR schedule with trailing DDIM (Lin et al. 2023). Train one with
+The PixArt member reuses the embedded model's autoencoder (its data come from the same generator, with another
+seed), so it trains its denoiser only. All use v-prediction on a zero-terminal-SNR schedule with trailing DDIM (Lin et al. 2023). Train one with
 ``python -m diffmem.zoo.train_memorizer --member NAME --out assets/zoo/NAME``.
 """
 
@@ -26,15 +27,15 @@ __all__ = ["MEMBERS", "member_config", "zoo_model_path", "zoo_models"]
 MEMBERS: dict[str, Callable[[], TrainConfig]] = {
     "tiny-sd-memorizer": lambda: TrainConfig(),
     "tiny-sd-overlap": lambda: TrainConfig(
-        design="overlap", dataset=OverlapConfig(seed=1), seed=1, text_dim=48, vae_steps=1000, unet_steps=3200,
+        design="overlap", dataset=OverlapConfig(seed=1), seed=1, text_dim=48, vae_steps=1000, unet_steps=2400,
         guidance_scale=5.0, guidance_rescale=0.0),
     "tiny-sd-photos": lambda: TrainConfig(
-        design="photos", dataset=PhotosConfig(seed=3), seed=3, vae_channels=(32, 64, 64), vae_steps=1200,
-        unet_steps=3200, guidance_scale=4.0, guidance_rescale=0.7),
+        design="photos", dataset=PhotosConfig(seed=3), seed=3, vae_channels=(32, 64, 64), vae_steps=800,
+        vae_batch_size=16, unet_steps=2400, guidance_scale=4.0, guidance_rescale=0.7),
     "tiny-pixart-memorizer": lambda: TrainConfig(
         design="shapes", dataset=ShapesConfig(seed=2, duplicates=(32, 64, 128), emblems_per_level=6,
                                               num_controls=6),
-        denoiser="pixart", seed=2, vae_steps=1000, unet_steps=3200, guidance_scale=4.0,
+        denoiser="pixart", seed=2, vae_from="tiny-sd-memorizer", unet_steps=2400, guidance_scale=4.0,
         guidance_rescale=0.0),
 }
 """Zoo members by name: each a function returning its training configuration."""

@@ -88,6 +88,7 @@ class TrainConfig:
     dit_heads: int = 4
     dit_head_dim: int = 24
     vae_steps: int = 1500
+    vae_from: str | None = None
     vae_lr: float = 1e-3
     vae_batch_size: int = 32
     vae_kl_weight: float = 1e-6
@@ -446,7 +447,16 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
     memorized = np.array([s.kind != "unique" for s in samples], dtype=np.float64)
 
     vae_done = work_dir / "vae_final"
-    if vae_done.exists():
+    if config.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        from diffmem.zoo.members import zoo_model_path
+
+        source = Path(config.vae_from)
+        source = source if source.exists() else zoo_model_path(config.vae_from)
+        vae = AutoencoderKL.from_pretrained(source / "vae" if (source / "vae").is_dir() else source)
+        logger.info("autoencoder from %s (not trained here)", source)
+    elif vae_done.exists():
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_done)
