@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     # configs and errors
     "RecordConfig": "diffmem.config",
     "LocateConfig": "diffmem.config",
+    "SamplerConfig": "diffmem.config",
     "DiffmemError": "diffmem.errors",
     "ConfigError": "diffmem.errors",
     "MaskMismatchError": "diffmem.errors",

@@ -9,6 +9,8 @@ steps; tau (the recorded leading steps) is ``--record-steps`` everywhere.
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import json
 import logging
 import sys
@@ -78,13 +80,38 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weight dtype")
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, else 7.5)")
-    p.add_argument("--guidance-rescale", type=_rate, default=None, help="guidance rescale (default: the model's, else 0)")
-    p.add_argument("--height", type=_size, default=None, help="image height, a multiple of 8")
-    p.add_argument("--width", type=_size, default=None, help="image width, a multiple of 8")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images (or prompts) per pipeline call")
+def _scheduler_name(text: str) -> str:
+    from diffmem.config import scheduler_names
+
+    names = scheduler_names()
+    if text not in names:
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a diffusers scheduler{hint}; choose one of {', '.join(names)}")
+    return text
+
+
+# SamplerConfig field <- command-line destination, for every command that samples
+_SAMPLER_FLAGS = (("num_inference_steps", "steps"), ("guidance_scale", "guidance"),
+                  ("guidance_rescale", "guidance_rescale"), ("height", "height"), ("width", "width"),
+                  ("scheduler", "scheduler"))
+
+
+def _add_sampling(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
+    """The sampler flags shared by every command that generates images (see ``SamplerConfig``)."""
+    g = p.add_argument_group("sampler", "a flag given here always wins; otherwise the model's diffmem_defaults.json, "
+                                        "else the pipeline's own defaults")
+    g.add_argument("--steps", type=_positive_int, default=None, help="sampler steps")
+    g.add_argument("--guidance", type=_float_type(lambda v: v >= 0, ">= 0"), default=None, help="CFG scale")
+    g.add_argument("--guidance-rescale", type=_rate, default=None, help="guidance rescale in [0, 1] (0: off)")
+    g.add_argument("--height", type=_size, default=None, help="image height, a multiple of 8")
+    g.add_argument("--width", type=_size, default=None, help="image width, a multiple of 8")
+    g.add_argument("--scheduler", type=_scheduler_name, default=None, metavar="NAME",
+                   help="diffusers scheduler class (e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler), built "
+                        "from the model's scheduler config")
+    if batch_size:
+        g.add_argument("--batch-size", type=_positive_int, default=None, help="images (or prompts) per pipeline call")
 
 
 def _add_references(p: argparse.ArgumentParser) -> None:
@@ -186,24 +213,38 @@ def _load(args: argparse.Namespace) -> Any:
     return pipe
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """Sampler settings: command-line values over the model's ``diffmem_defaults.json`` over diffusers' defaults."""
-    from diffmem.pipelines import sampling_defaults
-
-    d = sampling_defaults(args.model)
-    out = {
-        "num_inference_steps": args.steps if args.steps is not None else d.get("num_inference_steps", 50),
-        "guidance_scale": args.guidance if args.guidance is not None else d.get("guidance_scale", 7.5),
-        "guidance_rescale": args.guidance_rescale if args.guidance_rescale is not None else d.get("guidance_rescale", 0.0),
-        "height": args.height or d.get("height"),
-        "width": args.width or d.get("width"),
-    }
-    return out
+def _sampler_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler settings given on the command line (``SamplerConfig`` field names)."""
+    return {field: getattr(args, dest) for field, dest in _SAMPLER_FLAGS if getattr(args, dest, None) is not None}
 
 
-def _call(sampling: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline call arguments from the sampler settings (no ``None``, no zero rescale)."""
-    return {k: v for k, v in sampling.items() if v is not None and not (k == "guidance_rescale" and not v)}
+def _sampler(args: argparse.Namespace, model: Any = None) -> Any:
+    """Sampler settings: the flags given, over the model's ``diffmem_defaults.json``, over the pipeline's defaults.
+
+    Args:
+        args: The parsed command line.
+        model: The model folder, hub id or loaded pipeline (default: ``args.model``).
+
+    Returns:
+        A :class:`~diffmem.config.SamplerConfig`.
+    """
+    from diffmem.config import SamplerConfig
+
+    return SamplerConfig.resolve(args.model if model is None else model, **_sampler_flags(args))
+
+
+def _sample_with(args: argparse.Namespace, pipe: Any) -> Any:
+    """Sampler settings on the loaded pipeline, and its scheduler swapped for the one chosen.
+
+    The flags given win over the pipeline's folder defaults and its own (its image size and scheduler included);
+    the settings found before loading (:func:`_sampler`) only checked the flags early.
+
+    Returns:
+        The :class:`~diffmem.config.SamplerConfig` used, as every output records it.
+    """
+    sampler = _sampler(args, pipe)
+    sampler.apply_scheduler(pipe)
+    return sampler
 
 
 def _write_json(path: str | Path, obj: Any) -> None:
@@ -240,6 +281,8 @@ def _entries(args: argparse.Namespace, split: str | None = None) -> list:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from diffmem.config import RecordConfig
     from diffmem.data import read_prompts
     from diffmem.resume import record_to_file
@@ -254,15 +297,18 @@ def cmd_record(args: argparse.Namespace) -> None:
         if args.add_empty_prompt:
             prompts = [""] + prompts
     args._prompts = prompts
-    s = _sampling(args)
+    sampler = _sampler(args)
     cfg = RecordConfig(
-        num_inference_steps=s["num_inference_steps"], record_steps=args.record_steps,
-        guidance_scale=s["guidance_scale"], num_seeds=args.seeds, seed=args.seed,
-        batch_size=args.batch_size or 8, height=s["height"], width=s["width"], target=args.target,
+        num_inference_steps=sampler.num_inference_steps, record_steps=args.record_steps,
+        guidance_scale=sampler.guidance_scale, num_seeds=args.seeds, seed=args.seed,
+        batch_size=args.batch_size or 8, height=sampler.height, width=sampler.width, target=args.target,
         signatures=args.signatures,
     )
-    extra = {"guidance_rescale": s["guidance_rescale"]} if s["guidance_rescale"] else None
     pipe = _load(args)
+    sampler = _sample_with(args, pipe)
+    cfg = replace(cfg, num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale)
+    extra = {k: v for k, v in sampler.call_kwargs(pipe).items() if k not in ("num_inference_steps", "guidance_scale",
+                                                                             "height", "width")} or None
     stats = record_to_file(pipe, prompts, cfg, out=args.out, model_id=str(args.model), pipe_kwargs=extra,
                            checkpoint_every=args.checkpoint_every)
     logger.info("wrote %s (%d layers, %d steps, %d prompts)", args.out, len(stats.layers), stats.steps, len(prompts))
@@ -320,9 +366,36 @@ def cmd_iou(args: argparse.Namespace) -> None:
     print(json.dumps(res, indent=2, sort_keys=True))  # noqa: T201 - the command's output
 
 
+def _detect_config(args: argparse.Namespace, sampler: Any) -> tuple[Any, Any]:
+    """The detection config of ``detect``'s flags, and the sampler settings it uses.
+
+    With ``--preset`` the preset's sampler applies where no flag was given.
+    """
+    from dataclasses import replace
+
+    from diffmem.detection import DetectConfig
+
+    given = {k: v for k, v in (("num_seeds", args.seeds), ("seed", args.seed), ("batch_size", args.batch_size))
+             if v is not None}
+    if args.preset:
+        explicit = {k: v for k, v in _sampler_flags(args).items() if k != "scheduler"}
+        if args.k is not None:
+            explicit["score_steps"] = args.k
+        cfg = DetectConfig.from_preset(args.preset, **{"height": sampler.height, "width": sampler.width, **given,
+                                                        **explicit})
+        sampler = replace(sampler, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                          guidance_rescale=cfg.guidance_rescale)
+    else:
+        cfg = DetectConfig(score_steps=args.k or min(5, sampler.num_inference_steps),
+                           num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale,
+                           guidance_rescale=sampler.guidance_rescale, height=sampler.height, width=sampler.width,
+                           **{"num_seeds": 4, **given})
+    return cfg, sampler
+
+
 def cmd_detect(args: argparse.Namespace) -> None:
     from diffmem.data import read_prompts
-    from diffmem.detection import DetectConfig, detect
+    from diffmem.detection import detect
     from diffmem.files import write_table
     from diffmem.parallel import is_main_process
 
@@ -330,28 +403,16 @@ def cmd_detect(args: argparse.Namespace) -> None:
     _need_suffix(args.out, (".jsonl", ".csv"), "--out")
     entries = _entries(args)
     calib = read_prompts(args.calibration) if args.calibration else None
-    s = _sampling(args)
-    given = {k: v for k, v in (("num_seeds", args.seeds), ("seed", args.seed), ("batch_size", args.batch_size))
-             if v is not None}
-    if args.preset:
-        explicit = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
-                                      ("guidance_rescale", args.guidance_rescale), ("score_steps", args.k))
-                    if v is not None}
-        cfg = DetectConfig.from_preset(args.preset, height=s["height"], width=s["width"], **given, **explicit)
-        s = {**s, "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-             "guidance_rescale": cfg.guidance_rescale}
-    else:
-        cfg = DetectConfig(score_steps=args.k or min(5, s["num_inference_steps"]), num_inference_steps=s["num_inference_steps"],
-                           guidance_scale=s["guidance_scale"], guidance_rescale=s["guidance_rescale"],
-                           height=s["height"], width=s["width"], **{"num_seeds": 4, **given})
+    _detect_config(args, _sampler(args))  # checks the flags before the model loads
     pipe = _load(args)
+    cfg, sampler = _detect_config(args, _sample_with(args, pipe))
     labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
     res = detect(pipe, [e.prompt for e in entries], cfg, labels=labels, calibration_prompts=calib, m=args.m)
     if is_main_process():
         out = Path(args.out)
         write_table(out, res.ranked())
         _write_json(out.with_suffix(".summary.json"), {"summary": res.summary(), "config": cfg.to_dict(),
-                                                       "sampler": s, "model": str(args.model)})
+                                                       "sampler": sampler.to_dict(), "model": str(args.model)})
         logger.info("wrote %s; %s", out, json.dumps(res.summary(), sort_keys=True))
 
 
@@ -366,16 +427,18 @@ def cmd_attack(args: argparse.Namespace) -> None:
     refs = resolve_references(args.references, entries, allow_outside=args.allow_outside_references)
     calib = read_prompts(args.calibration) if args.calibration else None
     edit = load_edit(args.edit) if args.edit else None
-    s = _sampling(args)
+    sampler = _sampler(args)
+    size = (sampler.height, sampler.width) if sampler.height else None
     cfg = AttackConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
                        threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64)
     pipe = _load(args)
+    sampler = _sample_with(args, pipe)
     scorer = _scorer(args.scorer, args)
-    size = (s["height"], s["width"]) if s["height"] else None
     ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
     with apply_edit(pipe, edit):
         res = extraction_attack(pipe, [e.prompt for e in entries], cfg, scorer, references=ref_imgs,
-                                calibration_prompts=calib, call_kwargs=_call(s), out_dir=Path(args.out))
+                                calibration_prompts=calib, call_kwargs=sampler.call_kwargs(pipe),
+                                out_dir=Path(args.out))
     logger.info("attack: %s", json.dumps(res.summary(), sort_keys=True))
 
 
@@ -396,13 +459,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if missing:
         logger.warning("%d rows have no reference image: their replication is not measured", len(missing))
     edit = load_edit(edit_path) if edit_path else None
-    s = _sampling(args)
-    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64, call_kwargs=_call(s))
+    _sampler(args)  # checks the flags before the model loads
     pipe = _load(args)
+    sampler = _sample_with(args, pipe)
+    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64,
+                     call_kwargs=sampler.call_kwargs(pipe))
     scorer = _scorer(args.scorer, args)
     clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
     before, after = evaluate_edit(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
-    report: dict[str, Any] = {"model": str(args.model), "edit": edit_path, "sampler": s, "scorer": scorer.describe(),
+    report: dict[str, Any] = {"model": str(args.model), "edit": edit_path, "sampler": sampler.to_dict(),
+                              "scorer": scorer.describe(),
                               "config": cfg.to_dict(), "before": before.summary(), "rows_before": before.rows,
                               "skipped_rows": failures}
     if after is not None:
@@ -413,7 +479,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_reextract(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from diffmem.edits import apply_edit, load_edit
+    from diffmem.files import write_json
     from diffmem.parallel import is_main_process
     from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
     from diffmem.sampling import image_size
@@ -429,15 +498,18 @@ def cmd_reextract(args: argparse.Namespace) -> None:
             raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; the attack needs the training image")
     rows, failures = _fetch(args, rows)
     edit = load_edit(args.edit) if args.edit else None
-    s = _sampling(args)
+    sampler = _sampler(args)
+    batch_size = {"sample_batch_size": args.batch_size} if args.batch_size else {}
     cfg = ReextractConfig(opt_steps=args.opt_steps, lr=args.lr, batch=args.batch, init=args.init,
-                          num_seeds=args.seeds, call_kwargs=_call(s), seed=args.seed,
-                          checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= args.opt_steps))
+                          num_seeds=args.seeds, call_kwargs=sampler.call_kwargs(), seed=args.seed,
+                          checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= args.opt_steps), **batch_size)
     from diffmem.data import load_reference
 
-    size = (s["height"], s["width"]) if s["height"] else None
+    size = (sampler.height, sampler.width) if sampler.height else None
     refs = [load_reference(e, size, row=e) for e in rows] if size else None
     pipe = _load(args)
+    sampler = _sample_with(args, pipe)
+    cfg = replace(cfg, call_kwargs=sampler.call_kwargs(pipe))
     if refs is None:
         refs = [load_reference(e, image_size(pipe), row=e) for e in rows]
     items = [ReextractItem(e.prompt, r, "memorized" if e.split == args.split else "control", i)
@@ -446,10 +518,9 @@ def cmd_reextract(args: argparse.Namespace) -> None:
         res = reextract(pipe, items, cfg, _scorer(args.scorer, args))
     if is_main_process():
         if failures:
-            from diffmem.files import write_json
-
             write_json(Path(args.out) / "skipped_rows.json", failures)
-        path = res.to_json(Path(args.out) / "reextract.json")
+        path = write_json(Path(args.out) / "reextract.json",
+                          {"summary": res.summary(), "rows": res.rows, "sampler": sampler.to_dict()})
         logger.info("wrote %s: %s", path, json.dumps({k: v for k, v in res.summary().items()
                                                       if k in ("memorization_rate", "control_rate")}))
 
@@ -465,7 +536,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                       target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
                       scorer_weights=args.scorer_weights, overwrite=args.overwrite,
                       allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
-                      opt_steps=args.opt_steps, seed=args.seed)
+                      opt_steps=args.opt_steps, seed=args.seed, sampler=_sampler_flags(args))
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -478,7 +549,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     extra = {k: v for k, v in (("eval_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
                                ("scorer", args.scorer)) if v is not None}
     cfg = DemoConfig(model=args.model, out=args.out, ratio=args.ratio, quick=args.quick, seed=args.seed,
-                     compare_directions=not args.no_directions, **extra)
+                     compare_directions=not args.no_directions, sampler=_sampler_flags(args), **extra)
     report = run_demo(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -492,7 +563,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     _need_file(args.calibration, "calibration file")
     cfg = AuditConfig(model=args.model, prompts=args.prompts, references=args.references, out=args.out,
                       calibration=args.calibration, allow_pickle=args.allow_pickle, quick=args.quick,
-                      allow_outside=args.allow_outside_references, edit=args.edit)
+                      allow_outside=args.allow_outside_references, edit=args.edit, sampler=_sampler_flags(args))
     report = run_audit(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -581,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv)")
     _add_sampling(p)
-    p.add_argument("--preset", choices=["wen2024"], default=None, help="reproduce the published procedure exactly")
+    p.add_argument("--preset", choices=["wen2024"], default=None,
+                   help="reproduce the published procedure (sampler flags given still win)")
     p.add_argument("--k", type=_positive_int, default=None, help="leading denoiser evaluations to average (default 5, chosen by measurement)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="noises per prompt (default 4)")
     p.add_argument("--seed", type=_nonneg_int, default=None)
@@ -657,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="then upload the exported model (OUT/pruned) to this Hub model repo")
+    _add_sampling(p, batch_size=False)
     _add_references(p)
 
     p = command("demo", cmd_demo, "the full mitigate-and-attack demo on the embedded tiny memorizer")
@@ -669,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-generations", type=_positive_int, default=None, help="generations per attacked prompt")
     p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
+    _add_sampling(p, batch_size=False)
 
     p = command("audit", cmd_audit, "detect, attack and re-extract (with references) on any checkpoint")
     p.add_argument("model")
@@ -679,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/audit")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quick", action="store_true")
+    _add_sampling(p, batch_size=False)
     _add_references(p)
 
     p = sub.add_parser("manifest", help="manifest tools: convert published prompt sets into checked manifests")
@@ -702,23 +777,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
 def _cap_threads() -> None:
-    """Use only the cores that are free: on a shared machine, idle-spinning threads can slow torch down 30-fold.
+    """Use only the CPUs that are free: on a shared machine, idle-spinning threads can slow torch down 30-fold.
 
-    Respects ``OMP_NUM_THREADS`` when the user set it; otherwise takes the cores this process may run on minus the
-    current load (at least one).
+    ``OMP_NUM_THREADS`` set by the user wins; otherwise the CPUs idle over the next 0.3 s (from ``/proc/stat``, not
+    the load average, which trails by a minute), at least one. Once per process; the choice is logged in one line.
     """
-    import os
+    from diffmem.parallel import choose_num_threads
 
-    if os.environ.get("OMP_NUM_THREADS"):
+    threads, why = choose_num_threads()
+    if threads is None:
+        logger.info("torch threads: as %s", why)
         return
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    free = max(1, min(cores, round(cores - os.getloadavg()[0]))) if hasattr(os, "getloadavg") else cores
-    if free < torch.get_num_threads():
-        torch.set_num_threads(free)
-        logger.info("using %d of %d CPU threads (the others are busy; set OMP_NUM_THREADS to choose)", free, cores)
+    threads = min(threads, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    logger.info("torch threads: %d (%s; set OMP_NUM_THREADS to choose)", threads, why)
 
 
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["RecordConfig", "LocateConfig", "LOCATE_PRESETS", "BASE_PRESETS"]
+__all__ = ["RecordConfig", "LocateConfig", "SamplerConfig", "scheduler_names", "LOCATE_PRESETS", "BASE_PRESETS"]
+
+logger = logging.getLogger(__name__)
 
 
 def _check(cond: bool, field: str, value: object, why: str) -> None:
@@ -70,6 +81,227 @@ class RecordConfig(_ConfigMethods):
     def do_cfg(self) -> bool:
         """Whether the pipeline runs classifier-free guidance (an ``[uncond; cond]`` batch)."""
         return self.guidance_scale > 1.0
+
+
+@cache
+def scheduler_names() -> tuple[str, ...]:
+    """Names of the scheduler classes diffusers exports (``DDIMScheduler``, ``EulerDiscreteScheduler``, ...)."""
+    import diffusers
+
+    return tuple(sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax")))
+
+
+def _call_parameters(pipeline_class: type | None) -> dict[str, inspect.Parameter]:
+    """Parameters of a pipeline class's ``__call__`` (empty for ``None``)."""
+    if pipeline_class is None or not callable(getattr(pipeline_class, "__call__", None)):
+        return {}
+    try:
+        return dict(inspect.signature(pipeline_class.__call__).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _local_folder(source: Any) -> Path | None:
+    """The local pipeline folder behind a path or a loaded pipeline (``None`` for a hub id or a pipeline in memory)."""
+    name = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name_or_path", None)
+    if not name:
+        return None
+    path = Path(os.fspath(name)).expanduser()
+    return path if (path / "model_index.json").is_file() else None
+
+
+def _class_in_folder(folder: Path | None, config_file: str) -> type | None:
+    """The diffusers class named by ``_class_name`` in a JSON file of a pipeline folder, if it can be read."""
+    if folder is None:
+        return None
+    try:
+        name = json.loads((folder / config_file).read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    import diffusers
+
+    return getattr(diffusers, name, None) if isinstance(name, str) else None
+
+
+# settings of a scheduler config that change what the model's output means or which timesteps it sees
+_SCHEDULER_KEYS_KEPT = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
+
+
+@dataclass
+class SamplerConfig(_ConfigMethods):
+    """How a pipeline samples; every command that generates images takes these settings.
+
+    Build one with :meth:`resolve`, which fills what the user did not give from the model's
+    ``diffmem_defaults.json``, else from the pipeline's own defaults. Pass :meth:`call_kwargs` to the pipeline and
+    swap the scheduler with :meth:`apply_scheduler` (or :meth:`use_scheduler`, which puts the old one back).
+
+    Args:
+        num_inference_steps: Sampler steps.
+        guidance_scale: Classifier-free guidance scale.
+        guidance_rescale: Guidance rescale (Lin et al. 2023) in [0, 1]; 0 is off.
+        height: Image height in pixels (the pipeline's default when ``None``).
+        width: Image width in pixels (the pipeline's default when ``None``).
+        scheduler: Name of a diffusers scheduler class (``"EulerDiscreteScheduler"``, ...) built from the
+            pipeline's scheduler config, so zero-terminal-SNR, v-prediction and trailing-timestep settings carry
+            over; ``None`` keeps the pipeline's scheduler.
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1, "num_inference_steps",
+            self.num_inference_steps, "must be an integer >= 1",
+        )
+        _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
+        _check(0 <= self.guidance_rescale <= 1, "guidance_rescale", self.guidance_rescale, "must be in [0, 1]")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v > 0 and v % 8 == 0), name, v,
+                   "must be a positive multiple of 8")
+        if self.scheduler is not None:
+            _check(self.scheduler in scheduler_names(), "scheduler", self.scheduler,
+                   f"choose a diffusers scheduler: {', '.join(scheduler_names())}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
+        """The inverse of ``to_dict``; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, "sampler settings", unknown, f"unknown keys; the keys are {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def resolve(cls, model: str | os.PathLike | Any, **given: Any) -> SamplerConfig:
+        """Settings for ``model``: the values given, else the model's ``diffmem_defaults.json``, else the pipeline's.
+
+        The pipeline's defaults are ``num_inference_steps`` and ``guidance_scale`` of its ``__call__`` and, for a
+        loaded pipeline, its image size and scheduler. A folder is read without loading weights (its
+        ``model_index.json`` names the pipeline class); for a hub id the class defaults of this dataclass stand in.
+
+        Args:
+            model: A pipeline folder, a hub id, or a loaded pipeline (``pipe.name_or_path`` locates its folder).
+            **given: Settings the user chose; ``None`` values count as not given.
+
+        Returns:
+            The validated settings.
+
+        Raises:
+            ValueError: A value out of range, an unknown key, a scheduler the model's scheduler is not compatible
+                with, or a non-zero ``guidance_rescale`` for a pipeline that has none.
+        """
+        from .pipelines import sampling_defaults
+
+        given = {k: v for k, v in given.items() if v is not None}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        _check(not unknown, "sampler settings", unknown, f"unknown keys; the keys are {', '.join(sorted(known))}")
+        is_pipe = not isinstance(model, (str, os.PathLike))
+        folder = _local_folder(model)
+        pipeline_class = type(model) if is_pipe else _class_in_folder(folder, "model_index.json")
+        params = _call_parameters(pipeline_class)
+        values: dict[str, Any] = {}
+        for key in ("num_inference_steps", "guidance_scale"):
+            default = params[key].default if key in params else None
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                values[key] = default
+        values.update(sampling_defaults(folder) if folder is not None else {})
+        values.update(given)
+        if values.get("guidance_rescale") and params and "guidance_rescale" not in params:
+            _check("guidance_rescale" not in given, "guidance_rescale", given.get("guidance_rescale"),
+                   f"{pipeline_class.__name__} has no guidance rescale")
+            logger.debug("%s has no guidance rescale: the model default %s is not used", pipeline_class.__name__,
+                         values["guidance_rescale"])
+            values["guidance_rescale"] = 0.0
+        if is_pipe:
+            from .sampling import image_size
+
+            values["height"], values["width"] = image_size(model, values.get("height"), values.get("width"))
+            own = type(getattr(model, "scheduler", None)).__name__
+            if "scheduler" not in values and own in scheduler_names():
+                values["scheduler"] = own
+        config = cls(**values)
+        scheduler = model.scheduler if is_pipe else _class_in_folder(folder, "scheduler/scheduler_config.json")
+        if config.scheduler is not None and scheduler is not None:
+            config._check_compatible(scheduler)
+        return config
+
+    def _check_compatible(self, scheduler: Any) -> bool:
+        """Raise unless ``self.scheduler`` is among the schedulers ``scheduler`` (a class or instance) can become.
+
+        Returns:
+            ``False`` when the scheduler class declares no compatible classes (then nothing is checked).
+        """
+        current = scheduler if isinstance(scheduler, type) else type(scheduler)
+        getter = getattr(current, "_get_compatibles", None)
+        usable = [c for c in getter() if ".dummy_" not in c.__module__] if getter else []  # not dependency stubs
+        compatible = sorted({c.__name__ for c in usable} | {current.__name__})
+        if len(compatible) == 1:
+            return False
+        _check(self.scheduler in compatible, "scheduler", self.scheduler,
+               f"the model's {current.__name__} can become one of {', '.join(compatible)}")
+        return True
+
+    def call_kwargs(self, pipe: Any = None) -> dict[str, Any]:
+        """Keyword arguments of ``pipe(...)`` for these settings.
+
+        ``guidance_rescale`` is left out when it is 0 or when the pipeline's ``__call__`` has no such parameter
+        (PixArt); ``height`` and ``width`` when ``None``. Pipelines with ``use_resolution_binning`` get it off,
+        since the size is explicit.
+
+        Args:
+            pipe: The pipeline the arguments are for; without it every pipeline is assumed to take them all.
+        """
+        params = _call_parameters(type(pipe)) if pipe is not None else {}
+        out: dict[str, Any] = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
+        if self.guidance_rescale and (not params or "guidance_rescale" in params):
+            out["guidance_rescale"] = self.guidance_rescale
+        out.update({k: getattr(self, k) for k in ("height", "width") if getattr(self, k) is not None})
+        if "use_resolution_binning" in params:
+            out["use_resolution_binning"] = False
+        return out
+
+    def apply_scheduler(self, pipe: Any) -> Any:
+        """Swap in ``self.scheduler``, built with ``from_config(pipe.scheduler.config)``; returns the old scheduler.
+
+        Put the old one back with ``pipe.scheduler = old``. Nothing changes when ``scheduler`` is ``None`` or
+        already the pipeline's.
+
+        Raises:
+            ValueError: The pipeline's scheduler is not compatible with ``self.scheduler`` (the message names those
+                that are).
+        """
+        old = pipe.scheduler
+        if self.scheduler is None or type(old).__name__ == self.scheduler:
+            return old
+        if not self._check_compatible(old):
+            logger.warning("%s declares no compatible schedulers; %s is used unchecked", type(old).__name__,
+                           self.scheduler)
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler)
+        new = cls.from_config(old.config)
+        accepted = inspect.signature(cls.__init__).parameters
+        lost = [f"{k}={old.config[k]!r}" for k in _SCHEDULER_KEYS_KEPT if k in old.config and k not in accepted]
+        if lost:
+            logger.warning("%s has no %s of the model's %s", self.scheduler, ", ".join(lost), type(old).__name__)
+        pipe.scheduler = new
+        logger.info("scheduler: %s (from the model's %s config)", self.scheduler, type(old).__name__)
+        return old
+
+    @contextlib.contextmanager
+    def use_scheduler(self, pipe: Any) -> Iterator[Any]:
+        """``with config.use_scheduler(pipe):`` samples with ``self.scheduler`` and puts the old one back after."""
+        old = self.apply_scheduler(pipe)
+        try:
+            yield pipe.scheduler
+        finally:
+            pipe.scheduler = old
 
 
 LOCATE_METHODS = ("wanda", "neuron", "directions")  # built in; diffmem.localization.register_locator adds more

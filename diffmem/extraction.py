@@ -543,4 +543,5 @@ def extraction_attack(
                                config, scorer) for i, imgs in zip(indices, bar)]
 
     outcomes = shard_map(attack, list(range(len(prompts))))
-    return _finish(outcomes, threshold, calibration, config, scorer, out_dir, sampler=kwargs)
+    sampler = {**kwargs, "scheduler": type(getattr(pipe, "scheduler", None)).__name__}
+    return _finish(outcomes, threshold, calibration, config, scorer, out_dir, sampler=sampler)

@@ -178,6 +178,8 @@ class ActivationRecorder:
         self._scheduler_arg = scheduler
         layers = {name: tuple(m.weight.shape) for name, m in self.targets.items()}
         base_meta = {"model_id": model_source(pipe_or_denoiser), "denoiser": type(self.denoiser).__name__}
+        if getattr(self._pipe, "scheduler", None) is not None:
+            base_meta["scheduler"] = type(self._pipe.scheduler).__name__
         base_meta["record_config"] = config.to_dict()
         base_meta.update(meta or {})
         self._stats = ActivationStats(layers, config.record_steps, meta=base_meta)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ __all__ = [
     "run_everywhere",
     "reduce_stats",
     "place",
+    "idle_cpus",
+    "choose_num_threads",
 ]
 
 T = TypeVar("T")
@@ -231,3 +234,84 @@ def reduce_stats(stats: Any, state: Any = None) -> Any:
     return stats
 
 
+
+
+PROC_STAT = "/proc/stat"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def _cpu_times(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(idle jiffies, total jiffies, online CPUs)`` from a ``/proc/stat`` file, or ``None`` when unreadable.
+
+    Idle counts ``idle + iowait``; the total is ``user + nice + system + idle + iowait + irq + softirq + steal``
+    (``guest`` time is already inside ``user``).
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    total_line = next((line.split() for line in lines if line.startswith("cpu ")), None)
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    if total_line is None or len(total_line) < 6 or not cpus:
+        return None
+    try:
+        fields = [int(v) for v in total_line[1:9]]
+    except ValueError:
+        return None
+    return fields[3] + fields[4], sum(fields), cpus
+
+
+def _cgroup_cpus(path: str | os.PathLike) -> float | None:
+    """The CPU quota of a cgroup v2 ``cpu.max`` file (``"200000 100000"`` is 2 CPUs); ``None`` without a limit."""
+    try:
+        with open(path, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        return int(quota) / int(period) if quota != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def idle_cpus(interval: float = 0.3) -> float | None:
+    """How many CPUs were idle over the next ``interval`` seconds, measured from ``/proc/stat``.
+
+    Unlike the load average, which trails by a minute, this sees the machine as it is now.
+
+    Returns:
+        Idle CPUs (``idle fraction x online CPUs``), or ``None`` where ``/proc/stat`` cannot be read.
+    """
+    first = _cpu_times(PROC_STAT)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(PROC_STAT)
+    if second is None or second[1] <= first[1]:
+        return None
+    return (second[0] - first[0]) / (second[1] - first[1]) * second[2]
+
+
+def choose_num_threads(interval: float = 0.3) -> tuple[int | None, str]:
+    """The number of torch threads that fits the CPUs free right now, and why, in words.
+
+    ``OMP_NUM_THREADS`` set by the user always wins (``None`` is returned: torch already follows it). Otherwise
+    the idle CPUs measured over ``interval`` seconds (:func:`idle_cpus`), capped by the CPUs this process may run
+    on and the cgroup quota, shared among the processes of this machine under ``accelerate launch``; without
+    ``/proc/stat``, ``os.cpu_count()``.
+
+    Returns:
+        ``(threads or None, reason)``.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpus(CGROUP_CPU_MAX)
+    if quota is not None:
+        cores = max(1, min(cores, int(quota)))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    idle = idle_cpus(interval)
+    if idle is None:
+        threads = max(1, cores // local)
+        return threads, f"{cores} CPUs (idle time unknown)"
+    threads = max(1, min(cores, round(idle)) // local)
+    share = f", shared by {local} processes" if local > 1 else ""
+    return threads, f"{idle:.1f} of {cores} CPUs idle over {interval:g} s{share}"

@@ -59,7 +59,7 @@ def _run_key(pipe, prompts: list[str], config, model_id: str | None, pipe_kwargs
     dtype = next(get_denoiser(pipe).parameters()).dtype
     head = json.dumps(
         {"config": config.to_dict(), "pipe_kwargs": pipe_kwargs or {}, "model_id": model_id, "dtype": str(dtype),
-         "num_processes": world},
+         "num_processes": world, "scheduler": type(getattr(pipe, "scheduler", None)).__name__},
         sort_keys=True, default=str,
     )
     return prompts_sha256([head, *prompts])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.config import SamplerConfig
 from diffmem.data import load_reference, read_entries, read_prompts, resolve_references
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, check_output_dir, load_edit
@@ -22,7 +23,7 @@ from diffmem.evaluation import EvalConfig, evaluate
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
 from diffmem.metrics import roc_curve
-from diffmem.pipelines import load_pipeline, sampling_defaults
+from diffmem.pipelines import load_pipeline
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
@@ -48,6 +49,7 @@ class AuditConfig:
         allow_pickle: Accept pickled weights.
         allow_outside: Accept reference paths outside the manifest's folder.
         quick: Reduced settings.
+        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
     """
 
     model: str
@@ -64,6 +66,7 @@ class AuditConfig:
     detect_seeds: int = 4
     opt_steps: int = 50
     scorer: str = "ssim"
+    sampler: dict[str, Any] | None = None
 
 
 def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
@@ -81,13 +84,16 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     refs = resolve_references(config.references, entries, allow_outside=config.allow_outside)
     calib = read_prompts(config.calibration) if config.calibration else None
     edit = load_edit(config.edit) if config.edit else None
-    call = {k: v for k, v in sampling_defaults(config.model).items() if v}
+    SamplerConfig.resolve(config.model, **(config.sampler or {}))  # checks the settings before the model loads
     pipe = load_pipeline(config.model, allow_pickle=config.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
+    sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
+    call = sampler.call_kwargs(pipe)
+    sampler.apply_scheduler(pipe)
     size = image_size(pipe, call.get("height"), call.get("width"))
     ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
     scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
-    report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": call,
+    report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": sampler.to_dict(),
                               "settings": asdict(config), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
         dcfg = DetectConfig(score_steps=5, num_seeds=1 if config.quick else config.detect_seeds,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, check_output_dir, export_edited
@@ -36,7 +36,7 @@ from diffmem.localization import locate
 from diffmem.masks import chance_iou, mask_iou
 from diffmem.metrics import roc_curve
 from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, locality_evidence, mitigate
-from diffmem.pipelines import load_pipeline, sampling_defaults
+from diffmem.pipelines import load_pipeline
 from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
@@ -65,6 +65,7 @@ class DemoConfig:
         compare_directions: Also run the low-rank projection editor.
         quick: Reduced settings for CI.
         seed: First seed everywhere.
+        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
     """
 
     model: str | None = None
@@ -80,6 +81,7 @@ class DemoConfig:
     compare_directions: bool = True
     quick: bool = False
     seed: int = 0
+    sampler: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,9 +137,11 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     overlap = {e.prompt for e in entries} & set(base_prompts)
     if overlap:
         raise ConfigError(f"base prompts overlap the evaluation prompts (e.g. {sorted(overlap)[0]!r})")
+    SamplerConfig.resolve(model, **(config.sampler or {}))  # checks the settings before the model loads
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
-    call = {k: v for k, v in sampling_defaults(model).items() if v}
+    sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
+    call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
     scorer = get_scorer(config.scorer)
     visible = [e for e in entries if e.split in ("locate", "nonmem")]
     locate_rows = [e for e in entries if e.split == "locate"]
@@ -237,7 +241,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
     report: dict[str, Any] = {
-        "title": "diffmem demo", "model": str(model), "sampler": call, "settings": config.to_dict(),
+        "title": "diffmem demo", "model": str(model), "sampler": sampler.to_dict(), "settings": config.to_dict(),
         "scorer": scorer.describe(), "edits": rows,
         "detection": {"auc": det.auc, "tpr_at_1pct_fpr": det.tpr_at_1fpr, "roc": {"fpr": list(map(float, fpr)),
                       "tpr": list(map(float, tpr))}, "scores": [{"prompt": p, "score": float(s), "memorized": bool(m)}
@@ -251,6 +255,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     }
     gallery = _gallery(shown, before, after, scorer, size or image_size(pipe))
     report["headline_text"] = _headline(report, out)
+    pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
 
     def fill(folder: Path) -> None:
         robust.save(folder / "edit")

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmem.config import SamplerConfig
 from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
 from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
-from diffmem.pipelines import load_pipeline, sampling_defaults
+from diffmem.pipelines import load_pipeline
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
@@ -56,6 +57,7 @@ class MitigateRun:
     opt_steps: int = 50
     eval_seeds: int = 4
     seed: int = 0
+    sampler: dict[str, Any] | None = None  # SamplerConfig fields the user gave; the rest: the model's defaults
 
 
 def _mean(values: list[float]) -> float | None:
@@ -129,11 +131,13 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     for e in entries:  # the attack needs every training image of the rows it uses: fail before the slow work
         if e.split in ("locate", "nonmem") and e.reference is None:
             raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
-    call = {k: v for k, v in sampling_defaults(run.model).items() if v}
+    SamplerConfig.resolve(run.model, **(run.sampler or {}))  # checks the sampler settings before the model loads
     scorer = (get_scorer(run.scorer, weights=run.scorer_weights, allow_pickle=run.allow_pickle) if run.scorer_weights
               else get_scorer(run.scorer))
     pipe = load_pipeline(run.model, allow_pickle=run.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
+    sampler = SamplerConfig.resolve(pipe, **(run.sampler or {}))
+    call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, seed=run.seed,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
@@ -152,7 +156,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
                                        attack=final_attack_config(run.opt_steps, call, run.seed))
 
     report = {
-        "title": "diffmem mitigate", "model": run.model, "sampler": call, "scorer": scorer.describe(),
+        "title": "diffmem mitigate", "model": run.model, "sampler": sampler.to_dict(), "scorer": scorer.describe(),
         "settings": {**asdict(run), "mitigation": mcfg.to_dict()}, "mitigation": result.summary(),
         "edits": [row] if row else [], "total_seconds": round(time.time() - t0, 1),
     }
@@ -166,6 +170,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
                       settings={"mitigation": mcfg.to_dict(), "sampler": call})
         write_report(report, folder)
 
+    pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
     replace_dir(out, fill)
     return report
 
