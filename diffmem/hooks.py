@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import RecordConfig
 from .errors import ConfigError, DiffmemError
-from .sampling import image_size, latent_shape, seed_noise
+from .sampling import image_size, latent_shape, pipeline_extras, seed_noise
 from .stats import HALVES, ActivationStats, prompts_sha256, row_moments
 from .targets import find_targets, get_denoiser, model_source
 
@@ -796,6 +796,7 @@ def record(
                 rows = negative_prompt_embeds
                 rows = rows.expand(len(batch), -1, -1) if rows.shape[0] == 1 else rows[batch[0] : batch[-1] + 1]
                 kwargs["negative_prompt_embeds"] = rows.to(device)
+            kwargs.update(pipeline_extras(pipe))
             kwargs.update(pipe_kwargs or {})
             recorder.start_batch(len(index), prompt_index=index)
             try:

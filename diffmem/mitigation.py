@@ -22,6 +22,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import LocateConfig, RecordConfig
+from .crossfit import SAMPLER_NAMES, make_folds, measure_rows, sampler_variants, summarise_rows
 from .data import ManifestEntry, load_reference
 from .deltas import WeightDelta
 from .directions import DirectionBasis
@@ -78,6 +80,19 @@ class MitigateConfig:
             conditionings, minus ``robust_lambda`` times how much it changes the loss of the ``nonmem`` rows;
             ``"activations"`` records FFN statistics under the adversarial conditionings and reruns ``method``.
         robust_fraction: Share of the denoiser's weights a saliency round may add.
+        robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
+            normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
+            at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's
+            subspace, located under attack).
+        robust_share: Fraction of terms that must agree with ``robust_aggregate="shared"``.
+        attack_inits: Starts of the robust loop's attack (``prompt``, ``random``): conditionings from every start
+            enter the saliency round.
+        robust_samplers: Sampler settings (names of :data:`diffmem.crossfit.SAMPLER_NAMES`) the robust loop's
+            attack is sampled at; a round stops only when the rate is at most ``target`` at all of them.
+        folds: Cross-fitting folds over the ``locate`` rows (0 turns it off): the strength is chosen on
+            out-of-fold replication, and the whole fit is repeated leaving each fold out, to estimate the rates on
+            memorized images that were not given.
+        estimate_seeds: Generations per row and setting when measuring a left-out fold.
         robust_lambda: Weight of the non-memorized loss change in the saliency score.
         finetune_steps: Optimiser steps per robust fine-tuning round.
         finetune_lr: Learning rate of the fine-tuning.
@@ -93,6 +108,12 @@ class MitigateConfig:
     max_rounds: int = 3
     robust_score: str = "saliency"
     robust_fraction: float = 0.001
+    robust_aggregate: str = "sum"
+    robust_share: float = 0.5
+    attack_inits: tuple[str, ...] = ("prompt", "random")
+    robust_samplers: tuple[str, ...] = ("model", "diffusers-default")
+    folds: int = 3
+    estimate_seeds: int = 2
     robust_lambda: float = 5.0
     record_steps: int = 10
     sweep_seeds: int = 2
@@ -111,6 +132,19 @@ class MitigateConfig:
             raise ConfigError("robust='prune' merges masks: use method wanda or neuron")
         if self.robust_score not in ("saliency", "activations"):
             raise ConfigError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
+        if self.robust_aggregate not in ("sum", "shared"):
+            raise ConfigError(f"robust_aggregate={self.robust_aggregate!r} is invalid: choose sum or shared")
+        if not 0 < self.robust_share <= 1:
+            raise ConfigError(f"robust_share={self.robust_share!r} is invalid: must be in (0, 1]")
+        if not self.attack_inits or any(i not in ("prompt", "random") for i in self.attack_inits):
+            raise ConfigError(f"attack_inits={self.attack_inits!r} is invalid: give prompt and/or random")
+        if not self.robust_samplers or any(n not in SAMPLER_NAMES for n in self.robust_samplers):
+            raise ConfigError(f"robust_samplers={self.robust_samplers!r} is invalid: give names from "
+                              f"{', '.join(SAMPLER_NAMES)}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds={self.folds!r} is invalid: 0 (off) or >= 2")
+        if self.estimate_seeds < 1:
+            raise ConfigError(f"estimate_seeds={self.estimate_seeds!r} is invalid: must be >= 1")
         if not 0 < self.robust_fraction <= 0.1:
             raise ConfigError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
         if self.robust_lambda < 0:
@@ -131,6 +165,8 @@ class MitigateConfig:
         d = asdict(self)
         d["attack"] = self.attack.to_dict()
         d["strengths"] = list(self.strengths)
+        d["attack_inits"] = list(self.attack_inits)
+        d["robust_samplers"] = list(self.robust_samplers)
         return d
 
 
@@ -150,9 +186,11 @@ class MitigationResult:
     timings_s: dict[str, float]
     plain_edit: Edit | None = None
     first_adversarial: torch.Tensor | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
+            "estimate": self.estimate,
             "kind": self.edit.kind,
             "strength": self.strength,
             "parameters_changed": self.edit.num_params_changed(),
@@ -205,7 +243,7 @@ def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], non
 
 
 def _acceptable(row: dict[str, Any], target: float) -> bool:
-    rep = row["locate_replication"]
+    rep = _judged(row)
     spread = row.get("drift_within_spread")
     return rep is not None and rep <= target and (spread is None or spread >= 0.5)
 
@@ -252,11 +290,19 @@ def mitigate(
         seed=config.seed, batch_size=16, signatures=config.method == "directions",
     )
     extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
-    stats_mem = record(pipe, [e.prompt for e in locate_rows], rcfg, progress=progress, pipe_kwargs=extra)
+    folds = make_folds(locate_rows, config.folds, config.seed) if 2 <= config.folds <= len(locate_rows) else []
+    if config.folds and not folds:
+        logger.warning("%d locate rows are too few for %d folds: no out-of-fold estimate", len(locate_rows),
+                       config.folds)
+    # statistics per fold, so that every "all folds but one" fit reuses them
+    parts = folds or [list(range(len(locate_rows)))]
+    stats_parts = [record(pipe, [locate_rows[i].prompt for i in f], rcfg, progress=progress, pipe_kwargs=extra)
+                   for f in parts]
+    stats_mem = _merged(stats_parts)
     stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
     lap("record")
 
-    # strength: given, or the smallest acceptable one on the locate split (and nonmem drift)
+    # strength: given, or the smallest acceptable one; with folds, judged on the rows each edit was not fitted on
     ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
     strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
     nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
@@ -264,15 +310,21 @@ def mitigate(
     chosen: tuple[float, Edit] | None = None
     best = float("inf")
     for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
-        edit = locate(pipe, stats_mem, stats_base, _locate_config(config.method, strength, config.record_steps))
+        lcfg = _locate_config(config.method, strength, config.record_steps)
+        edit = locate(pipe, stats_mem, stats_base, lcfg)
         row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
+        if folds and len(strengths) > 1:
+            row["out_of_fold_replication"] = _out_of_fold_replication(pipe, locate_rows, folds, stats_parts,
+                                                                      stats_base, lcfg, ecfg, scorer)
         sweep.append(row)
-        logger.info("strength %g: %d weights changed, locate replication %s, drift within spread %s", strength,
-                    row["parameters_changed"], row["locate_replication"], row.get("drift_within_spread"))
+        logger.info("strength %g: %d weights changed, locate replication %s (out of fold %s), drift within spread %s",
+                    strength, row["parameters_changed"], row["locate_replication"],
+                    row.get("out_of_fold_replication"), row.get("drift_within_spread"))
         if _acceptable(row, config.target):
             chosen = (strength, edit)
             break
-        rep = row["locate_replication"] if row["locate_replication"] is not None else float("inf")
+        rep = _judged(row)
+        rep = rep if rep is not None else float("inf")
         if chosen is None or rep < best:
             chosen, best = (strength, edit), rep
     strength, edit = chosen  # type: ignore[misc]
@@ -282,37 +334,143 @@ def mitigate(
     rounds: list[dict[str, Any]] = []
     first_adversarial: torch.Tensor | None = None
     if config.robust != "none":
-        items = _items(pipe, locate_rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
-        acfg = replace(config.attack, call_kwargs={**call, **config.attack.call_kwargs})
-        for k in range(config.max_rounds):
-            with apply_edit(pipe, edit):
-                att = reextract(pipe, items, acfg, scorer, progress=progress)
-            rate = att.summary()["memorization_rate"]
-            info: dict[str, Any] = {"round": k, "attack_rate_before_round": rate,
-                                    "parameters_changed": edit.num_params_changed()}
-            rounds.append(info)
-            logger.info("robust round %d: attack rate on the locate rows %.3f", k, rate)
-            if rate is not None and rate <= config.target:
-                break
-            embeds = torch.cat([att.adversarial_embeds[i] for i in sorted(att.adversarial_embeds)])
-            if first_adversarial is None:
-                first_adversarial = embeds  # the attack on the plain edit (reusable, e.g. by fine-tuning)
-            if config.robust == "prune" and config.robust_score == "saliency":
-                edit = _saliency_round(pipe, edit, locate_rows, embeds, nonmem, config, call)
-            elif config.robust == "prune":
-                edit = _prune_round(pipe, edit, embeds, base, rcfg, extra, strength, config, progress)
-            else:
-                edit = finetune_against(pipe, edit, locate_rows, embeds, nonmem, config, call, progress=progress)
-            info["parameters_changed_after"] = edit.num_params_changed()
-        else:
-            with apply_edit(pipe, edit):
-                att = reextract(pipe, items, acfg, scorer, progress=progress)
-            rounds.append({"round": config.max_rounds, "attack_rate_before_round": att.summary()["memorization_rate"],
-                           "parameters_changed": edit.num_params_changed()})
+        edit, rounds, first_adversarial = _harden(pipe, edit, locate_rows, nonmem, base, rcfg, extra, strength,
+                                                  config, call, scorer, progress)
         lap("robust")
+    estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds]}
+    if folds:
+        estimate["out_of_fold"] = _cross_fit(pipe, locate_rows, nonmem, folds, stats_parts, stats_base, base, rcfg,
+                                             extra, strength, config, call, scorer, progress)
+        lap("estimate")
+    given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(call, pipe=pipe), attack=None,
+                         num_seeds=config.estimate_seeds, seed=40_000 + config.seed, progress=False)
+    estimate["in_sample"] = summarise_rows(given)
+    if rounds:
+        estimate["in_sample"]["attack"] = rounds[-1].get("attack_rate_by_sampler")
+    estimate["in_sample"]["note"] = "measured on the rows the edit was fitted on"
     edit.meta = {**edit.meta, "mitigation": config.to_dict(), "strength": strength}
     return MitigationResult(edit=edit, strength=strength, sweep=sweep, rounds=rounds, locality={},
-                            timings_s=timings, plain_edit=plain, first_adversarial=first_adversarial)
+                            timings_s=timings, plain_edit=plain, first_adversarial=first_adversarial,
+                            estimate=estimate)
+
+
+def _merged(parts: list[Any]) -> Any:
+    """The union of several :class:`~diffmem.stats.ActivationStats` (the inputs are left unchanged)."""
+    out = copy.deepcopy(parts[0])
+    for other in parts[1:]:
+        out.merge_(other)
+    return out
+
+
+def _judged(row: dict[str, Any]) -> float | None:
+    """The replication a strength is judged by: out of fold when measured, else on the locate rows."""
+    return row.get("out_of_fold_replication", row["locate_replication"])
+
+
+def _out_of_fold_replication(pipe: Any, rows: list[ManifestEntry], folds: list[list[int]], stats_parts: list[Any],
+                             stats_base: Any, lcfg: LocateConfig, ecfg: EvalConfig, scorer: Any) -> float | None:
+    """Replication of each fold's rows under the edit located on the other folds, averaged over all rows."""
+    rates: list[float] = []
+    for k, fold in enumerate(folds):
+        others = _merged([p for j, p in enumerate(stats_parts) if j != k])
+        edit = locate(pipe, others, stats_base, lcfg)
+        with apply_edit(pipe, edit), torch.no_grad():
+            res = evaluate(pipe, [rows[i] for i in fold], ecfg, scorer, progress=False)
+        rates += [r["replication_rate"] for r in res.rows if "replication_rate" in r]
+    return _mean(rates)
+
+
+def _harden(pipe: Any, edit: Edit, rows: list[ManifestEntry], nonmem: list[ManifestEntry], base: list[str],
+            rcfg: RecordConfig, extra: dict | None, strength: float, config: MitigateConfig, call: dict[str, Any],
+            scorer: Any, progress: bool) -> tuple[Edit, list[dict[str, Any]], torch.Tensor | None]:
+    """The robust rounds: attack ``rows`` from every start, locate again (or fine-tune), until the attack fails.
+
+    Returns:
+        The hardened edit, one record per round, and the first round's adversarial conditionings (prompt start).
+    """
+    items = _items(pipe, rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
+    samplers = sampler_variants(call, tuple(config.robust_samplers), pipe)
+    rounds: list[dict[str, Any]] = []
+    first_adversarial: torch.Tensor | None = None
+    for k in range(config.max_rounds + 1):
+        rates, embeds = _attack_all(pipe, edit, items, config, samplers, scorer, k, progress)
+        worst = max(rates.values())
+        info: dict[str, Any] = {"round": k, "attack_rate_before_round": worst, "attack_rate_by_sampler": rates,
+                                "parameters_changed": edit.num_params_changed()}
+        rounds.append(info)
+        logger.info("robust round %d: attack rate on the given rows %s", k,
+                    ", ".join(f"{n} {r:.3f}" for n, r in rates.items()))
+        if worst <= config.target or k == config.max_rounds:
+            break
+        if first_adversarial is None:
+            first_adversarial = embeds[: len(items)]  # the prompt start's conditionings on the plain edit
+        memorized = rows * (embeds.shape[0] // len(rows))
+        if config.robust == "prune" and config.robust_score == "saliency":
+            edit = _saliency_round(pipe, edit, memorized, embeds, nonmem, config, call)
+        elif config.robust == "prune":
+            edit = _prune_round(pipe, edit, embeds, base, rcfg, extra, strength, config, progress)
+        else:
+            edit = finetune_against(pipe, edit, memorized, embeds, nonmem, config, call, progress=progress)
+        info["parameters_changed_after"] = edit.num_params_changed()
+    return edit, rounds, first_adversarial
+
+
+def _attack_all(pipe: Any, edit: Edit, items: list[ReextractItem], config: MitigateConfig,
+                samplers: dict[str, dict[str, Any]], scorer: Any, round_index: int,
+                progress: bool) -> tuple[dict[str, float], torch.Tensor]:
+    """Attack every item from every start; the rate (any start succeeding) at each sampler, and the conditionings."""
+    from .sampling import generate_images
+
+    names = list(samplers)
+    worst: dict[str, np.ndarray] = {}
+    found = []
+    threshold = float(scorer.threshold if config.attack.threshold is None else config.attack.threshold)
+    for j, init in enumerate(config.attack_inits):
+        acfg = replace(config.attack, init=init, seed=config.attack.seed + 1000 * round_index + 100 * j,
+                       call_kwargs={**samplers[names[0]], **config.attack.call_kwargs})
+        with apply_edit(pipe, edit):
+            att = reextract(pipe, items, acfg, scorer, progress=progress)
+            embeds = torch.cat([att.adversarial_embeds[i] for i in sorted(att.adversarial_embeds)])
+            succ = {names[0]: np.array([r["success"] for r in att.rows], dtype=bool)}
+            for name in names[1:]:
+                with torch.no_grad():
+                    gens = generate_images(pipe, prompt_embeds=embeds, num_seeds=acfg.num_seeds,
+                                           seed=acfg.sample_seed, progress=False, **samplers[name])
+                sims = [scorer.similarity(list(g), [it.reference]).float().numpy()[:, 0] for g, it in zip(gens, items)]
+                succ[name] = np.array(sims) >= threshold
+        for name, s in succ.items():
+            worst[name] = s if name not in worst else worst[name] | s
+        found.append(embeds)
+    return {n: float(w.mean()) for n, w in worst.items()}, torch.cat(found)
+
+
+def _cross_fit(pipe: Any, rows: list[ManifestEntry], nonmem: list[ManifestEntry], folds: list[list[int]],
+               stats_parts: list[Any], stats_base: Any, base: list[str], rcfg: RecordConfig, extra: dict | None,
+               strength: float, config: MitigateConfig, call: dict[str, Any], scorer: Any,
+               progress: bool) -> dict[str, Any]:
+    """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds), measure the one left
+    out with the prompt and under attack, at every reported sampler; rates over all rows and their spread."""
+    samplers = sampler_variants(call, pipe=pipe)
+    measured: list[dict[str, Any]] = [{} for _ in rows]
+    for k, fold in enumerate(tqdm(folds, desc="cross-fit", disable=not progress)):
+        train = [rows[i] for j, f in enumerate(folds) if j != k for i in f]
+        others = _merged([p for j, p in enumerate(stats_parts) if j != k])
+        edit = locate(pipe, others, stats_base, _locate_config(config.method, strength, config.record_steps))
+        if config.robust != "none":
+            edit, _, _ = _harden(pipe, edit, train, nonmem, base, rcfg, extra, strength, config, call, scorer,
+                                 progress=False)
+        attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
+        out = measure_rows(pipe, edit, [rows[i] for i in fold], scorer, samplers,
+                           attack=attack if config.robust != "none" else None, inits=tuple(config.attack_inits),
+                           attack_samplers=tuple(config.robust_samplers), num_seeds=config.estimate_seeds,
+                           seed=40_000 + config.seed, progress=False)
+        for i, o in zip(fold, out):
+            measured[i] = o
+        logger.info("cross-fit fold %d/%d: %s", k + 1, len(folds), summarise_rows(out)["prompt"])
+    summary = summarise_rows(measured, folds)
+    summary["note"] = ("each fold's rows measured under an edit fitted without them (same strength and robust "
+                       "rounds); expected on memorized images not given")
+    return summary
 
 
 def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], rcfg: RecordConfig,
@@ -330,8 +488,12 @@ def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], r
 
 
 def _loss_gradients(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, params: dict[str, torch.Tensor],
-                    draws: int, seed: int) -> dict[str, torch.Tensor]:
-    """Gradient of the summed per-image training loss toward ``x0`` under ``cond`` for each parameter."""
+                    draws: int, seed: int,
+                    each: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Gradient of the summed per-image training loss toward ``x0`` under ``cond`` for each parameter.
+
+    With ``each``, every image's own gradients are also passed to it (before they are summed).
+    """
     from .reextraction import DiffusionObjective, denoiser_call
 
     objective = DiffusionObjective(pipe)
@@ -346,8 +508,11 @@ def _loss_gradients(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, params: dic
             noisy, t, target = objective.draw(x0[i : i + 1], draws, generator)
             pred = predict(noisy.to(dtype), t, cond[i : i + 1].to(dtype).expand(draws, -1, -1), None)
             loss = torch.nn.functional.mse_loss(pred.float(), target)
-            for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-                grads[n] += g.float()
+            own = {n: g.float() for n, g in zip(params, torch.autograd.grad(loss, list(params.values())))}
+            for n, g in own.items():
+                grads[n] += g
+            if each is not None:
+                each(own)
     finally:
         for p in params.values():
             p.requires_grad_(False)
@@ -379,12 +544,17 @@ def _saliency_round(pipe: Any, edit: Edit, memorized: list[ManifestEntry], adver
             x_mem = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in memorized])
             x_non = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in nonmem])
             c_non = encode_conditioning(pipe, [e.prompt for e in nonmem])[0]
-        g_mem = _loss_gradients(pipe, x_mem.to(device), adversarial.to(device), params, 16, config.seed + 11)
+        weights = {n: p.detach().float() for n, p in params.items()}
+        shared = _SharedSaliency(weights) if config.robust_aggregate == "shared" else None
+        g_mem = _loss_gradients(pipe, x_mem.to(device), adversarial.to(device), params, 16, config.seed + 11,
+                                each=shared)
         g_non = _loss_gradients(pipe, x_non.to(device), c_non.to(device), params, 16, config.seed + 13)
         scores = {}
-        for n, p in params.items():
-            w = p.detach().float()
-            score = -(w * g_mem[n]) - config.robust_lambda * (w * g_non[n]).abs()
+        for n, w in weights.items():
+            if shared is not None:
+                score = shared.score(n, config.robust_share) - config.robust_lambda * (w * g_non[n]).abs() / shared.scale
+            else:
+                score = -(w * g_mem[n]) - config.robust_lambda * (w * g_non[n]).abs()
             if n in edit.layers:
                 score[edit.layers[n].to(score.device)] = float("-inf")
             scores[n] = score.cpu()
@@ -397,6 +567,37 @@ def _saliency_round(pipe: Any, edit: Edit, memorized: list[ManifestEntry], adver
     merged.meta = {**edit.meta, "robust_rounds": int(edit.meta.get("robust_rounds", 0)) + 1}
     logger.info("robust prune (saliency): %d weights added in %d tensors", new.num_masked(), len(new.layers))
     return merged
+
+
+class _SharedSaliency:
+    """Per-term saliency ``-w * dL_i/dw``, each term normalised by its own spread, summed, with a count of the terms
+    for which zeroing the weight raises the loss: weights that many (image, conditioning) terms share."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+        self.total = {n: torch.zeros_like(w) for n, w in weights.items()}
+        self.positive = {n: torch.zeros_like(w) for n, w in weights.items()}
+        self.scales: list[float] = []
+
+    def __call__(self, grads: dict[str, torch.Tensor]) -> None:
+        scores = {n: -(self.weights[n] * g) for n, g in grads.items()}
+        scale = float(torch.cat([s.flatten() for s in scores.values()]).std().clamp_min(1e-20))
+        self.scales.append(scale)
+        for n, s in scores.items():
+            self.total[n] += s / scale
+            self.positive[n] += (s > 0).float()
+
+    @property
+    def scale(self) -> float:
+        """The mean spread of a term: converts unnormalised saliency into the summed units."""
+        return float(np.mean(self.scales)) if self.scales else 1.0
+
+    def score(self, name: str, share: float) -> torch.Tensor:
+        """Summed normalised saliency, ``-inf`` where fewer than ``share`` of the terms agree."""
+        need = share * max(len(self.scales), 1)
+        out = self.total[name].clone()
+        out[self.positive[name] < need] = float("-inf")
+        return out
 
 
 def _training_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

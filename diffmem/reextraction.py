@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DiffmemError
 from .files import write_json
 from .parallel import shard_map
-from .sampling import generate_images, image_size
+from .sampling import attention_mask_of, generate_images, image_size
 from .score import Scorer
 from .targets import get_denoiser
 
@@ -318,6 +318,11 @@ def _frozen(pipe: Any) -> Iterator[None]:
             sub.training = mode
 
 
+def _is_pixart(pipe: Any) -> bool:
+    """Whether the denoiser is a PixArt transformer (T5 conditioning with an attention mask)."""
+    return type(get_denoiser(pipe)).__name__ == "PixArtTransformer2DModel"
+
+
 def _has_pooled(pipe: Any) -> bool:
     """Whether the pipeline's denoiser consumes a pooled text embedding (SDXL, SD3)."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
@@ -348,6 +353,8 @@ def encode_conditioning(pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor
             kwargs[extra] = None
     out = pipe.encode_prompt(prompt=list(prompts), **kwargs)
     embeds = out[0].detach().float().cpu()
+    if _is_pixart(pipe):  # padded tokens become zero vectors: the mask travels inside the conditioning
+        embeds = embeds * out[1].detach().float().cpu()[..., None]
     pooled = out[2].detach().float().cpu() if _has_pooled(pipe) and len(out) >= 3 and out[2] is not None else None
     return embeds, pooled
 
@@ -522,8 +529,19 @@ def denoiser_call(pipe: Any, height: int, width: int) -> _Predict:
             return first_half(out.sample)
 
         return transformer
+    if _is_pixart(pipe):
+
+        def pixart(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+            # zero tokens are padding: masked out, so they get no gradient and stay zero under Adam
+            out = denoiser(x, encoder_hidden_states=cond, encoder_attention_mask=attention_mask_of(cond),
+                           timestep=t.expand(x.shape[0]) if t.dim() == 0 else t,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+            return first_half(out.sample)
+
+        return pixart
     name = type(denoiser).__name__
-    raise DiffmemError(f"re-extraction supports UNet2DConditionModel and SD3Transformer2DModel denoisers, not {name}")
+    raise DiffmemError(f"re-extraction supports UNet2DConditionModel, SD3Transformer2DModel and "
+                       f"PixArtTransformer2DModel denoisers, not {name}")
 
 
 def optimize_conditioning(

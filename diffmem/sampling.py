@@ -21,7 +21,29 @@ from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["seed_noise", "initial_latents", "image_size", "latent_shape", "generate_images", "to_uint8"]
+__all__ = ["seed_noise", "initial_latents", "image_size", "latent_shape", "generate_images", "to_uint8",
+           "pipeline_extras", "attention_mask_of"]
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(type(pipe).__call__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def pipeline_extras(pipe: Any) -> dict[str, Any]:
+    """Arguments diffmem passes to every call of this pipeline: PixArt's resolution binning off (diffmem always
+    gives the size itself, and binning would resize small models' images to a 256 px bin)."""
+    return {"use_resolution_binning": False} if "use_resolution_binning" in _call_parameters(pipe) else {}
+
+
+def attention_mask_of(embeds: torch.Tensor) -> torch.Tensor:
+    """The text attention mask of a conditioning whose padded tokens are zero vectors (PixArt's convention in
+    diffmem: :func:`diffmem.reextraction.encode_conditioning` zeroes them, and optimisation keeps them zero)."""
+    return (embeds.abs().sum(-1) > 0).long()
 
 
 def seed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -155,6 +177,9 @@ def generate_images(
             cond: dict[str, Any] = {"prompt": [prompts[i] for i in index]}
         else:
             cond = {"prompt_embeds": prompt_embeds[index].to(device, dtype)}
+            masked = "prompt_attention_mask" in _call_parameters(pipe)
+            if masked:  # PixArt: padded tokens are zero vectors; its own negatives come with their own mask
+                cond["prompt_attention_mask"] = attention_mask_of(prompt_embeds[index]).to(device)
             if pooled_prompt_embeds is not None:
                 cond["pooled_prompt_embeds"] = pooled_prompt_embeds[index].to(device, dtype)
             if negative_prompt_embeds is not None:
@@ -163,10 +188,11 @@ def generate_images(
                     cond["negative_pooled_prompt_embeds"] = _rows(negative_pooled_prompt_embeds, index).to(
                         device, dtype
                     )
-            elif pooled_prompt_embeds is None and call_kwargs.get("guidance_scale", 7.5) > 1:
+            elif pooled_prompt_embeds is None and not masked and call_kwargs.get("guidance_scale", 7.5) > 1:
                 empty = pipe.encode_prompt([""], device, 1, False)[0]
                 cond["negative_prompt_embeds"] = empty.expand(len(index), -1, -1).to(dtype)
-        res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **call_kwargs).images
+        extras = {**pipeline_extras(pipe), **call_kwargs}
+        res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **extras).images
         out.append(to_uint8(res))
     imgs = np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)
     return imgs.reshape(count, num_seeds, *imgs.shape[1:])

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from diffmem.config import SamplerConfig
-from diffmem.data import ManifestEntry, load_reference, read_manifest
+from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
+from diffmem.data import ManifestEntry, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
 from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline
-from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
+from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
 
@@ -58,48 +59,71 @@ class MitigateRun:
     eval_seeds: int = 4
     seed: int = 0
     sampler: dict[str, Any] | None = None  # SamplerConfig fields the user gave; the rest: the model's defaults
+    folds: int = 3
+    robust_aggregate: str = "shared"
 
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _spread(rows: list[ManifestEntry], count: int | None) -> list[ManifestEntry]:
+    """``count`` rows evenly spread over ``rows`` (all of them without a count)."""
+    step = max(1, len(rows) // count) if count else 1
+    return rows[::step][:count]
+
+
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
              *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = None,
-             baseline: EvalResult | None = None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+             baseline: EvalResult | None = None, progress: bool = True,
+             inits: tuple[str, ...] = ("prompt", "random"),
+             attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[dict[str, Any], dict[str, Any]]:
     """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
-    The row holds held-out replication with the prompt and under attack, the control rate, drift, size, the time
-    it took to find the edit (``seconds``, given by the caller) and the time of this measurement. The
-    attack runs on the held-out memorized rows and, as the false-positive control, on the ``nonmem`` rows (their
-    training images; ``controls`` of them, evenly spread, when given), with the same budget. ``baseline`` is the
-    unedited evaluation of the ``nonmem`` rows with the same settings; it is computed when not given (pass it when
-    measuring several edits).
+    Held-out memorized rows are measured with the prompt at every sampler of
+    :data:`~diffmem.crossfit.SAMPLER_NAMES` and under the re-extraction attack from every start in ``inits``
+    (a seed counts as replicated when any start replicates it), sampled at ``attack_samplers``. The same attack,
+    with the same budget, runs on two controls at the model's sampler: ``nonmem`` rows (training images seen once)
+    and ``never_seen`` rows (images like the memorized ones that are in no training set). The figure that counts
+    is the held-out rate's advantage over the never-seen rate. ``controls`` caps each control set (rows spread
+    evenly). The row also holds drift, size, the time to find the edit (``seconds``) and the time of this
+    measurement. ``baseline`` is the unedited evaluation of the ``nonmem`` rows with the same settings; it is
+    computed when not given (pass it when measuring several edits).
     """
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
+    once_seen = _spread([e for e in nonmem if e.reference is not None], controls)
+    never_seen = _spread([e for e in entries if e.split == "never_seen" and e.reference is not None], controls)
     ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call)
-    candidates = [e for e in nonmem if e.reference is not None]
-    step = max(1, len(candidates) // controls) if controls else 1
-    attacked_controls = candidates[::step][:controls]  # spread over the rows, not the first few
+    samplers = sampler_variants(call, pipe=pipe)
     t0 = time.time()
     if baseline is not None and [r["prompt"] for r in baseline.rows] != [e.prompt for e in nonmem]:
         raise ValueError("baseline must be the unedited evaluation of the nonmem rows, in order")
     base = baseline if baseline is not None or not nonmem else evaluate(pipe, nonmem, ecfg, scorer, progress=False)
     with apply_edit(pipe, edit), torch.no_grad():
-        held = evaluate(pipe, heldout, ecfg, scorer, progress=progress, desc=f"{name}: held-out")
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
-    size = image_size(pipe, call.get("height"), call.get("width"))
-    items = [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "memorized") for e in heldout]
-    items += [ReextractItem(e.prompt, load_reference(e.reference, size, row=e), "control") for e in attacked_controls]
-    with apply_edit(pipe, edit):
-        att = reextract(pipe, items, attack, scorer, progress=progress)
-    summary = att.summary()
+    summaries: dict[str, Any] = {}
+    held = summarise_rows(measure_rows(pipe, edit, heldout, scorer, samplers, attack=attack, inits=inits,
+                                       attack_samplers=attack_samplers, num_seeds=eval_seeds, seed=0,
+                                       progress=progress, summaries=summaries))
+    plain = replace(attack, checkpoints=())
+    own = {"model": samplers["model"]}
+    once = summarise_rows(measure_rows(pipe, edit, once_seen, scorer, own, attack=plain, inits=inits,
+                                       num_seeds=eval_seeds, seed=0, progress=False))
+    never = summarise_rows(measure_rows(pipe, edit, never_seen, scorer, own, attack=plain, inits=inits,
+                                        num_seeds=eval_seeds, seed=0, progress=False))
+    held_attack = held["attack"].get("model")
+    never_rate = never["attack"].get("model")
     row = {
         "name": name,
-        "heldout_replication_prompt": _mean([r["replication_rate"] for r in held.rows if "replication_rate" in r]),
-        "heldout_replication_attack": summary["memorization_rate"],
-        "control_rate": summary["control_rate"],
+        "heldout_replication_prompt": held["prompt"].get("model"),
+        "heldout_replication_attack": held_attack,
+        "heldout_prompt_by_sampler": held["prompt"],
+        "heldout_attack_by_sampler": held["attack"],
+        "heldout_attack_by_start": held["attack_by_init"],
+        "control_rate": once["attack"].get("model"),
+        "never_seen_rate": never_rate,
+        "attack_advantage": (None if held_attack is None or never_rate is None else held_attack - never_rate),
         "parameters_changed": 0 if edit is None else edit.num_params_changed(),
         "fraction_changed": 0.0 if edit is None else edit.fraction_changed(),
         "wall_time_s": round(seconds, 1),
@@ -109,8 +133,13 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         row["drift_similarity"] = _mean([r["drift_similarity"] for r in drift.rows])
         row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in drift.rows])
         row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in drift.rows])
-    logger.info("%s: held-out replication %s with the prompt, %s under attack, control %s", name,
-                row["heldout_replication_prompt"], row["heldout_replication_attack"], row["control_rate"])
+    logger.info("%s: held-out replication %s with the prompt, %s under attack; controls: once-seen %s, never-seen %s",
+                name, row["heldout_replication_prompt"], row["heldout_replication_attack"], row["control_rate"],
+                row["never_seen_rate"])
+    summary = dict(summaries.get(inits[0], {}))
+    summary["memorization_rate"] = held_attack
+    summary["control_rate"] = row["control_rate"]
+    summary["never_seen_rate"] = never_rate
     return row, summary
 
 
@@ -139,7 +168,8 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     sampler = SamplerConfig.resolve(pipe, **(run.sampler or {}))
     call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
-                          max_rounds=run.max_rounds, seed=run.seed,
+                          max_rounds=run.max_rounds, seed=run.seed, folds=run.folds,
+                          robust_aggregate=run.robust_aggregate,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
@@ -167,12 +197,33 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     def fill(folder: Path) -> None:
         result.edit.save(folder / "edit")
         export_edited(pipe, result.edit, folder / "pruned", source=run.model, edit_path=folder / "edit",
-                      settings={"mitigation": mcfg.to_dict(), "sampler": call})
+                      settings={"mitigation": mcfg.to_dict(), "sampler": call}, results=_card_rows(report))
         write_report(report, folder)
 
     pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
     replace_dir(out, fill)
     return report
+
+
+def _card_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measured figures for the exported model card: in-sample, out-of-fold estimate, held-out (when given)."""
+    est = report["mitigation"].get("estimate") or {}
+    rows = []
+    given = est.get("in_sample")
+    if given:
+        rows.append({"rows": f"memorized prompts given ({given.get('rows')})", "fitted on them": "yes",
+                     "replication with the prompt": given["prompt"].get("model"),
+                     "replication under attack": (given.get("attack") or {}).get("model")})
+    oof = est.get("out_of_fold")
+    if oof:
+        rows.append({"rows": f"expected on memorized images not given ({len(est['folds'])}-fold cross-fit)",
+                     "fitted on them": "no", "replication with the prompt": oof["prompt"].get("model"),
+                     "replication under attack": oof["attack"].get("model")})
+    for r in report["edits"]:
+        rows.append({"rows": "held-out memorized prompts", "fitted on them": "no",
+                     "replication with the prompt": r["heldout_replication_prompt"],
+                     "replication under attack": r["heldout_replication_attack"]})
+    return rows
 
 
 def _check_run_output(out: Path, overwrite: bool, source: str) -> None:
@@ -188,10 +239,22 @@ def _headline(report: dict, out: Path) -> str:
     lines = [f"diffmem mitigate on {report['model']} (scorer {report['scorer']['name']})"]
     m = report["mitigation"]
     lines.append(f"  edit: {m['kind']}, strength {m['strength']}, {m['parameters_changed']} weights changed")
+    est = m.get("estimate") or {}
+    given = est.get("in_sample") or {}
+    if given:
+        lines.append(f"  on the {given.get('rows')} memorized prompts given: replication {_fmt(given['prompt'].get('model'))}"
+                     f" with the prompt, {_fmt((given.get('attack') or {}).get('model'))} under attack (in-sample)")
+    oof = est.get("out_of_fold")
+    if oof:
+        spread = oof.get("spread", {})
+        lines.append(f"  expected on memorized images not given ({len(est['folds'])}-fold cross-fit): "
+                     f"{_fmt(oof['prompt'].get('model'))} ± {_fmt(spread.get('prompt', {}).get('model'))} with the "
+                     f"prompt, {_fmt(oof['attack'].get('model'))} ± {_fmt(spread.get('attack', {}).get('model'))} "
+                     f"under attack")
     for r in report["edits"]:
         lines.append(f"  held-out replication: {_fmt(r['heldout_replication_prompt'])} with the prompt, "
                      f"{_fmt(r['heldout_replication_attack'])} under the re-extraction attack "
-                     f"(control {_fmt(r['control_rate'])})")
+                     f"(controls: once-seen {_fmt(r['control_rate'])}, never-seen {_fmt(r.get('never_seen_rate'))})")
         if r.get("drift_within_spread") is not None:
             lines.append(f"  non-memorized drift within seed spread for {_fmt(r['drift_within_spread'])} of prompts")
     lines.append(f"outputs: {out / 'pruned'}, {out / 'report.html'}")
