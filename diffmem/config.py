@@ -287,7 +287,9 @@ class SamplerConfig(_ConfigMethods):
         cls = getattr(diffusers, self.scheduler)
         new = cls.from_config(old.config)
         accepted = inspect.signature(cls.__init__).parameters
-        lost = [f"{k}={old.config[k]!r}" for k in _SCHEDULER_KEYS_KEPT if k in old.config and k not in accepted]
+        defaults = inspect.signature(type(old).__init__).parameters
+        lost = [f"{k}={old.config[k]!r}" for k in _SCHEDULER_KEYS_KEPT
+                if k in old.config and k not in accepted and (k not in defaults or defaults[k].default != old.config[k])]
         if lost:
             logger.warning("%s has no %s of the model's %s", self.scheduler, ", ".join(lost), type(old).__name__)
         pipe.scheduler = new

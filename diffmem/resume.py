@@ -193,12 +193,13 @@ def record_resumable(pipe, prompts: Sequence[str], config, *, partial: str | os.
 
     # what the recorder saw of the model, from the first process that recorded anything (a process without
     # prompts has no such metadata, and every process must return the same statistics)
-    own = {} if stats is None else {k: stats.meta.get(k) for k in ("model_id", "denoiser")}
+    own = {} if stats is None else {k: stats.meta.get(k) for k in ("model_id", "denoiser", "scheduler")}
     recorded = next((m for m in gather_all(own, state) if m), {})
     stats = reduce_stats(stats, state)
     stats.meta = {
         "model_id": model_id or recorded.get("model_id"),
         "denoiser": recorded.get("denoiser"),
+        "scheduler": recorded.get("scheduler"),
         "record_config": config.to_dict(),
         "prompts_sha256": prompts_sha256(prompts),
         "num_prompts": len(prompts),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -100,6 +101,29 @@ def test_scheduler_swap_changes_the_output_and_keeps_the_model_settings():
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert not np.array_equal(before, swapped)
     assert np.array_equal(before, generate_images(pipe, ["a red cat"], progress=False, **kwargs))
+
+
+def test_a_setting_the_new_scheduler_cannot_keep_is_named(fresh_tiny_pipe, caplog):
+    from diffmem.zoo.tiny import build_tiny_pipeline
+
+    heun = SamplerConfig(scheduler="HeunDiscreteScheduler")  # HeunDiscreteScheduler has no zero-SNR rescaling
+    with caplog.at_level(logging.WARNING, logger="diffmem.config"):
+        heun.apply_scheduler(fresh_tiny_pipe)
+    assert "rescale_betas_zero_snr" not in caplog.text  # the model does not use it: nothing is lost
+    with caplog.at_level(logging.WARNING, logger="diffmem.config"):
+        heun.apply_scheduler(build_tiny_pipeline(zero_snr=True))
+    assert "HeunDiscreteScheduler has no rescale_betas_zero_snr=True" in caplog.text
+
+
+def test_record_stores_the_scheduler_it_used(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "s.safetensors"
+    code, _ = _run(["record", model_dir, "--prompts", prompts, "--out", out, "--steps", "3", "--record-steps", "2",
+                    "--scheduler", "EulerDiscreteScheduler"], capsys)
+    assert code == 0
+    meta = json.loads(out.with_suffix(".json").read_text())["meta"]
+    assert meta["scheduler"] == "EulerDiscreteScheduler" and meta["record_config"]["num_inference_steps"] == 3
 
 
 def test_a_bad_scheduler_name_is_one_line_naming_the_choices(model_dir, tmp_path, capsys):
