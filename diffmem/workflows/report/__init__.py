@@ -1,0 +1,177 @@
+"""Write a run's results as ``report.json`` and one self-contained, readable ``report.html``.
+
+The report is a plain dictionary; every section is optional and a section that is absent is left out of the page.
+The HTML embeds everything it shows (images as PNG data URIs, plots drawn with matplotlib), so the file can be
+mailed or archived on its own. Every metric is shown with a human label and a fixed precision: rates as
+percentages with one decimal, similarities with three decimals, counts as integers with thousands separators,
+and ``not measured`` where a value is missing.
+
+Sections read from the report dictionary (see :func:`render_html` for their shapes): ``edits`` (the main table),
+``before`` / ``after``, ``sweep``, ``reextract``, ``attack``, ``detection``, ``iou_subsets``, ``locality`` and
+the run details (``title``, ``model``, ``headline_text``, ``sampler``, ``scorer``, ``timings_s``,
+``total_seconds``, ``machine``). Image grids are passed separately as ``gallery`` and never stored in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.errors import ExportError
+
+from .labels import _clean_text, _is_missing, short_layer_name
+from .sections import _sections
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_report", "render_html", "to_json_safe", "short_layer_name"]
+
+_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+_TEMPLATE_NAME = "report.html.j2"
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_html(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Render the report as one self-contained HTML page (pure: reads its arguments, writes nothing).
+
+    Args:
+        report: The report dictionary. Every section is optional:
+
+            - ``title``, ``model``, ``headline_text`` (multi-line), ``sampler`` (settings), ``scorer`` (with
+              ``name`` and ``threshold``), ``timings_s`` (phase -> seconds), ``total_seconds``, ``machine``;
+            - ``edits``: rows with ``name``, ``heldout_replication_prompt``, ``heldout_replication_attack``,
+              ``control_rate``, ``drift_similarity``, ``seed_similarity_before``, ``drift_within_spread``,
+              ``parameters_changed``, ``fraction_changed``, ``wall_time_s``;
+            - ``before`` / ``after``: ``{split: {num_prompts, replication_rate, ...}, "by_duplicates": {...}}``;
+            - ``sweep``: rows with ``ratio``, ``fraction``, ``parameters_changed``, ``locate_replication`` and
+              optionally ``heldout_replication`` and ``drift_similarity``;
+            - ``detection``: ``auc``, ``tpr_at_1pct_fpr``, ``roc`` (``fpr``, ``tpr``), ``scores``
+              (``prompt``, ``score``, ``memorized``);
+            - ``iou_subsets``: ``overall``, ``chance_overall``, ``per_layer`` (layer -> IoU);
+            - ``reextract``: ``{edit: {memorization_rate, control_rate, curve: {memorized|control: {step: rate}}}}``;
+            - ``attack``: ``{before: {...}, after: {...}}`` extraction-attack summaries (or one flat summary);
+            - ``locality``: free-form numbers.
+        gallery: Image grids: ``[{title, caption, rows: [{prompt, split, duplicates, cells: [{label, image,
+            score, replicated}]}]}]`` with ``image`` an ``H x W x 3`` uint8 array.
+
+    Returns:
+        The HTML document.
+    """
+    if not isinstance(report, Mapping):
+        raise TypeError(f"report must be a mapping, not {type(report).__name__}")
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+                                "font.family": "DejaVu Sans"}):
+        sections = _sections(report, gallery)
+    headline = report.get("headline_text")
+    headline = _clean_text(str(headline)).strip("\n") if headline and not _is_missing(headline) else ""
+    title = _clean_text(str(report.get("title") or "diffmem report"))
+    model = "" if _is_missing(report.get("model")) or not report.get("model") else str(report["model"])
+    template = _environment().get_template(_TEMPLATE_NAME)
+    return template.render(title=title, model=model, headline=headline, sections=sections)
+
+
+def to_json_safe(obj: Any) -> Any:
+    """A JSON-safe copy of ``obj``: NaN and infinities become ``None``, numpy scalars and 1-d arrays become
+    Python values, paths become strings; keys starting with ``_`` and image data (arrays of 3 or more
+    dimensions, 2-d uint8 arrays, PIL images, bytes) are dropped.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_json_safe(v) for k, v in obj.items() if not str(k).startswith("_") and not _is_image(v)}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_json_safe(v) for v in obj if not _is_image(v)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if _is_missing(obj) else float(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):
+        return to_json_safe(obj.tolist())
+    return str(obj)
+
+
+def _is_image(obj: Any) -> bool:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return True
+    if hasattr(obj, "convert") and hasattr(obj, "size") and hasattr(obj, "mode"):
+        return True
+    shape = getattr(obj, "shape", None)
+    if shape is None or not hasattr(obj, "tolist"):
+        return False
+    return len(shape) >= 3 or (len(shape) == 2 and str(getattr(obj, "dtype", "")) in ("uint8", "torch.uint8"))
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``.
+
+    The temporary file is created with mode 0o666, so the result gets the user's umask like any new file
+    (``tempfile.mkstemp`` would leave it 0600).
+    """
+    data = text.encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(tmp, flags, 0o666)
+                break
+            except FileExistsError:
+                continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise ExportError(f"{path}: cannot write the report ({err.strerror or err})") from err
+    return path
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
+                 gallery: list[dict] | None = None) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir``, each atomically.
+
+    Args:
+        report: The report dictionary (see :func:`render_html`).
+        out_dir: Output folder; created if missing.
+        gallery: Image grids shown in the HTML only (see :func:`render_html`); never stored in the JSON.
+
+    Returns:
+        The paths of ``report.json`` and ``report.html``.
+
+    Raises:
+        ExportError: A file could not be written.
+    """
+    out = Path(out_dir)
+    text = json.dumps(to_json_safe(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    page = render_html(report, gallery)
+    json_path = _atomic_write_text(out / "report.json", text)
+    html_path = _atomic_write_text(out / "report.html", page)
+    logger.info("wrote %s and %s (%.1f kB)", json_path, html_path, len(page) / 1024)
+    return json_path, html_path
