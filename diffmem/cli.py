@@ -80,6 +80,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weight dtype")
 
 
+class _DetectorNames:
+    """``choices`` of ``--method``: the detector registry, read only when a value is checked or help is shown."""
+
+    def _names(self) -> list[str]:
+        from diffmem.detection import list_detectors
+
+        return list_detectors()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _scheduler_name(text: str) -> str:
     from diffmem.config import scheduler_names
 
@@ -373,11 +388,18 @@ def _detect_config(args: argparse.Namespace, sampler: Any) -> tuple[Any, Any]:
     """
     from dataclasses import replace
 
-    from diffmem.detection import DetectConfig
+    from diffmem.detection import DetectConfig, detector_config
 
     given = {k: v for k, v in (("num_seeds", args.seeds), ("seed", args.seed), ("batch_size", args.batch_size))
              if v is not None}
-    if args.preset:
+    method = getattr(args, "method", None) or "wen"
+    if args.preset and method != "wen":
+        raise ConfigError(f"--preset {args.preset} is a preset of the wen detector, not of --method {method}")
+    if method != "wen":
+        cfg = detector_config(method, score_steps=args.k, num_inference_steps=sampler.num_inference_steps,
+                              guidance_scale=sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale,
+                              height=sampler.height, width=sampler.width, **given)
+    elif args.preset:
         explicit = {k: v for k, v in _sampler_flags(args).items() if k != "scheduler"}
         if args.k is not None:
             explicit["score_steps"] = args.k
@@ -412,7 +434,13 @@ def cmd_detect(args: argparse.Namespace) -> None:
         out = Path(args.out)
         write_table(out, res.ranked())
         _write_json(out.with_suffix(".summary.json"), {"summary": res.summary(), "config": cfg.to_dict(),
-                                                       "sampler": sampler.to_dict(), "model": str(args.model)})
+                                                       "method": res.method, "sampler": sampler.to_dict(),
+                                                       "model": str(args.model)})
+        if res.masks is not None:
+            import numpy as np
+
+            np.savez_compressed(out.with_suffix(".masks.npz"), prompts=np.asarray(res.prompts), masks=res.masks,
+                                maps=res.maps)
         logger.info("wrote %s; %s", out, json.dumps(res.summary(), sort_keys=True))
 
 
@@ -560,10 +588,14 @@ def cmd_audit(args: argparse.Namespace) -> None:
     _need_model(args)
     _need_edit(args.edit)
     _need_file(args.prompts, "prompt file")
+    if args.prompts is None and args.candidates is None:
+        raise ConfigError("give --prompts FILE, --candidates FILE, or both")
     _need_file(args.calibration, "calibration file")
+    _need_file(args.candidates, "candidate file")
     cfg = AuditConfig(model=args.model, prompts=args.prompts, references=args.references, out=args.out,
                       calibration=args.calibration, allow_pickle=args.allow_pickle, quick=args.quick,
-                      allow_outside=args.allow_outside_references, edit=args.edit, sampler=_sampler_flags(args))
+                      allow_outside=args.allow_outside_references, edit=args.edit, sampler=_sampler_flags(args),
+                      candidates=args.candidates, method=args.method or "wen", flag_top=args.flag_top)
     report = run_audit(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -647,12 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask_a")
     p.add_argument("mask_b")
 
-    p = command("detect", cmd_detect, "rank prompts by Wen et al.'s noise-prediction magnitude")
+    p = command("detect", cmd_detect, "rank prompts by a memorization detector (default: Wen et al.'s noise norm)")
     _add_model(p)
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
-    p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv)")
+    p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv); bright_ending also writes .masks.npz")
     _add_sampling(p)
     p.add_argument("--preset", choices=["wen2024"], default=None,
+    p.add_argument("--method", choices=_DetectorNames(), default=None, metavar="NAME",
+                   help="registered detector (diffmem.detection.list_detectors(); default wen)")
                    help="reproduce the published procedure (sampler flags given still win)")
     p.add_argument("--k", type=_positive_int, default=None, help="leading denoiser evaluations to average (default 5, chosen by measurement)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="noises per prompt (default 4)")
@@ -746,9 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("audit", cmd_audit, "detect, attack and re-extract (with references) on any checkpoint")
     p.add_argument("model")
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--prompts", default=None, help="prompts (or manifest) to audit")
+    p.add_argument("--candidates", default=None,
+                   help="a prompt pool to screen with the detector; its top flagged prompts are attacked too")
+    p.add_argument("--method", choices=_DetectorNames(), default=None, metavar="NAME",
+                   help="registered detector of the detection and the screening (default wen)")
+    p.add_argument("--flag-top", type=_positive_int, default=None,
+                   help="pass the K highest-scoring candidates on (default 16; with --calibration: at most K above "
+                        "the calibrated threshold)")
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
-    p.add_argument("--calibration", default=None, help="non-memorized prompts")
+    p.add_argument("--calibration", default=None, help="non-memorized prompts (also calibrate the screening)")
     p.add_argument("--edit", default=None, help="audit the model with this saved edit applied")
     p.add_argument("--out", default="runs/audit")
     p.add_argument("--allow-pickle", action="store_true")

@@ -1,15 +1,26 @@
-"""Memorization detection without training data (Wen et al., ICLR 2024).
+"""Memorization detection without training data, behind a registry of detectors.
 
-The score of a prompt is the magnitude of the text-conditional part of the denoiser's prediction,
-``||pred(x_t, c) - pred(x_t, empty)||``, averaged over the first ``k`` denoiser evaluations and ``n`` seeds.
-Memorized prompts pull the prediction hard towards one image, so their score is large. ``k = 1`` is the cheap
-mode: one denoiser call per prompt and seed.
+The default detector, ``wen`` (Wen et al., ICLR 2024), scores a prompt by the magnitude of the text-conditional
+part of the denoiser's prediction, ``||pred(x_t, c) - pred(x_t, empty)||``, averaged over the first ``k`` denoiser
+evaluations and ``n`` seeds. Memorized prompts pull the prediction hard towards one image, so their score is large.
+``k = 1`` is the cheap mode: one denoiser call per prompt and seed.
+
+Every detector is a config dataclass paired with a scoring function, registered by name
+(:func:`register_detector`); :func:`detect` runs any of them and returns the same :class:`DetectionResult`, with
+AUC and TPR at 1 % FPR when labels are given and the cost of the run (seconds, denoiser calls). The built-in
+detectors besides ``wen`` live in :mod:`diffmem.detectors`: ``bright_ending`` (Chen et al., ICLR 2025: end-token
+cross-attention at the last step, with a per-pixel mask) and ``sharpness`` (Jeon et al., ICML 2025: the
+Hessian-score product at the first step).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +30,7 @@ from .config import _check
 from .errors import ConfigError, DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
-from .sampling import image_size, initial_latents, latent_shape
+from .sampling import image_size, initial_latents, latent_shape, pipeline_extras
 from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
@@ -30,7 +41,15 @@ __all__ = [
     "noise_norm_scores",
     "detect",
     "DetectionResult",
+    "DetectorOutput",
+    "DetectorSpec",
     "flag_calibrated",
+    "register_detector",
+    "get_detector",
+    "list_detectors",
+    "detector_config",
+    "DEFAULT_DETECTOR",
+    "check_sampler_settings",
 ]
 
 
@@ -109,6 +128,19 @@ DETECT_PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+def check_sampler_settings(config: Any) -> None:
+    """Validate the sampler fields every detector config shares (raises ``ConfigError`` naming the field)."""
+    n = config.num_inference_steps
+    _check(n >= 1, "num_inference_steps", n, "must be >= 1")
+    _check(config.num_seeds >= 1, "num_seeds", config.num_seeds, "must be >= 1")
+    _check(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+    _check(config.guidance_scale > 1, "guidance_scale", config.guidance_scale, "detection needs > 1 (CFG)")
+    _check(0 <= config.guidance_rescale <= 1, "guidance_rescale", config.guidance_rescale, "must be in [0, 1]")
+    for name in ("height", "width"):
+        v = getattr(config, name)
+        _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
+
+
 class _Stop(Exception):
     """Raised by the denoiser hook after the last scored evaluation, to end the pipeline call early."""
 
@@ -176,7 +208,7 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
             totals.clear()
             kwargs = dict(prompt=batch, num_images_per_prompt=config.num_seeds, latents=latents, height=height,
                           width=width, num_inference_steps=config.num_inference_steps,
-                          guidance_scale=config.guidance_scale, output_type="latent")
+                          guidance_scale=config.guidance_scale, output_type="latent", **pipeline_extras(pipe))
             if config.guidance_rescale > 0:
                 kwargs["guidance_rescale"] = config.guidance_rescale
             try:
@@ -197,8 +229,39 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
 
 
 @dataclass
+class DetectorOutput:
+    """What a detector function returns for its prompts (a plain score array is accepted too).
+
+    Args:
+        scores: ``float64 [P]`` scores; larger means more likely memorized.
+        maps: Optional ``float32 [P, H, W]`` per-pixel maps in [0, 1] at image size (e.g. Bright Ending's
+            end-token attention).
+        masks: Optional ``bool [P, H, W]`` per-pixel memorization masks at image size.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass
 class DetectionResult:
-    """Scores and, with labels, the detection quality."""
+    """Scores and, with labels, the detection quality; the same table for every detector.
+
+    Args:
+        prompts: The scored prompts.
+        scores: ``float64 [P]`` scores.
+        labels: Ground truth (True = memorized), when given.
+        auc: ROC AUC of the scores against the labels.
+        tpr_at_1fpr: TPR at 1 % FPR.
+        threshold: Calibrated flagging threshold.
+        flagged: Prompts above the threshold.
+        method: Registered name of the detector.
+        cost: ``seconds`` (wall), ``cpu_seconds``, ``denoiser_calls`` and ``denoiser_rows`` of the scoring run
+            (calibration excluded).
+        maps: Per-pixel maps of detectors that make them (``float32 [P, H, W]``).
+        masks: Per-pixel memorization masks of detectors that make them (``bool [P, H, W]``).
+    """
 
     prompts: list[str]
     scores: np.ndarray
@@ -207,6 +270,10 @@ class DetectionResult:
     tpr_at_1fpr: float | None = None
     threshold: float | None = None
     flagged: np.ndarray | None = None
+    method: str = "wen"
+    cost: dict[str, float] = field(default_factory=dict)
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def ranked(self) -> list[dict]:
         """Rows sorted by decreasing score."""
@@ -218,16 +285,24 @@ class DetectionResult:
                 row["memorized"] = bool(self.labels[i])
             if self.flagged is not None:
                 row["flagged"] = bool(self.flagged[i])
+            if self.masks is not None:
+                row["mask_fraction"] = float(self.masks[i].mean())
             rows.append(row)
         return rows
 
+    def top(self, k: int) -> list[int]:
+        """Indices of the ``k`` highest-scoring prompts, best first."""
+        return [int(i) for i in np.argsort(-self.scores, kind="stable")[:k]]
+
     def summary(self) -> dict:
         return {
+            "method": self.method,
             "num_prompts": len(self.prompts),
             "auc": self.auc,
             "tpr_at_1pct_fpr": self.tpr_at_1fpr,
             "threshold": self.threshold,
             "num_flagged": None if self.flagged is None else int(self.flagged.sum()),
+            "cost": dict(self.cost),
         }
 
 
@@ -241,50 +316,208 @@ def flag_calibrated(scores: np.ndarray, reference_scores: np.ndarray, m: float =
     return np.asarray(scores) > thr, thr
 
 
-def _sharded_scores(pipe, prompts: list[str], config: DetectConfig, progress: bool) -> np.ndarray:
-    """:func:`noise_norm_scores` with the prompts sharded over processes (one process: a plain call)."""
-    def work(indices: list[int]) -> list[float]:
+# ------------------------------------------------------------------------------------------------ the registry
+DetectorFn = Callable[..., "np.ndarray | DetectorOutput"]
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A registered detector: its config dataclass, its scoring function and a one-line description.
+
+    The function is called as ``fn(pipe, prompts, config, progress=..., first_index=...)`` and returns
+    ``float64 [P]`` scores or a :class:`DetectorOutput`; ``first_index`` is the global index of ``prompts[0]``
+    when the prompts are a shard.
+    """
+
+    name: str
+    config_cls: type
+    fn: DetectorFn
+    description: str = ""
+
+
+DEFAULT_DETECTOR = "wen"
+"""The detector of ``diffmem detect`` and ``diffmem audit`` unless ``--method`` says otherwise (chosen by
+``benchmarks/bench_detect.py``; see ``docs/faithfulness.md``)."""
+
+_DETECTORS: dict[str, DetectorSpec] = {}
+_BUILTIN_MODULES = ("diffmem.detectors.bright_ending", "diffmem.detectors.sharpness")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)  # each registers its detector on import
+
+
+def register_detector(name: str, config_cls: type, fn: DetectorFn, description: str = "") -> DetectorSpec:
+    """Register a detector under ``name``: a config dataclass and the function that scores prompts with it.
+
+    Args:
+        name: Registry name (``diffmem detect --method NAME``).
+        config_cls: A dataclass whose instances configure ``fn``; it validates itself in ``__post_init__``. Each
+            config class belongs to one detector, so :func:`detect` finds the detector from the config.
+        fn: ``fn(pipe, prompts, config, progress=..., first_index=...)`` returning ``float64 [P]`` scores or a
+            :class:`DetectorOutput`.
+        description: One line for ``--help`` and reports.
+
+    Returns:
+        The registered :class:`DetectorSpec`.
+
+    Raises:
+        ValueError: ``name`` or ``config_cls`` is already registered to another detector.
+    """
+    if not isinstance(config_cls, type) or "__dataclass_fields__" not in vars(config_cls):
+        raise ValueError(f"detector {name!r}: config_cls must be a dataclass, not {config_cls!r}")
+    old = _DETECTORS.get(name)
+    if old is not None and (old.config_cls is not config_cls or old.fn is not fn):
+        raise ValueError(f"detector {name!r} is already registered")
+    for other in _DETECTORS.values():
+        if other.name != name and other.config_cls is config_cls:
+            raise ValueError(f"{config_cls.__name__} already configures detector {other.name!r}")
+    spec = DetectorSpec(name, config_cls, fn, description)
+    _DETECTORS[name] = spec
+    return spec
+
+
+def list_detectors() -> list[str]:
+    """Names of the registered detectors, the default first."""
+    _load_builtins()
+    return sorted(_DETECTORS, key=lambda n: (n != DEFAULT_DETECTOR, n))
+
+
+def get_detector(name_or_config: str | object) -> DetectorSpec:
+    """The registered detector of a name or of a config instance.
+
+    Raises:
+        ValueError: Nothing is registered under that name or for that config type.
+    """
+    _load_builtins()
+    if isinstance(name_or_config, str):
+        if name_or_config not in _DETECTORS:
+            raise ValueError(f"detector {name_or_config!r} is unknown: choose one of {', '.join(list_detectors())}")
+        return _DETECTORS[name_or_config]
+    for spec in _DETECTORS.values():
+        if type(name_or_config) is spec.config_cls:
+            return spec
+    raise ValueError(f"no detector is registered for {type(name_or_config).__name__}; use register_detector")
+
+
+def detector_config(name: str, **settings: Any) -> Any:
+    """Build the config of detector ``name`` from settings shared by all detectors.
+
+    Settings the config has no field for, and ``None`` values, are left out, so one set of sampler settings
+    (``num_inference_steps``, ``guidance_scale``, ``num_seeds``, ``height``, ...) configures any detector.
+    """
+    cls = get_detector(name).config_cls
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
+
+
+def _register_wen(pipe, prompts, config, progress=True, first_index=0):
+    return noise_norm_scores(pipe, prompts, config, progress=progress, first_index=first_index)
+
+
+register_detector("wen", DetectConfig, _register_wen,
+                  "Wen et al. (ICLR 2024): text-conditional noise-prediction norm over the first k steps")
+
+
+# ------------------------------------------------------------------------------------------------ running one
+def _as_output(value: np.ndarray | DetectorOutput, count: int, name: str) -> DetectorOutput:
+    out = value if isinstance(value, DetectorOutput) else DetectorOutput(np.asarray(value, dtype=np.float64))
+    out.scores = np.asarray(out.scores, dtype=np.float64)
+    if out.scores.shape != (count,):
+        raise DiffmemError(f"detector {name!r} returned scores of shape {out.scores.shape} for {count} prompts")
+    return out
+
+
+def _sharded_run(pipe, prompts: list[str], config: Any, spec: DetectorSpec, progress: bool) -> DetectorOutput:
+    """Run a detector with the prompts sharded over processes (one process: a plain call)."""
+    def work(indices: list[int]) -> list[tuple]:
         if not indices:
             return []
         part = [prompts[i] for i in indices]
-        return list(noise_norm_scores(pipe, part, config, progress=progress, first_index=indices[0]))
+        res = _as_output(spec.fn(pipe, part, config, progress=progress, first_index=indices[0]), len(part),
+                         spec.name)
+        return [(float(res.scores[j]), None if res.maps is None else res.maps[j],
+                 None if res.masks is None else res.masks[j]) for j in range(len(part))]
 
-    return np.asarray(shard_map(work, list(range(len(prompts)))), dtype=np.float64)
+    rows = shard_map(work, list(range(len(prompts))))
+    scores = np.asarray([r[0] for r in rows], dtype=np.float64)
+    maps = np.stack([r[1] for r in rows]) if rows and rows[0][1] is not None else None
+    masks = np.stack([r[2] for r in rows]) if rows and rows[0][2] is not None else None
+    return DetectorOutput(scores, maps, masks)
 
 
-def detect(pipe, prompts: list[str], config: DetectConfig | None = None, labels: list[bool] | None = None,
+def _sharded_scores(pipe, prompts: list[str], config: DetectConfig, progress: bool) -> np.ndarray:
+    """:func:`noise_norm_scores` with the prompts sharded over processes (one process: a plain call)."""
+    return _sharded_run(pipe, prompts, config, get_detector(config), progress).scores
+
+
+class _CallCounter:
+    """Counts denoiser calls and rows (an ``[uncond; cond]`` pair is two rows) with a scoped pre-hook."""
+
+    def __init__(self, pipe) -> None:
+        self.denoiser = get_denoiser(pipe)
+        self.calls = 0
+        self.rows = 0
+        self._handle = None
+
+    def _hook(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.calls += 1
+        self.rows += int(sample.shape[0]) if hasattr(sample, "shape") else 0
+
+    def __enter__(self) -> _CallCounter:
+        self._handle = self.denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def detect(pipe, prompts: list[str], config: Any = None, labels: list[bool] | None = None,
            calibration_prompts: list[str] | None = None, m: float = 3.0, progress: bool = True) -> DetectionResult:
-    """Score prompts, and report AUC/TPR@1%FPR with labels or flag them with a calibrated threshold.
+    """Score prompts with any registered detector; report AUC/TPR@1%FPR with labels, or flag with calibration.
 
     Under ``accelerate launch`` the prompts are sharded over processes; every process returns the full result.
 
     Args:
         pipe: The pipeline to audit.
         prompts: Prompts to score.
-        config: Detection settings.
+        config: Settings of the detector to run: a :class:`DetectConfig` (``wen``, the default), a config of
+            another registered detector (``detector_config(name, ...)``), or a registered name for its defaults.
         labels: Optional ground truth (True = memorized) for AUC and TPR at 1% FPR.
         calibration_prompts: Known non-memorized prompts (at least 2); flags prompts above ``mean + m * std``.
         m: Width of the calibrated threshold in standard deviations.
         progress: Show progress bars.
 
     Returns:
-        A :class:`DetectionResult`.
+        A :class:`DetectionResult` with the detector's name and the cost of scoring ``prompts``.
     """
-    config = config or DetectConfig()
+    if config is None:
+        config = DetectConfig()
+    elif isinstance(config, str):
+        config = get_detector(config).config_cls()
+    spec = get_detector(config)
     prompts = list(prompts)
     if labels is not None and len(labels) != len(prompts):
         raise ConfigError(f"labels has {len(labels)} entries for {len(prompts)} prompts")
     if calibration_prompts is not None and len(calibration_prompts) == 1:
         raise ConfigError("calibration needs at least 2 non-memorized prompts")
-    scores = _sharded_scores(pipe, prompts, config, progress)
-    res = DetectionResult(prompts, scores)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with _CallCounter(pipe) as counter:
+        out = _sharded_run(pipe, prompts, config, spec, progress)
+    cost = {"seconds": round(time.perf_counter() - wall, 4), "cpu_seconds": round(time.process_time() - cpu, 4),
+            "denoiser_calls": counter.calls, "denoiser_rows": counter.rows}
+    res = DetectionResult(prompts, out.scores, method=spec.name, cost=cost, maps=out.maps, masks=out.masks)
     if labels is not None:
         lab = np.asarray(labels, dtype=bool)
         res.labels = lab
         if lab.any() and (~lab).any():
-            res.auc = roc_auc(scores, lab)
-            res.tpr_at_1fpr = tpr_at_fpr(scores, lab, 0.01)
+            res.auc = roc_auc(res.scores, lab)
+            res.tpr_at_1fpr = tpr_at_fpr(res.scores, lab, 0.01)
     if calibration_prompts:
-        ref = _sharded_scores(pipe, list(calibration_prompts), config, progress)
-        res.flagged, res.threshold = flag_calibrated(scores, ref, m)
+        ref = _sharded_run(pipe, list(calibration_prompts), config, spec, progress).scores
+        res.flagged, res.threshold = flag_calibrated(res.scores, ref, m)
     return res

@@ -3,6 +3,10 @@
 Any checkpoint, with or without an edit applied. With reference images, every audit runs the re-extraction attack
 (Finding DoRI): a model that replicates no training image from its prompts can still be made to replicate one by
 optimising the conditioning, and the audit says so.
+
+With ``candidates``, a large prompt pool the user did not label, the audit first ranks the pool with a detector
+(:func:`screen_candidates`) and adds the top flagged prompts (``flag_top``, or those above a threshold calibrated
+on ``calibration``) to the prompts it attacks, so it finds memorized prompts nobody listed.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import numpy as np
 
 from diffmem.config import SamplerConfig
 from diffmem.data import load_reference, read_entries, read_prompts, resolve_references
-from diffmem.detection import DetectConfig, detect
+from diffmem.detection import DEFAULT_DETECTOR, DetectionResult, detect, detector_config
 from diffmem.edits import apply_edit, check_output_dir, load_edit
+from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, evaluate
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
@@ -31,7 +36,7 @@ from diffmem.workflows.mitigate import OUTPUT_MARK
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditConfig", "run_audit"]
+__all__ = ["AuditConfig", "CandidateScreen", "run_audit", "screen_candidates"]
 
 
 @dataclass
@@ -50,10 +55,16 @@ class AuditConfig:
         allow_outside: Accept reference paths outside the manifest's folder.
         quick: Reduced settings.
         sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
+        candidates: A prompt pool (file or manifest) to screen with the detector; its top flagged prompts join
+            ``prompts`` in the attacks.
+        method: Registered detector of the detection and the screening (``diffmem.detection.list_detectors()``).
+        flag_top: Pass the ``flag_top`` highest-scoring candidates on (with ``calibration``: at most that many of
+            those above the calibrated threshold). Default: 16 without calibration, all above it with.
+        m: Width of the calibrated threshold (``mean + m * std`` of the calibration scores).
     """
 
     model: str
-    prompts: str
+    prompts: str | None = None
     references: str | None = None
     out: str = "runs/audit"
     calibration: str | None = None
@@ -67,6 +78,68 @@ class AuditConfig:
     opt_steps: int = 50
     scorer: str = "ssim"
     sampler: dict[str, Any] | None = None
+    candidates: str | None = None
+    method: str = DEFAULT_DETECTOR
+    flag_top: int | None = None
+    m: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.prompts is None and self.candidates is None:
+            raise ConfigError("give the prompts to audit, a candidate pool to screen, or both")
+        if self.flag_top is not None and self.flag_top < 1:
+            raise ConfigError(f"flag_top={self.flag_top!r} is invalid: must be >= 1")
+
+
+@dataclass
+class CandidateScreen:
+    """The detector's ranking of a candidate pool and the prompts it passes on to the attacks.
+
+    Args:
+        result: The detection result over the whole pool.
+        flagged: Indices into the pool of the prompts passed on, highest score first.
+        rule: How they were chosen, in words.
+    """
+
+    result: DetectionResult
+    flagged: list[int]
+    rule: str
+
+    def summary(self, top: int = 50) -> dict[str, Any]:
+        ranked = self.result.ranked()[:top]
+        return {**self.result.summary(), "rule": self.rule, "num_passed_on": len(self.flagged),
+                "passed_on": [self.result.prompts[i] for i in self.flagged], "top": ranked}
+
+
+def screen_candidates(pipe, prompts: list[str], detect_config: Any, flag_top: int | None = None,
+                      calibration_prompts: list[str] | None = None, m: float = 3.0,
+                      labels: list[bool] | None = None, progress: bool = True) -> CandidateScreen:
+    """Rank a prompt pool with a detector and choose the prompts to attack.
+
+    Args:
+        pipe: The audited pipeline.
+        prompts: The pool.
+        detect_config: Config of any registered detector.
+        flag_top: Keep at most this many, best first (default 16 without calibration).
+        calibration_prompts: Known non-memorized prompts: keep only scores above ``mean + m * std`` of theirs.
+        m: Width of the calibrated threshold.
+        labels: Optional ground truth of the pool (AUC in the result).
+        progress: Show progress bars.
+
+    Returns:
+        A :class:`CandidateScreen`.
+    """
+    res = detect(pipe, prompts, detect_config, labels=labels, calibration_prompts=calibration_prompts, m=m,
+                 progress=progress)
+    order = res.top(len(prompts))
+    if res.flagged is not None:
+        order = [i for i in order if res.flagged[i]]
+        rule = f"score > {res.threshold:.4g} (mean + {m:g} std of {len(calibration_prompts or [])} calibration prompts)"
+        if flag_top is not None:
+            order, rule = order[:flag_top], rule + f", at most {flag_top}"
+    else:
+        k = 16 if flag_top is None else flag_top
+        order, rule = order[:k], f"the {k} highest scores"
+    return CandidateScreen(res, order, rule)
 
 
 def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
@@ -80,8 +153,10 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     out = Path(config.out)
     check_output_dir(out, True, config.model, marks=(OUTPUT_MARK,))
-    entries = read_entries(config.prompts, allow_outside=config.allow_outside)
-    refs = resolve_references(config.references, entries, allow_outside=config.allow_outside)
+    entries = read_entries(config.prompts, allow_outside=config.allow_outside) if config.prompts else []
+    refs = resolve_references(config.references, entries, allow_outside=config.allow_outside) if entries else []
+    pool = read_entries(config.candidates, allow_outside=config.allow_outside) if config.candidates else []
+    pool_refs = resolve_references(config.references, pool, allow_outside=config.allow_outside) if pool else []
     calib = read_prompts(config.calibration) if config.calibration else None
     edit = load_edit(config.edit) if config.edit else None
     SamplerConfig.resolve(config.model, **(config.sampler or {}))  # checks the settings before the model loads
@@ -91,16 +166,32 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     call = sampler.call_kwargs(pipe)
     sampler.apply_scheduler(pipe)
     size = image_size(pipe, call.get("height"), call.get("width"))
-    ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
     scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
     report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": sampler.to_dict(),
                               "settings": asdict(config), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
-        dcfg = DetectConfig(score_steps=5, num_seeds=1 if config.quick else config.detect_seeds,
-                            num_inference_steps=int(call.get("num_inference_steps", 50)),
-                            guidance_scale=call.get("guidance_scale", 7.5),
-                            guidance_rescale=call.get("guidance_rescale", 0.0),
-                            height=call.get("height"), width=call.get("width"))
+        settings = dict(num_seeds=1 if config.quick else config.detect_seeds,
+                        num_inference_steps=int(call.get("num_inference_steps", 50)),
+                        guidance_scale=call.get("guidance_scale", 7.5),
+                        guidance_rescale=call.get("guidance_rescale", 0.0),
+                        height=call.get("height"), width=call.get("width"))
+        if config.method == "wen":
+            settings["score_steps"] = 5  # wen's measured default; other detectors keep their own
+        dcfg = detector_config(config.method, **settings)
+        if pool:
+            pool_labels = [e.memorized for e in pool] if any(e.memorized for e in pool) else None
+            screen = screen_candidates(pipe, [e.prompt for e in pool], dcfg, config.flag_top, calib, config.m,
+                                       labels=pool_labels, progress=progress)
+            report["candidates"] = screen.summary()
+            listed = {e.prompt for e in entries}
+            for i in screen.flagged:
+                if pool[i].prompt not in listed:
+                    entries.append(pool[i])
+                    refs.append(pool_refs[i])
+                    listed.add(pool[i].prompt)
+            logger.info("screened %d candidates with %s: %d passed on (%s)", len(pool), config.method,
+                        len(screen.flagged), screen.rule)
+        ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
         labels = [e.memorized for e in entries] if any(e.memorized for e in entries) else None
         det = detect(pipe, [e.prompt for e in entries], dcfg, labels=labels, calibration_prompts=calib,
                      progress=progress)
@@ -135,6 +226,10 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
             logger.warning("no reference images: the re-extraction attack was not run")
     report["total_seconds"] = round(time.time() - t0, 1)
     lines = [f"diffmem audit of {config.model}: {len(entries)} prompts"]
+    if "candidates" in report:
+        c = report["candidates"]
+        lines.append(f"  screened {c['num_prompts']} candidates with {c['method']}: {c['num_passed_on']} passed on "
+                     f"({c['rule']})" + (f", AUC {c['auc']:.3f}" if c.get("auc") is not None else ""))
     if det.auc is not None:
         lines.append(f"  detection AUC {det.auc:.3f}, TPR@1%FPR {det.tpr_at_1fpr:.3f}")
     s = report["attack"]["before"]

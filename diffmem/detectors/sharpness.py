@@ -1,0 +1,202 @@
+"""Sharpness of the probability landscape at the first step (Jeon et al., ICML 2025).
+
+Memorized prompts put the sample in a sharp peak of the conditional density. Jeon et al. measure it with the
+difference of the conditional and unconditional Hessians of the log density, applied to the guidance direction:
+
+    ``score = || (H_c(x_t) - H_u(x_t)) (s_c(x_t) - s_u(x_t)) ||``
+
+where ``s = grad log p`` is the score and ``H`` its Jacobian. Their released detection code takes the exact
+Hessian-vector product with forward-mode AD (``torch.func.jvp`` of the score along ``s_c - s_u``) at the first
+sampler step (``hvp_sampling_num = 1``), averaged over 4 initial noises shared by every prompt.
+
+diffmem computes the same product on the denoiser's raw prediction (epsilon, v or flow velocity). At one timestep
+the score is an affine function of the prediction with a coefficient shared by every prompt (``-1/sigma`` for
+epsilon, ``-alpha/sigma`` for v), so the score-space value is that coefficient squared times the prediction-space
+value: the ranking of prompts, hence AUC and TPR, are the same. The prediction space also keeps the signal on a
+zero-terminal-SNR schedule, where ``alpha = 0`` at the first step makes the score-space value vanish for every
+prompt. ``hvp="finite"`` replaces the exact product by a finite difference (one more denoiser pass per step,
+as the SAIL mitigation of the same paper does).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from ..config import _check
+from ..detection import (
+    _Stop,
+    check_sampler_settings,
+    register_detector,
+)
+from ..errors import DiffmemError
+from ..sampling import image_size, initial_latents, latent_shape, pipeline_extras
+from ..targets import get_denoiser
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SharpnessConfig", "sharpness_scores"]
+
+
+@dataclass
+class SharpnessConfig:
+    """Settings of the sharpness detector (Jeon et al. 2025).
+
+    Args:
+        score_steps: Leading sampler steps whose Hessian-score products are averaged (the paper's
+            ``hvp_sampling_num``; 1: the first step only, the published setting).
+        num_seeds: Initial noises per prompt (the paper's ``gen_num``; 4 in its detection runs). Noise ``j`` uses
+            seed ``seed + j`` for every prompt, as the paper seeds each prompt alike.
+        seed: First seed.
+        hvp: ``"jvp"``: the exact Hessian-vector product by forward-mode AD, as the paper; ``"finite"``: a forward
+            difference along the guidance direction, one more ``[uncond; cond]`` pass per step.
+        fd_eps: Size of the finite-difference step relative to the norm of the latent (``hvp="finite"``).
+        num_inference_steps: Length of the sampler schedule.
+        guidance_scale: Guidance used to advance the latent between scored steps; must be > 1.
+        guidance_rescale: Guidance rescale used to advance the latent.
+        batch_size: Prompts per pipeline call.
+        height: Image height (pipeline default when ``None``).
+        width: Image width (pipeline default when ``None``).
+    """
+
+    score_steps: int = 1
+    num_seeds: int = 4
+    seed: int = 0
+    hvp: str = "jvp"
+    fd_eps: float = 1e-3
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampler_settings(self)
+        n = self.num_inference_steps
+        _check(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        _check(self.hvp in ("jvp", "finite"), "hvp", self.hvp, "choose 'jvp' or 'finite'")
+        _check(0 < self.fd_eps < 1, "fd_eps", self.fd_eps, "must be in (0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sample_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
+    """The denoiser's noisy input and where it sits (position 0 or a keyword)."""
+    if args:
+        return args[0], 0
+    for key in ("sample", "hidden_states"):
+        if key in kwargs:
+            return kwargs[key], key
+    raise DiffmemError("cannot find the denoiser's latent input (sample / hidden_states)")
+
+
+@torch.no_grad()
+def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = None, progress: bool = True,
+                     *, first_index: int = 0) -> np.ndarray:
+    """Jeon et al.'s ``||(H_c - H_u)(s_c - s_u)||`` per prompt, in the denoiser's prediction space.
+
+    The pipeline runs; a scoped forward hook on its denoiser takes the ``[uncond; cond]`` prediction of each of the
+    first ``score_steps`` evaluations, evaluates the denoiser's Jacobian-vector product along ``pred_c - pred_u``
+    at the same input, and stops the call after the last scored step. Any CFG pipeline whose prediction has the
+    latent's shape (Stable Diffusion, PixArt's first half of a learned-sigma output, SD3) works.
+
+    Args:
+        pipe: The pipeline to audit.
+        prompts: Prompts to score.
+        config: Detector settings.
+        progress: Show a progress bar.
+        first_index: Unused (the seeds are the same for every prompt); accepted for the detector protocol.
+
+    Returns:
+        ``float64 [len(prompts)]`` scores, in prompt order.
+    """
+    del first_index
+    config = config or SharpnessConfig()
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    height, width = image_size(pipe, config.height, config.width)
+    channels = latent_shape(pipe, height, width)[0]
+    out = np.zeros(len(prompts), dtype=np.float64)
+    totals: list[torch.Tensor] = []
+    state = {"inside": False}
+
+    def pred_of(output) -> torch.Tensor:
+        pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        return pred[:, :channels]
+
+    def hook(module, args, kwargs, output) -> None:
+        if state["inside"]:
+            return
+        x, where = _sample_arg(args, kwargs)
+        pred = pred_of(output).float()
+        pred_u, pred_c = pred.chunk(2)
+        direction = torch.cat([pred_c - pred_u] * 2).to(x.dtype)
+        if direction.shape != x.shape:
+            raise DiffmemError(f"the prediction {tuple(direction.shape)} does not have the latent's shape "
+                               f"{tuple(x.shape)}")
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            if where == 0:
+                o = module(z, *args[1:], **kwargs)
+            else:
+                o = module(*args, **{**kwargs, where: z})
+            return pred_of(o).float()
+
+        state["inside"] = True
+        try:
+            if config.hvp == "jvp":
+                # fused attention kernels have no forward-mode derivative; the math kernel has (as in the paper)
+                with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+                    _, jv = torch.func.jvp(f, (x,), (direction,))
+            else:
+                norm_x = x.float().flatten(1).norm(dim=1)
+                norm_v = direction.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+                h = (config.fd_eps * norm_x / norm_v).view(-1, *([1] * (x.dim() - 1)))
+                jv = (f(x + (h * direction).to(x.dtype)) - pred) / h
+        finally:
+            state["inside"] = False
+        jv_u, jv_c = jv.float().chunk(2)
+        totals.append((jv_c - jv_u).flatten(1).norm(dim=1).double().cpu())
+        if len(totals) == config.score_steps:
+            raise _Stop
+
+    bar = tqdm(range(0, len(prompts), config.batch_size), desc="sharpness", disable=not progress)
+    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for start in bar:
+            batch = prompts[start : start + config.batch_size]
+            n = config.num_seeds
+            seeds = [config.seed + j for _ in batch for j in range(n)]
+            latents = initial_latents(pipe, seeds, height, width).to(device, dtype)
+            totals.clear()
+            kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents, height=height, width=width,
+                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                          output_type="latent", **pipeline_extras(pipe))
+            if config.guidance_rescale > 0:
+                kwargs["guidance_rescale"] = config.guidance_rescale
+            try:
+                pipe(**kwargs)
+            except _Stop:
+                pass
+            if len(totals) < config.score_steps:
+                raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
+                                   f"{config.score_steps}")
+            total = torch.stack(totals).mean(0)
+            if total.numel() != len(batch) * n:
+                raise DiffmemError(f"the denoiser saw {2 * total.numel()} rows; expected an [uncond; cond] batch of "
+                                   f"{2 * len(batch) * n}")
+            out[start : start + len(batch)] = total.view(len(batch), n).mean(1).numpy()
+    finally:
+        handle.remove()
+    return out
+
+
+register_detector("sharpness", SharpnessConfig, sharpness_scores,
+                  "Jeon et al. (ICML 2025): Hessian-score product ||(H_c - H_u)(s_c - s_u)|| at the first step")
