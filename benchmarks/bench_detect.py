@@ -43,6 +43,22 @@ The first line is the k = 1 row against generate + SSCD, as before. ``detect_con
 ..., ``kall``, ``k1_per_prompt_seeds``, ``wen2024`` and ``wen2024_model_sampler``. TPR at 1 % FPR with fewer than
 100 non-memorized prompts allows no false positive at all.
 
+**Every detector on every model** (``--zoo``): each registered detector variant of ``--detectors`` (Wen et al.'s
+noise norm at k = 5 and k = 1, Jeon et al.'s sharpness with the exact and the finite-difference Hessian-vector
+product, Chen et al.'s Bright Ending with the first and with all end tokens) on the embedded model and on every zoo
+model present on disk (``diffmem.zoo.members.zoo_models``), each at its own sampler defaults, timed side by side
+with generate + scorer as above (rotating order per chunk). Labels are the manifest's ``memorized``; every split
+(``locate``, ``heldout``, ``nonmem``, ``never_seen``) is scored. Result lines::
+
+    detector_row model=<name> detector=<variant> auc=<auc> tpr_at_1fpr=<tpr> cost_ratio=<ratio> cost_ratio_wall=<ratio> denoiser_ratio=<ratio>
+    ...
+    baseline_row model=<name> auc=<auc> tpr_at_1fpr=<tpr>
+    default_detector=<name>
+
+The default detector is the registry name of the variant with the highest mean AUC over the models among those at
+least ``--min-cost-ratio`` times cheaper than generate + scorer on every model (median over passes); ties go to the
+cheaper one.
+
 Run ``python benchmarks/bench_detect.py --help`` for the flags.
 """
 
@@ -108,6 +124,36 @@ def pick_default_k(
     return None
 
 
+# --zoo: variant -> (registry name, settings beyond the model's sampler); "seeds" means --seeds, "be_seeds" --be-seeds
+ZOO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "wen_k5": ("wen", {"score_steps": 5, "num_seeds": "seeds"}),
+    "wen_k1": ("wen", {"score_steps": 1, "num_seeds": "seeds"}),
+    "sharpness": ("sharpness", {"num_seeds": "seeds"}),
+    "sharpness_finite": ("sharpness", {"num_seeds": "seeds", "hvp": "finite"}),
+    "bright_ending": ("bright_ending", {"num_seeds": "be_seeds"}),
+    "bright_ending_all_tokens": ("bright_ending", {"num_seeds": "be_seeds", "end_tokens": "all"}),
+}
+
+
+def pick_default_detector(table: dict[str, dict[str, dict[str, float]]], min_cost: float) -> str | None:
+    """Registry name of the variant with the highest mean AUC over models, among those at least ``min_cost`` times
+    cheaper than generate + scorer on every model; ``None`` when none is.
+
+    Args:
+        table: ``table[model][variant] = {"auc": ..., "cost_ratio": ...}``.
+        min_cost: The cost ratio a default must reach on every model.
+    """
+    variants = sorted({v for rows in table.values() for v in rows})
+    best: tuple[float, float, str] | None = None
+    for v in variants:
+        rows = [table[m][v] for m in table if v in table[m]]
+        if len(rows) != len(table) or min(r["cost_ratio"] for r in rows) < min_cost:
+            continue
+        key = (statistics.mean(r["auc"] for r in rows), statistics.median(r["cost_ratio"] for r in rows), v)
+        best = key if best is None or key[:2] > best[:2] else best
+    return None if best is None else ZOO_VARIANTS[best[2]][0] if best[2] in ZOO_VARIANTS else best[2]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     from diffmem.zoo import default_model_path
@@ -137,6 +183,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny settings for a smoke test (3 + 3 prompts, 2 seeds, k = 1 and all, 1 pass)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--zoo", action="store_true",
+                   help="every detector variant on the embedded model and every zoo model on disk (see above)")
+    p.add_argument("--models", nargs="+", default=None, help="--zoo: only these zoo members")
+    p.add_argument("--detectors", nargs="+", default=list(ZOO_VARIANTS), choices=list(ZOO_VARIANTS),
+                   help="--zoo: detector variants")
+    p.add_argument("--be-seeds", type=int, default=1, help="--zoo: seeds of Bright Ending (a whole generation each)")
+    p.add_argument("--json", type=Path, default=None, help="--zoo: also write the table as JSON here")
+    p.add_argument("--steps-cap", type=int, default=None,
+                   help="--zoo: at most this many sampler steps (a smoke test; the figures use the model's own)")
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds must be >= 2: generate-and-compare needs pairs of generations")
@@ -164,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
+    if args.zoo:
+        return run_zoo(args)
 
     from diffmem.data import read_manifest
     from diffmem.detection import DetectConfig, noise_norm_scores
@@ -334,6 +391,147 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.min_auc, args.min_cost_ratio, args.clock, default_k if default_k is not None else "none",
     )
     print(f"default_k={default_k if default_k is not None else 'none'}")
+    return 0
+
+
+def zoo_model_paths(names: Sequence[str] | None) -> dict[str, Path]:
+    """The embedded model and every zoo model on disk (or only ``names``), by name."""
+    from diffmem.zoo import default_model_path
+    from diffmem.zoo.members import zoo_models
+
+    found = {"tiny-sd-memorizer": default_model_path(), **zoo_models()}
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            logger.warning("not on disk (yet): %s", ", ".join(missing))
+        found = {n: p for n, p in found.items() if n in names}
+    return found
+
+
+def bench_model(args: argparse.Namespace, name: str, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every detector variant of ``args.detectors`` and generate + scorer on one model, timed side by side.
+
+    Returns:
+        The per-variant rows and the baseline's row.
+    """
+    from diffmem.data import read_manifest
+    from diffmem.detection import detect, detector_config
+    from diffmem.metrics import roc_auc, tpr_at_fpr
+    from diffmem.pipelines import load_pipeline
+    from diffmem.sampling import generate_images
+    from diffmem.score import get_scorer
+    from diffmem.targets import get_denoiser
+    from diffmem.zoo import sampling_defaults
+
+    pipe = load_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = sampling_defaults(path)
+    entries = read_manifest(path / "memorization.jsonl")
+    chosen = [e for e in entries if e.memorized][: args.limit] + [e for e in entries if not e.memorized][: args.limit]
+    prompts = [e.prompt for e in chosen]
+    labels = np.array([e.memorized for e in chosen])
+    scorer = get_scorer(args.scorer, fallback="ssim") if args.scorer == "sscd" else get_scorer(args.scorer)
+    steps = int(defaults.get("num_inference_steps", 50))
+    call = {"num_inference_steps": min(steps, args.steps_cap) if args.steps_cap else steps,
+            "guidance_scale": float(defaults.get("guidance_scale", 7.5)),
+            "guidance_rescale": float(defaults.get("guidance_rescale", 0.0) or 0.0),
+            "height": defaults.get("height"), "width": defaults.get("width")}
+    seeds = {"seeds": args.seeds, "be_seeds": args.be_seeds}
+    configs = {}
+    for variant in args.detectors:
+        registry, extra = ZOO_VARIANTS[variant]
+        settings = {k: seeds.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
+        if settings.get("score_steps", 1) > call["num_inference_steps"]:
+            settings["score_steps"] = call["num_inference_steps"]
+        configs[variant] = detector_config(registry, seed=args.seed, batch_size=args.chunk, **call, **settings)
+    logger.info("%s: %d memorized + %d non-memorized prompts, sampler %s, scorer %s", name, int(labels.sum()),
+                int((~labels).sum()), call, scorer.describe().get("name", args.scorer))
+    for variant, cfg in configs.items():
+        logger.info("%s %s: %s", name, variant, cfg.to_dict())
+
+    scores = {v: np.zeros(len(prompts)) for v in configs}
+    gen_mean = np.zeros(len(prompts))
+    rows = dict.fromkeys([*configs, "gen"], 0)
+    current = {"side": "gen"}
+
+    def count_rows(module: torch.nn.Module, fargs: tuple, fkwargs: dict[str, Any]) -> None:
+        sample = fargs[0] if fargs else fkwargs.get("sample", fkwargs.get("hidden_states"))
+        rows[current["side"]] += int(sample.shape[0])
+
+    def run_detector(variant: str, start: int, chunk: list[str]) -> None:
+        scores[variant][start : start + len(chunk)] = detect(pipe, chunk, configs[variant], progress=False).scores
+
+    def run_generate(start: int, chunk: list[str]) -> None:
+        images = generate_images(pipe, chunk, num_seeds=args.seeds, seed=args.seed,
+                                 batch_size=len(chunk) * args.seeds, progress=False, **call)
+        emb = scorer.embed(images.reshape(-1, *images.shape[2:])).view(len(chunk), args.seeds, -1)
+        for i, e in enumerate(emb):
+            gen_mean[start + i] = pairwise_agreement(e)[0]
+
+    sides: list[tuple[str, Any]] = [("gen", run_generate)]
+    sides += [(v, lambda start, chunk, v=v: run_detector(v, start, chunk)) for v in configs]
+    for _, fn in sides:  # warm-up, not timed
+        fn(0, prompts[:1])
+    totals = {clock: {side: [0.0] * args.repeats for side, _ in sides} for clock in ("wall", "cpu")}
+    chunks = [(r, start) for r in range(args.repeats) for start in range(0, len(prompts), args.chunk)]
+    handle = get_denoiser(pipe).register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        for i, (repeat, start) in enumerate(tqdm(chunks, desc=name, unit="chunk", disable=args.no_progress)):
+            chunk = prompts[start : start + args.chunk]
+            shift = i % len(sides)
+            for side, fn in sides[shift:] + sides[:shift]:
+                current["side"] = side
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn(start, chunk)
+                totals["cpu"][side][repeat] += time.process_time() - cpu
+                totals["wall"][side][repeat] += time.perf_counter() - wall
+    finally:
+        handle.remove()
+
+    def ratio(side: str, clock: str) -> float:
+        t = totals[clock]
+        return statistics.median(g / s for g, s in zip(t["gen"], t[side]))
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant in configs:
+        out[variant] = {
+            "detector": ZOO_VARIANTS[variant][0], "auc": roc_auc(scores[variant], labels),
+            "tpr": tpr_at_fpr(scores[variant], labels, 0.01), "cost_ratio": ratio(variant, args.clock),
+            "cost_ratio_wall": ratio(variant, "wall"), "cost_ratio_cpu": ratio(variant, "cpu"),
+            "denoiser_ratio": rows["gen"] / rows[variant] if rows[variant] else float("nan"),
+            "seconds_cpu": statistics.median(totals["cpu"][variant]),
+            "mean_memorized": float(scores[variant][labels].mean()),
+            "mean_nonmem": float(scores[variant][~labels].mean()),
+        }
+        logger.info("%s %s: %s", name, variant, out[variant])
+    base = {"auc": roc_auc(gen_mean, labels), "tpr": tpr_at_fpr(gen_mean, labels, 0.01),
+            "seconds_cpu": statistics.median(totals["cpu"]["gen"]), "memorized": int(labels.sum()),
+            "nonmem": int((~labels).sum())}
+    logger.info("%s generate + %s: %s", name, args.scorer, base)
+    return out, base
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    """``--zoo``: the detector table over the embedded model and the zoo models on disk, and the default detector."""
+    import json
+
+    models = zoo_model_paths(args.models)
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    baselines: dict[str, dict[str, Any]] = {}
+    for name, path in models.items():
+        table[name], baselines[name] = bench_model(args, name, path)
+        for variant, row in table[name].items():
+            print(f"detector_row model={name} detector={variant} auc={row['auc']:.4f} tpr_at_1fpr={row['tpr']:.4f} "
+                  f"cost_ratio={row['cost_ratio']:.2f} cost_ratio_wall={row['cost_ratio_wall']:.2f} "
+                  f"denoiser_ratio={row['denoiser_ratio']:.2f}", flush=True)
+        b = baselines[name]
+        print(f"baseline_row model={name} auc={b['auc']:.4f} tpr_at_1fpr={b['tpr']:.4f}", flush=True)
+    default = pick_default_detector(table, args.min_cost_ratio)
+    if args.json:
+        args.json.write_text(json.dumps({"table": table, "baselines": baselines, "default_detector": default,
+                                         "settings": {k: str(v) for k, v in vars(args).items()}}, indent=2,
+                                        sort_keys=True))
+    print(f"default_detector={default if default is not None else 'none'}")
     return 0
 
 
