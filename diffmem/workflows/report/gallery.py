@@ -92,8 +92,11 @@ def _gallery_rows(section: Mapping[str, Any]) -> list[GalleryRow]:
             else:
                 score_text = f"similarity {float(score):.3f}"
             replicated = cell.get("replicated")
+            detail = "" if _is_missing(cell.get("detail")) else _clean_text(str(cell.get("detail") or ""))
             cells.append(GalleryCell(_clean_text(str(cell.get("label") or "")), uri, w, h, pixelated, score_text,
-                                     None if replicated is None else bool(replicated)))
+                                     None if replicated is None else bool(replicated), detail))
+        if row.get("note") and not _is_missing(row.get("note")):
+            details.append(_clean_text(str(row["note"])))
         rows.append(GalleryRow(str(row.get("prompt", "")), " \u00b7 ".join(details), cells))
     return rows
 

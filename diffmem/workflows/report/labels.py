@@ -32,12 +32,16 @@ _METRICS: dict[str, tuple[str, str]] = {
     "heldout_replication_prompt": ("Held-out replication, prompt", "rate"),
     "heldout_replication_attack": ("Held-out replication, attack", "rate"),
     "control_rate": ("Control re-extraction", "rate"),
+    "never_seen_rate": ("Never-seen images under attack", "rate"),
+    "attack_advantage": ("Held-out attack rate above the never-seen rate", "points"),
     "parameters_changed": ("Parameters changed", "count"),
     "fraction_changed": ("Share of weights changed", "share"),
     "wall_time_s": ("Wall time", "seconds"),
     "measure_time_s": ("Measurement time", "seconds"),
     # sweep
     "ratio": ("Mask ratio", "ratio"),
+    "strength": ("Strength", "ratio"),
+    "out_of_fold_replication": ("Replication, out of fold", "rate"),
     "fraction": ("Share of weights changed", "share"),
     "weights_zeroed": ("Parameters changed", "count"),
     "locate_replication": ("Replication, locate split", "rate"),
@@ -78,13 +82,19 @@ _SETTINGS: dict[str, str] = {
     "preprocessing": "Preprocessing",
     "random_weights": "Random weights",
     "weights": "Weights",
+    "scheduler": "Scheduler",
+    "scheduler_in_use": "Scheduler in use",
 }
 
 # Short column headers of the wide tables (edits, sweep); the edits table explains each one under it.
 _HEADERS: dict[str, str] = {
     "heldout_replication_prompt": "Replication from prompt",
     "heldout_replication_attack": "Replication under attack",
-    "control_rate": "Control under attack",
+    "control_rate": "Once-seen under attack",
+    "never_seen_rate": "Never-seen under attack",
+    "attack_advantage": "Advantage over never-seen",
+    "strength": "Strength",
+    "out_of_fold_replication": "Replication, out of fold",
     "drift_similarity": "Drift similarity",
     "seed_similarity_before": "Seed-to-seed similarity",
     "drift_within_spread": "Drift within seed spread",
@@ -102,14 +112,27 @@ _HEADERS: dict[str, str] = {
 _DRIFT_KEYS = ("drift_similarity", "seed_similarity_before", "drift_within_seed_spread", "drift_within_spread",
                "within_spread_fraction", "pixel_drift")
 
+# Sampler settings every edit is measured at (diffmem.crossfit.SAMPLER_NAMES) and the attack's starts.
+_SAMPLERS: dict[str, str] = {"model": "model's settings", "diffusers-default": "diffusers defaults",
+                             "high-guidance": "twice the guidance"}
+_INITS: dict[str, str] = {"prompt": "from the prompt", "random": "from a random start"}
+# Phases of a run (``timings_s``), in the words of the page.
+_PHASES: dict[str, str] = {
+    "load": "Load the model", "record": "Record activation statistics", "strength": "Choose the strength",
+    "robust": "Robust rounds", "estimate": "Cross-fit estimate", "heldout": "Measure the held-out rows",
+    "images": "Images for this report", "quality": "Quality metrics", "detect": "Detection",
+    "mitigate": "Mitigation", "subspace": "Shared-weights evidence", "edits": "Measure every edit",
+    "carlini": "Extraction attack",
+}
+
 _SPLITS: dict[str, str] = {
     "locate": "Locate split: memorized prompts used to find the edit",
     "heldout": "Held-out split: memorized prompts never used to find the edit",
     "nonmem": "Non-memorized prompts",
 }
 _SPLIT_SHORT: dict[str, str] = {"locate": "locate", "heldout": "held-out", "nonmem": "non-memorized"}
-_GALLERY_SPLIT: dict[str, str] = {"locate": "locate split (used to find the edit)", "heldout": "held-out split",
-                                  "nonmem": "non-memorized prompt"}
+_GALLERY_SPLIT: dict[str, str] = {"locate": "memorized prompt given (used to find the edit)",
+                                  "heldout": "held-out split", "nonmem": "non-memorized prompt"}
 
 _WORDS: dict[str, str] = {
     "num": "number of", "tpr": "TPR", "fpr": "FPR", "pct": "%", "iou": "IoU", "auc": "AUC", "clip": "CLIP",
@@ -185,7 +208,8 @@ def _fmt_seconds(seconds: float) -> str:
 def _fmt(value: Any, kind: str) -> str:
     """One value in its kind's fixed format; ``not measured`` when missing.
 
-    Kinds: ``rate`` (percentage, one decimal), ``share`` (percentage, three decimals, for small shares of weights),
+    Kinds: ``rate`` (percentage, one decimal), ``points`` (a signed difference of rates in percentage points),
+    ``share`` (percentage, three decimals, for small shares of weights),
     ``similarity`` (three decimals), ``ratio`` (two decimals), ``count`` (integer with thousands separators),
     ``seconds``, ``bool`` (yes / no), ``setting`` (as given), ``text`` and ``number`` (three decimals).
     """
@@ -207,6 +231,8 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{100 * v:.1f}%"
     if kind == "share":
         return f"{100 * v:.3f}%"
+    if kind == "points":
+        return _signed(f"{abs(100 * v):.1f} pp", round(100 * v, 1))
     if kind == "similarity":
         return f"{v:.3f}"
     if kind == "ratio":
@@ -244,6 +270,18 @@ def _edit_label(name: Any) -> str:
     if _is_missing(name) or str(name).strip().lower() in ("", "none", "baseline", "unedited", "no edit"):
         return "No edit (baseline)"
     return _humanize(str(name))
+
+
+def _sampler_label(name: str) -> str:
+    return _SAMPLERS.get(str(name), _humanize(str(name)).lower())
+
+
+def _init_label(name: str) -> str:
+    return _INITS.get(str(name), f"from {_humanize(str(name)).lower()}")
+
+
+def _phase_label(name: str) -> str:
+    return _PHASES.get(str(name), _humanize(str(name)))
 
 
 def _split_label(split: str) -> str:

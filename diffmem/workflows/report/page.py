@@ -51,6 +51,7 @@ class GalleryCell:
     pixelated: bool
     score: str
     replicated: bool | None
+    detail: str = ""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .labels import _edit_label, _is_missing, short_layer_name
+from .labels import _edit_label, _is_missing, _sampler_label, short_layer_name
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies); the unedited model is always
 # orange and the (first) edit blue.
@@ -91,7 +91,7 @@ def _plot_duplication(series: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[
     return _fig_uri(fig)
 
 
-def _plot_sweep(rows: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
+def _plot_sweep(rows: Sequence[Mapping[str, Any]], chosen: Any = None) -> tuple[str, int] | None:
     x_key = "fraction" if any(not _is_missing(r.get("fraction")) for r in rows) else "ratio"
     pts = sorted((r for r in rows if not _is_missing(r.get(x_key))), key=lambda r: float(r[x_key]))
     if not pts:
@@ -99,8 +99,10 @@ def _plot_sweep(rows: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
     xs = [(100 if x_key == "fraction" else 1) * float(r[x_key]) for r in pts]
     fig, ax = _figure(6.0, 3.8)
     handles = []
-    for key, label, colour, marker in (("locate_replication", "replication, locate split", _BEFORE_COLOUR, "o"),
-                                       ("heldout_replication", "replication, held-out split", _AFTER_COLOUR, "s")):
+    series = (("locate_replication", "replication, memorized prompts given", _BEFORE_COLOUR, "o"),
+              ("out_of_fold_replication", "replication, out of fold", _PALETTE[3], "D"),
+              ("heldout_replication", "replication, held-out split", _AFTER_COLOUR, "s"))
+    for key, label, colour, marker in series:
         xy = [(x, 100 * float(r[key])) for x, r in zip(xs, pts) if not _is_missing(r.get(key))]
         if xy:
             handles += ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=marker, color=colour, label=label,
@@ -119,6 +121,10 @@ def _plot_sweep(rows: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
                             color=_PALETTE[2], label="drift: similarity to unedited image", linewidth=2)
         ax2.set_ylim(-0.04, 1.04)
         ax2.set_ylabel("similarity to the unedited image")
+    if not _is_missing(chosen):
+        at = [x for x, r in zip(xs, pts) if not _is_missing(r.get("strength")) and float(r["strength"]) == float(chosen)]
+        if at:
+            handles.append(ax.axvline(at[0], color="#000000", linestyle="--", linewidth=1, label="chosen strength"))
     ax.set_title("Replication and drift against the size of the edit")
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
@@ -211,3 +217,29 @@ def _plot_reextract(reextract: Mapping[str, Any]) -> tuple[str, int] | None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
     return _fig_uri(fig)
 
+
+
+def _plot_rounds(rounds: Sequence[Mapping[str, Any]], samplers: Sequence[str], target: Any) -> tuple[str, int] | None:
+    """Attack rate on the given memorized prompts at each robust round, one line per sampler setting."""
+    fig, ax = _figure(6.0, 3.6)
+    drawn = False
+    for i, name in enumerate(samplers):
+        xy = [(float(r.get("round", k)), 100 * float(r["attack_rate_by_sampler"][name])) for k, r in enumerate(rounds)
+              if isinstance(r.get("attack_rate_by_sampler"), Mapping)
+              and not _is_missing(r["attack_rate_by_sampler"].get(name))]
+        if xy:
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="os^D"[i % 4], color=_PALETTE[(i + 1) % len(_PALETTE)],
+                    linewidth=2, label=f"attack, {_sampler_label(name)}")
+            drawn = True
+    if not drawn:
+        return None
+    if not _is_missing(target):
+        ax.axhline(100 * float(target), color="#000000", linestyle="--", linewidth=1,
+                   label=f"target ({100 * float(target):.1f}%)")
+    xs = sorted({float(r.get("round", k)) for k, r in enumerate(rounds)})
+    ax.set_xticks(xs, [f"{int(x)}" for x in xs])
+    ax.set_ylim(-4, 104)
+    _percent_axis(ax.yaxis)
+    ax.set(xlabel="robust round", ylabel="replication under attack", title="Attack rate per robust round")
+    ax.legend(loc="best", frameon=False, fontsize=8)
+    return _fig_uri(fig)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .gallery import _gallery_rows
-from .labels import (_DRIFT_KEYS, _HEADERS, _METRICS, _SETTINGS, _SPLIT_SHORT, _SPLITS, _clean_text, _edit_label,
+from .labels import (_DRIFT_KEYS, _HEADERS, _METRICS, _SPLIT_SHORT, _SPLITS, _clean_text, _edit_label,
                      _fmt_change, _guess_kind, _humanize, _is_missing, _split_label)
+from .mitigation import (_held_out_sampler_table, _mitigation, _section_given, _section_quality, _section_result,
+                         _section_rounds)
 from .page import Block, Cell, Plot, Section, Table, _kv_table, _num_cell, _scalar_items
 from .plots import (_plot_duplication, _plot_iou, _plot_reextract, _plot_roc, _plot_scores, _plot_sweep,
                     _series)
+from .settings import _has_given, _sampler_blocks, _scorer_blocks, _timings_table
 
-_EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "control_rate", "drift_similarity",
-                 "seed_similarity_before", "drift_within_spread", "parameters_changed", "fraction_changed",
-                 "wall_time_s", "measure_time_s")
+_EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "never_seen_rate", "attack_advantage",
+                 "control_rate", "drift_similarity", "seed_similarity_before", "drift_within_spread",
+                 "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
 
 
 def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str, str]]:
@@ -28,9 +32,15 @@ def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str,
             "The same share for the held-out images when an attacker optimises the conditioning (the text "
             "embedding) to bring the training image back, as in Finding DoRI. An edit that only hides the image "
             "from its prompt scores low in the previous column and high here."),
+        "never_seen_rate": (
+            "The same attack, with the same budget, aimed at images like the memorized ones that are in no training "
+            "set. Whatever the attack recovers here it makes up without any memory."),
+        "attack_advantage": (
+            "Held-out replication under attack minus the never-seen rate, in percentage points: what the attack "
+            "recovers thanks to memorization. This is the figure that counts; near zero means the memory is gone."),
         "control_rate": (
-            "The same attack aimed at non-memorized training images. It measures how much the attack recovers "
-            "without memorization; replication under attack near this level means the memory is gone."),
+            "The same attack aimed at non-memorized training images (seen once in training). It measures how much "
+            "the attack recovers from images the model saw without memorizing them."),
         "drift_similarity": (
             "For non-memorized prompts, the similarity between each edited image and the unedited image at the "
             "same seed. 1 means the edit left ordinary generations untouched."),
@@ -57,18 +67,33 @@ def _section_edits(report: Mapping[str, Any], threshold: str) -> Section | None:
     if not edits:
         return None
     keys = [k for k in _EDIT_COLUMNS if any(k in e for e in edits)]
-    keys += sorted({k for e in edits for k in e if k not in keys and k != "name" and not str(k).startswith("_")})
+    keys += sorted({k for e in edits for k in e if k not in keys and k != "name" and not str(k).startswith("_")
+                    and not isinstance(e[k], (Mapping, list))})
     rows = []
     for e in edits:
         row = [Cell(_edit_label(e.get("name")))]
         row += [_num_cell(e.get(k), _guess_kind(k, e.get(k))) for k in keys]
         rows.append(row)
     table = Table(["Edit"] + [_HEADERS.get(k, _humanize(k)) for k in keys], rows, [False] + [True] * len(keys))
+    blocks = [Block("table", table=table)]
+    by_sampler = _held_out_sampler_table(edits)
+    if by_sampler is not None:
+        blocks.append(Block("table", table=by_sampler))
+    blocks.append(Block("definitions", heading="What the columns mean",
+                        definitions=_edit_definitions(["name", *keys], threshold)))
+    if by_sampler is not None:
+        blocks.append(Block("paragraph", text=(
+            "Sampler settings: the model's own; diffusers' defaults for the pipeline (typically 50 steps, guidance "
+            "7.5, no rescale); and the model's own with twice the guidance. Under attack, a seed counts when any "
+            "start of the attack replicates it; the last columns give each start on its own.")))
+    if _has_given(report):
+        return Section("edits", "Held-out results",
+                       "The edit measured on the held-out memorized prompts, which mitigation never read: how often "
+                       "their training images still come back, from the prompt and under attack, beside the same "
+                       "attack on images in no training set.", blocks)
     return Section("edits", "Edits compared",
                    "One row per edit of the model: how often memorized training images still come back, from their "
-                   "prompt and under attack, and how much the edit disturbs everything else.",
-        [Block("table", table=table), Block("definitions", heading="What the columns mean",
-                                            definitions=_edit_definitions(["name", *keys], threshold))])
+                   "prompt and under attack, and how much the edit disturbs everything else.", blocks)
 
 
 def _split_table(split: str, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> Table:
@@ -170,32 +195,56 @@ def _section_gallery(index: int, section: Mapping[str, Any], threshold: str) -> 
         return None
     title = _clean_text(str(section.get("title") or f"Images {index + 1}"))
     caption = _clean_text(str(section.get("caption") or ""))
-    intro = caption or "Generated images with their similarity to the training image."
-    intro += (" Each image is shown enlarged without smoothing. Under it: its similarity to the training image; a "
-              f"red frame marks a replication, a similarity at or above the scorer's threshold{threshold}.")
+    scored = any(c.score for r in rows for c in r.cells)
+    intro = caption or ("Generated images with their similarity to the training image." if scored else
+                        "Generated images.")
+    if any(c.pixelated for r in rows for c in r.cells):
+        intro += " Each image is shown enlarged without smoothing."
+    if scored:
+        intro += (" Under an image: its similarity to the training image; a red frame marks a replication, a "
+                  f"similarity at or above the scorer's threshold{threshold}.")
     return Section(f"images-{index + 1}", title, intro, [Block("gallery", gallery=rows)])
 
 
+_SWEEP_COLUMNS = ("strength", "ratio", "fraction", "parameters_changed", "locate_replication",
+                  "out_of_fold_replication", "heldout_replication", "drift_similarity", "seed_similarity_before",
+                  "drift_within_spread")
+
+
 def _section_sweep(report: Mapping[str, Any]) -> Section | None:
-    rows = [r for r in report.get("sweep") or [] if isinstance(r, Mapping)]
+    rows = [r for r in report.get("sweep") or _mitigation(report).get("sweep") or [] if isinstance(r, Mapping)]
     if not rows:
         return None
     rows = [{**r, "parameters_changed": r.get("parameters_changed", r.get("weights_zeroed"))} for r in rows]
-    order = ["ratio", "fraction", "parameters_changed", "locate_replication", "heldout_replication",
-             "drift_similarity"]
-    keys = [k for k in order if any(k in r and (k != "parameters_changed" or r[k] is not None) for r in rows)]
-    table = Table([_HEADERS.get(k, _humanize(k)) for k in keys],
-                  [[_num_cell(r.get(k), _guess_kind(k, r.get(k))) for k in keys] for r in rows],
-                  [True] * len(keys))
+    keys = [k for k in _SWEEP_COLUMNS if any(k in r and (k != "parameters_changed" or r[k] is not None)
+                                             for r in rows)]
+    if "strength" in keys and "ratio" in keys and all(r.get("ratio") == r.get("strength") for r in rows):
+        keys.remove("ratio")
+    chosen = _mitigation(report).get("strength")
+    mark = "strength" in keys and not _is_missing(chosen)
+    table_rows = []
+    for r in rows:
+        cells = [_num_cell(r.get(k), "setting" if k == "strength" else _guess_kind(k, r.get(k))) for k in keys]
+        if mark:
+            picked = not _is_missing(r.get("strength")) and float(r["strength"]) == float(chosen)
+            cells.append(Cell("chosen" if picked else ""))
+        table_rows.append(cells)
+    columns = [_HEADERS.get(k, _humanize(k)) for k in keys] + (["Chosen"] if mark else [])
+    table = Table(columns, table_rows, [True] * len(keys) + ([False] if mark else []))
     blocks = [Block("table", table=table)]
-    uri = _plot_sweep(rows)
+    uri = _plot_sweep(rows, chosen)
     if uri:
         blocks.insert(0, Block("plots", plots=[Plot(*uri, "Replication and drift against the share of weights "
                                                          "changed")]))
-    return Section("sweep", "How large an edit is needed",
-                   "The edit repeated at several sizes: replication of memorized images (on the split used to find the "
-                   "edit and, where measured, on held-out prompts) and drift of ordinary images, against the share of "
-                   "weights changed. A good edit removes replication long before drift falls.", blocks)
+    intro = ("The edit repeated at several sizes: replication of memorized images (on the prompts used to find the "
+             "edit, out of fold where cross-fitted, and on held-out prompts where measured) and drift of ordinary "
+             "images, against the share of weights changed. A good edit removes replication long before drift "
+             "falls.")
+    if "strength" in keys:
+        intro += (" The strength is the mask ratio (the rank for the directions method); the smallest strength "
+                  "whose replication (out of fold when measured) meets the target while ordinary images stay within "
+                  "their seed spread is chosen.")
+    return Section("sweep", "How large an edit is needed", intro, blocks)
 
 
 def _section_reextract(data: Mapping[str, Any]) -> Section:
@@ -303,41 +352,13 @@ def _section_locality(data: Mapping[str, Any]) -> Section | None:
 
 
 def _section_run(report: Mapping[str, Any]) -> Section | None:
+    """Sampler, scorer (unless the ``given`` section shows them), time per phase and the machine."""
     blocks: list[Block] = []
-    if report.get("model"):
-        blocks.append(Block("paragraph", text=f"Model: {report['model']}"))
-    sampler = report.get("sampler")
-    if isinstance(sampler, Mapping) and sampler:
-        items = [(_SETTINGS.get(str(k), _humanize(str(k))), v, "setting") for k, v in sampler.items()
-                 if not isinstance(v, Mapping)]
-        blocks.append(Block("table", table=_kv_table(
-            [(label, "default" if _is_missing(v) else v, kind) for label, v, kind in items],
-            value_header="Value", key_header="Setting", caption="Sampler")))
-    scorer = report.get("scorer")
-    if isinstance(scorer, Mapping) and scorer:
-        items = []
-        for k, v in scorer.items():
-            if isinstance(v, Mapping):
-                continue
-            kind = "similarity" if k in ("threshold", "report_thresholds") else "setting"
-            if k == "name" and isinstance(v, str):
-                v = v.upper() if v.lower() in ("ssim", "sscd", "clip", "ms-ssim") else v
-            items.append((_SETTINGS.get(str(k), _humanize(str(k))), v, kind))
-        table = _kv_table(items, value_header="Value", key_header="Setting", caption="Similarity scorer")
-        for (label, _, _), row in zip(items, table.rows):
-            if label in (_SETTINGS["source"], _SETTINGS["preprocessing"]):
-                row[1].code = True  # verbatim technical text from the scorer
-        blocks.append(Block("table", table=table))
-        if scorer.get("random_weights"):
-            blocks.append(Block("note", text="The scorer has random weights: its similarities mean nothing."))
-    timings = report.get("timings_s")
-    total = report.get("total_seconds")
-    if (isinstance(timings, Mapping) and timings) or not _is_missing(total):
-        items = [(_humanize(str(k)), v, "seconds") for k, v in (timings or {}).items()]
-        if not _is_missing(total):
-            items.append(("Total", total, "seconds"))
-        blocks.append(Block("table", table=_kv_table(items, value_header="Time", caption="Time per phase",
-                                                     key_header="Phase")))
+    if not _has_given(report):
+        blocks += _sampler_blocks(report.get("sampler")) + _scorer_blocks(report.get("scorer"))
+    timings = _timings_table(report)
+    if timings is not None:
+        blocks.append(Block("table", table=timings))
     machine = report.get("machine")
     if isinstance(machine, Mapping) and machine:
         blocks.append(Block("table", table=_kv_table(_scalar_items(machine), caption="Machine")))
@@ -345,9 +366,9 @@ def _section_run(report: Mapping[str, Any]) -> Section | None:
         blocks.append(Block("paragraph", text=f"Machine: {_clean_text(str(machine))}"))
     if not blocks:
         return None
-    return Section("run", "How this run was made",
-                   "The model, the sampler settings and the similarity scorer behind every number above, and where "
-                   "the time went.", blocks)
+    intro = ("Where the time went, and the machine." if _has_given(report) else
+             "The sampler settings and the similarity scorer behind every number above, and where the time went.")
+    return Section("run", "How this run was made", intro, blocks)
 
 
 def _threshold_phrase(report: Mapping[str, Any]) -> str:
@@ -371,13 +392,24 @@ _BLOCK_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Section | None]]
 
 def _sections(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] | None) -> list[Section]:
     thr = _threshold_phrase(report)
-    sections = [_section_edits(report, thr), _section_splits(report, thr)]
-    sections += [_section_gallery(i, g, thr) for i, g in enumerate(gallery or []) if isinstance(g, Mapping)]
-    sections.append(_section_sweep(report))
+    galleries = [_section_gallery(i, g, thr) for i, g in enumerate(gallery or []) if isinstance(g, Mapping)]
+    if _has_given(report):  # a mitigation run: what was given, the result, then how it was reached
+        sections = [_section_given(report), _section_result(report), _section_edits(report, thr),
+                    _section_sweep(report), _section_rounds(report), *galleries, _section_quality(report)]
+    else:
+        sections = [_section_edits(report, thr), _section_result(report), _section_splits(report, thr),
+                    *galleries, _section_sweep(report), _section_rounds(report), _section_quality(report)]
     for key, build in _BLOCK_SECTIONS:
         block = report.get(key)
         if isinstance(block, Mapping) and block:
             sections.append(build(block))
     sections.append(_section_run(report))
-    return [s for s in sections if s is not None]
+    out = [s for s in sections if s is not None]
+    counts = Counter(s.title for s in out)
+    seen: Counter[str] = Counter()
+    for s in out:  # a title given twice (e.g. by two galleries) is numbered, so that each reads once
+        if counts[s.title] > 1:
+            seen[s.title] += 1
+            s.title = f"{s.title} ({seen[s.title]})"
+    return out
 
