@@ -40,7 +40,7 @@ from diffmem.pipelines import load_pipeline
 from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
-from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config
+from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config, quality_block
 
 logger = logging.getLogger(__name__)
 
@@ -240,18 +240,21 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, call_kwargs=call)
     shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
+    lap("images")
+    quality = _quality(shown, before, after)
+    lap("quality")
     report: dict[str, Any] = {
         "title": "diffmem demo", "model": str(model), "sampler": sampler.to_dict(), "settings": config.to_dict(),
         "scorer": scorer.describe(), "edits": rows,
         "detection": {"auc": det.auc, "tpr_at_1pct_fpr": det.tpr_at_1fpr, "roc": {"fpr": list(map(float, fpr)),
                       "tpr": list(map(float, tpr))}, "scores": [{"prompt": p, "score": float(s), "memorized": bool(m)}
                       for p, s, m in zip(det.prompts, det.scores, det.labels)]},
-        "mitigation": result.summary(), "sweep": [{**r, "ratio": r["strength"]} for r in result.sweep],
+        "mitigation": result.summary(), "sweep": result.sweep,
         "iou_subsets": iou_block, "locality": locality,
         "reextract": curves,
         "attack": {"before": att_before.summary(), "after": att_after.summary()},
         "before": before.summary(), "after": after.summary() if after is not None else None,
-        "timings_s": timings,
+        "quality": quality, "timings_s": timings,
     }
     gallery = _gallery(shown, before, after, scorer, size or image_size(pipe))
     report["headline_text"] = _headline(report, out)
@@ -302,19 +305,36 @@ def _gallery(entries, before, after, scorer, size) -> list[dict]:
              "caption": "The training image, then the same seeds before and after the edit.", "rows": rows}]
 
 
+def _quality(shown: list, before: Any, after: Any) -> dict[str, Any]:
+    """Quality of the robust edit on the grid's images: ordinary prompts after against before, and what the
+    held-out memorized prompts become (see :func:`diffmem.workflows.mitigate.quality_block`)."""
+    if after is None or before.images is None or after.images is None:
+        return {"note": "quality not measured: the evaluation kept no images (several processes)"}
+    mem = [i for i, e in enumerate(shown) if e.split != "nonmem"]
+    ordinary = [i for i, e in enumerate(shown) if e.split == "nonmem"]
+    seeds = before.images.shape[1]
+    flat = lambda a, idx: a[idx].reshape(-1, *a.shape[2:]) if idx else a[:0].reshape(0, *a.shape[2:])  # noqa: E731
+    return quality_block({"nonmem_prompts": [shown[i].prompt for i in ordinary for _ in range(seeds)],
+                          "nonmem_before": flat(before.images, ordinary), "nonmem_after": flat(after.images, ordinary),
+                          "locate_after": flat(after.images, mem)})
+
+
 def _fmt(x: Any) -> str:
     return "n/a" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
 def _headline(r: dict, out: Path) -> str:
     lines = [f"diffmem demo on {r['model']} (scorer {r['scorer']['name']}, threshold {r['scorer']['threshold']})",
-             f"  {'edit':<16} {'prompt':>7} {'attack':>7} {'control':>8} {'drift ok':>9} {'weights':>8}"]
+             f"  {'edit':<16} {'prompt':>7} {'attack':>7} {'never':>7} {'advant.':>7} {'control':>8} {'drift ok':>9} "
+             f"{'weights':>8}"]
     for row in r["edits"]:
         lines.append(f"  {row['name']:<16} {_fmt(row['heldout_replication_prompt']):>7} "
-                     f"{_fmt(row['heldout_replication_attack']):>7} {_fmt(row['control_rate']):>8} "
+                     f"{_fmt(row['heldout_replication_attack']):>7} {_fmt(row.get('never_seen_rate')):>7} "
+                     f"{_fmt(row.get('attack_advantage')):>7} {_fmt(row['control_rate']):>8} "
                      f"{_fmt(row.get('drift_within_spread')):>9} {row['parameters_changed']:>8}")
-    lines.append(f"  (held-out replication with the prompt and under the re-extraction attack; control: the same "
-                 f"attack on non-memorized training images)")
+    lines.append("  (held-out replication with the prompt and under the re-extraction attack; never: the same attack "
+                 "on images in no training set, advant.: attack minus never, the figure that counts; control: the "
+                 "attack on non-memorized training images)")
     lines.append(f"  IoU of masks from disjoint halves {_fmt(r['iou_subsets']['overall'])} "
                  f"(chance {_fmt(r['iou_subsets']['chance_overall'])}); detection AUC {_fmt(r['detection']['auc'])}")
     a = r["attack"]

@@ -3,8 +3,10 @@
 :func:`run_mitigate` loads a model and its manifest, runs :func:`diffmem.mitigation.mitigate` on the ``locate``
 and ``nonmem`` rows only, then (and only then) evaluates the result on the ``heldout`` rows: replication with the
 prompt, replication under the re-extraction attack (held-out seeds and an optimisation seed that mitigation never
-used), the control rate on non-memorized training images, and the drift of non-memorized prompts. It exports the
-edited pipeline to ``OUT/pruned/``, saves the edit, and writes ``report.json`` and ``report.html``.
+used), the control rate on non-memorized training images, and the drift of non-memorized prompts. For the report it
+then generates the given memorized prompts before and after the edit and under the attack, and the ordinary prompts
+before and after (:func:`report_images`), and measures quality on those images (:func:`quality_block`). It exports
+the edited pipeline to ``OUT/pruned/``, saves the edit, and writes ``report.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ import torch
 
 from diffmem.config import SamplerConfig
 from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
-from diffmem.data import ManifestEntry, read_manifest
+from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
 from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline
-from diffmem.reextraction import ReextractConfig
+from diffmem.quality import get_feature_extractor, memorized_becomes, quality_report
+from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.sampling import image_size
-from diffmem.score import get_scorer
+from diffmem.score import ScorerUnavailableError, get_scorer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MitigateRun", "run_mitigate", "edit_row", "OUTPUT_MARK"]
+__all__ = ["MitigateRun", "run_mitigate", "edit_row", "report_images", "quality_block", "OUTPUT_MARK"]
 
 OUTPUT_MARK = "report.json"  # a folder holding it is an earlier diffmem run output that may be replaced
 
@@ -167,6 +170,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe, **(run.sampler or {}))
     call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
+    load_s = time.time() - t0
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, seed=run.seed, folds=run.folds,
                           robust_aggregate=run.robust_aggregate,
@@ -180,15 +184,28 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     if unmeasured:
         logger.warning("%d held-out rows have no reference image: they are not measured", unmeasured)
     row = None
+    t_phase = time.time()
     if heldout:
         row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, call,
                                        eval_seeds=run.eval_seeds, seconds=mitigation_s, progress=progress,
                                        attack=final_attack_config(run.opt_steps, call, run.seed))
+    timings = {"load": round(load_s, 1), **result.timings_s}
+    if heldout:
+        timings["heldout"] = _lap("held-out measurement", t_phase)
+    t_phase = time.time()
+    gallery, shown = report_images(pipe, result.edit, entries, scorer, call, opt_steps=run.opt_steps, seed=run.seed,
+                                   progress=progress)
+    timings["images"] = _lap("report images", t_phase)
+    t_phase = time.time()
+    quality = quality_block(shown)
+    timings["quality"] = _lap("quality metrics", t_phase)
 
     report = {
-        "title": "diffmem mitigate", "model": run.model, "sampler": sampler.to_dict(), "scorer": scorer.describe(),
-        "settings": {**asdict(run), "mitigation": mcfg.to_dict()}, "mitigation": result.summary(),
-        "edits": [row] if row else [], "total_seconds": round(time.time() - t0, 1),
+        "title": "diffmem mitigate", "model": run.model,
+        "sampler": {**sampler.to_dict(), "scheduler_in_use": type(pipe.scheduler).__name__},
+        "scorer": scorer.describe(), "given": _given(entries), "settings": {**asdict(run), "mitigation": mcfg.to_dict()},
+        "mitigation": result.summary(), "edits": [row] if row else [], "quality": quality,
+        "report_images": shown["summary"], "timings_s": timings, "total_seconds": round(time.time() - t0, 1),
     }
     if row:
         report["reextract"] = {row["name"]: attack_summary}
@@ -198,11 +215,157 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
         result.edit.save(folder / "edit")
         export_edited(pipe, result.edit, folder / "pruned", source=run.model, edit_path=folder / "edit",
                       settings={"mitigation": mcfg.to_dict(), "sampler": call}, results=_card_rows(report))
-        write_report(report, folder)
+        write_report(report, folder, gallery=gallery)
 
     pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
     replace_dir(out, fill)
     return report
+
+
+def _lap(name: str, since: float) -> float:
+    seconds = round(time.time() - since, 1)
+    logger.info("%s: %.1f s", name, seconds)
+    return seconds
+
+
+def _given(entries: list[ManifestEntry]) -> dict[str, int]:
+    """Rows of the manifest by split; ``locate``, ``nonmem`` and ``heldout`` always (zero when absent)."""
+    counts = {"locate": 0, "nonmem": 0, "heldout": 0}
+    for e in entries:
+        counts[e.split] = counts.get(e.split, 0) + 1
+    return counts
+
+
+def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: Any, call: dict, *, opt_steps: int,
+                  seed: int, rows: int = 8, attacked: int = 4, seeds: int = 2,
+                  progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Images for the report: the given memorized prompts before and after the edit and under the attack, and the
+    ordinary prompts before and after with their drift, all at the model's sampler settings.
+
+    Args:
+        pipe: The pipeline (unchanged on return).
+        edit: The final edit.
+        entries: Manifest rows; the first ``rows`` ``locate`` and ``nonmem`` rows are shown.
+        scorer: Similarity scorer (replication and drift).
+        call: The model's sampler settings.
+        opt_steps: Adam steps of the attack, run under the edit on the first ``attacked`` locate rows.
+        seed: The run's seed (the attack uses ``seed + 3`` and sampling seeds from ``50_000 + seed``).
+        rows: Rows shown per split.
+        attacked: Locate rows attacked.
+        seeds: Generations per prompt.
+        progress: Show the attack's progress bars.
+
+    Returns:
+        The gallery (see :func:`diffmem.workflows.report.render_html`) and the images kept for the quality metrics:
+        ``{"nonmem_prompts", "nonmem_before", "nonmem_after", "locate_after", "summary"}`` (uint8 ``[N, H, W, 3]``
+        arrays; ``summary`` holds the JSON-ready counts and mean drift).
+    """
+    locate_rows = [e for e in entries if e.split == "locate" and e.reference is not None][:rows]
+    nonmem = [e for e in entries if e.split == "nonmem"][:rows]
+    shown = locate_rows + nonmem
+    empty = np.zeros((0, 1, 1, 3), np.uint8)
+    kept: dict[str, Any] = {"nonmem_prompts": [], "nonmem_before": empty, "nonmem_after": empty,
+                            "locate_after": empty, "summary": {"seeds": seeds}}
+    if not shown:
+        return [], kept
+    ecfg = EvalConfig(num_seeds=seeds, seed=seed, call_kwargs=call)
+    with torch.no_grad():
+        before = evaluate(pipe, shown, ecfg, scorer, progress=False, desc="report images")
+        with apply_edit(pipe, edit):
+            after = evaluate(pipe, shown, ecfg, scorer, baseline=before, progress=False, desc="report images")
+    h, w = before.images.shape[2:4]
+    refs = [load_reference(e.reference, (h, w), row=e) if e.reference is not None else None for e in shown]
+    attack = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=seeds, seed=seed + 3,
+                             sample_seed=50_000 + seed, call_kwargs=call)
+    targets = locate_rows[:attacked]
+    recovered = None
+    if targets:
+        items = [ReextractItem(e.prompt, refs[i], "memorized") for i, e in enumerate(targets)]
+        with apply_edit(pipe, edit):
+            recovered = reextract(pipe, items, attack, scorer, progress=progress, keep_images=True)
+    threshold = float(scorer.threshold)
+
+    def scored(label: str, images: np.ndarray, ref: np.ndarray | None) -> list[dict[str, Any]]:
+        sims = (scorer.similarity(list(images), [ref]).float().numpy()[:, 0].tolist() if ref is not None
+                else [None] * len(images))
+        return [{"label": f"{label}, seed {j}", "image": img, "score": s,
+                 "replicated": None if s is None else bool(s >= threshold)} for j, (img, s) in enumerate(zip(images, sims))]
+
+    memorized = []
+    for i, e in enumerate(locate_rows):
+        cells = [{"label": "training image", "image": refs[i]}]
+        cells += scored("before", before.images[i], refs[i]) + scored("after", after.images[i], refs[i])
+        if recovered is not None and i < len(targets):
+            r = recovered.rows[i]
+            cells += [{"label": f"under attack, seed {j}", "image": img, "score": float(s), "replicated": bool(ok)}
+                      for j, (img, s, ok) in enumerate(zip(recovered.images[i][-1], r["similarity"], r["success"]))]
+        memorized.append({"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "cells": cells})
+    ordinary = []
+    drift_rows = after.rows[len(locate_rows):]
+    for k, e in enumerate(nonmem):
+        i = len(locate_rows) + k
+        drift = scorer.paired_similarity(list(after.images[i]), list(before.images[i])).float().numpy().tolist()
+        cells = [{"label": f"before, seed {j}", "image": img} for j, img in enumerate(before.images[i])]
+        cells += [{"label": f"after, seed {j}", "image": img, "detail": f"drift similarity {d:.3f}"}
+                  for j, (img, d) in enumerate(zip(after.images[i], drift))]
+        r = drift_rows[k]
+        verdict = "within the seed spread" if r["drift_within_seed_spread"] else "beyond the seed spread"
+        ordinary.append({"prompt": e.prompt, "split": e.split, "cells": cells,
+                         "note": f"seed-to-seed similarity before {r['seed_similarity_before']:.3f}: the change is "
+                                 f"{verdict}"})
+    gallery = []
+    if memorized:
+        attack_text = (f" Under attack: for the first {len(targets)}, what the re-extraction attack recovers under the "
+                       f"edit after {opt_steps} optimisation steps on the conditioning.") if targets else ""
+        gallery.append({"title": "Memorized prompts given: before, after and under attack",
+                        "caption": f"The training image, then {seeds} seeds of the unedited model and the same seeds "
+                                   f"after the edit." + attack_text, "rows": memorized})
+    if ordinary:
+        gallery.append({"title": "Ordinary prompts: before and after",
+                        "caption": f"{seeds} seeds of the unedited model, then the same seeds after the edit. Under "
+                                   "each edited image: its similarity to the unedited image at the same seed (1 means "
+                                   "unchanged). A change is within the seed spread when that similarity is at least "
+                                   "the similarity between two seeds of the unedited model.", "rows": ordinary})
+    flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+    n_loc = len(locate_rows)
+    kept.update(nonmem_prompts=[e.prompt for e in nonmem for _ in range(seeds)],
+                nonmem_before=flat(before.images[n_loc:]), nonmem_after=flat(after.images[n_loc:]),
+                locate_after=flat(after.images[:n_loc]))
+    summary = kept["summary"]
+    summary.update(locate_rows=n_loc, attacked_rows=len(targets), nonmem_rows=len(nonmem))
+    if drift_rows:
+        summary["nonmem_drift_similarity"] = float(np.mean([r["drift_similarity"] for r in drift_rows]))
+        summary["nonmem_drift_within_spread"] = float(np.mean([r["drift_within_seed_spread"] for r in drift_rows]))
+    if locate_rows:
+        summary["locate_replication_before"] = float(np.mean([r["replication_rate"] for r in before.rows[:n_loc]]))
+        summary["locate_replication_after"] = float(np.mean([r["replication_rate"] for r in after.rows[:n_loc]]))
+    if recovered is not None:
+        summary["attack_replication"] = recovered.summary()["memorization_rate"]
+    return gallery, kept
+
+
+def quality_block(shown: dict[str, Any]) -> dict[str, Any]:
+    """Quality after the edit on the report's images (see :func:`report_images`), on SSCD features.
+
+    ``ordinary``: :func:`diffmem.quality.quality_report` of the ordinary prompts after the edit against before;
+    ``memorized``: :func:`diffmem.quality.memorized_becomes` of the given memorized prompts after the edit against
+    the unedited model's ordinary images. Without SSCD weights, or with too few images, a one-line ``note`` instead.
+    """
+    before, after, mem = shown["nonmem_before"], shown["nonmem_after"], shown["locate_after"]
+    if len(before) < 2:
+        return {"note": "quality not measured: it needs at least one ordinary (nonmem) prompt"}
+    try:
+        extractor = get_feature_extractor("sscd")
+    except ScorerUnavailableError as err:
+        return {"note": f"quality not measured: no SSCD weights ({err.reason})"}
+    out: dict[str, Any] = {}
+    try:
+        out["ordinary"] = quality_report(before, after, shown["nonmem_prompts"], extractor=extractor)
+        if len(mem) >= 2:
+            out["memorized"] = memorized_becomes(mem, before, extractor=extractor)
+    except ValueError as err:
+        out["note"] = f"quality not measured: {err}"
+    return out
 
 
 def _card_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

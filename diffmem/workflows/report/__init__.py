@@ -6,9 +6,10 @@ mailed or archived on its own. Every metric is shown with a human label and a fi
 percentages with one decimal, similarities with three decimals, counts as integers with thousands separators,
 and ``not measured`` where a value is missing.
 
-Sections read from the report dictionary (see :func:`render_html` for their shapes): ``edits`` (the main table),
-``before`` / ``after``, ``sweep``, ``reextract``, ``attack``, ``detection``, ``iou_subsets``, ``locality`` and
-the run details (``title``, ``model``, ``headline_text``, ``sampler``, ``scorer``, ``timings_s``,
+Sections read from the report dictionary (see :func:`render_html` for their shapes): ``given`` and ``mitigation``
+(a mitigation run: what was given, the result with its out-of-fold estimate, robust rounds), ``edits`` (the main
+table), ``before`` / ``after``, ``sweep``, ``quality``, ``reextract``, ``attack``, ``detection``, ``iou_subsets``,
+``locality`` and the run details (``title``, ``model``, ``headline_text``, ``sampler``, ``scorer``, ``timings_s``,
 ``total_seconds``, ``machine``). Image grids are passed separately as ``gallery`` and never stored in the JSON.
 """
 
@@ -53,22 +54,34 @@ def render_html(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] 
     Args:
         report: The report dictionary. Every section is optional:
 
-            - ``title``, ``model``, ``headline_text`` (multi-line), ``sampler`` (settings), ``scorer`` (with
+            - ``title``, ``model``, ``headline_text`` (multi-line; not shown on a mitigation page, whose result
+              section says the same), ``sampler`` (settings, optionally ``scheduler_in_use``), ``scorer`` (with
               ``name`` and ``threshold``), ``timings_s`` (phase -> seconds), ``total_seconds``, ``machine``;
+            - ``given``: rows of the manifest by split (``locate``, ``nonmem``, ``heldout``, ...). Its presence
+              makes the page a mitigation page: what was given (with the model and the ``settings``), the result,
+              the held-out results, the sweep, the robust rounds, the images, quality and time;
+            - ``mitigation``: :meth:`diffmem.mitigation.MitigationResult.summary` (``estimate`` with ``in_sample``,
+              ``out_of_fold`` and ``folds``; ``strength``, ``sweep``, ``rounds``, ...);
             - ``edits``: rows with ``name``, ``heldout_replication_prompt``, ``heldout_replication_attack``,
-              ``control_rate``, ``drift_similarity``, ``seed_similarity_before``, ``drift_within_spread``,
-              ``parameters_changed``, ``fraction_changed``, ``wall_time_s``;
+              ``never_seen_rate``, ``attack_advantage``, ``control_rate``, ``heldout_prompt_by_sampler``,
+              ``heldout_attack_by_sampler``, ``heldout_attack_by_start``, ``drift_similarity``,
+              ``seed_similarity_before``, ``drift_within_spread``, ``parameters_changed``, ``fraction_changed``,
+              ``wall_time_s``;
             - ``before`` / ``after``: ``{split: {num_prompts, replication_rate, ...}, "by_duplicates": {...}}``;
-            - ``sweep``: rows with ``ratio``, ``fraction``, ``parameters_changed``, ``locate_replication`` and
-              optionally ``heldout_replication`` and ``drift_similarity``;
+            - ``sweep`` (else ``mitigation["sweep"]``): rows with ``strength`` or ``ratio``, ``fraction``,
+              ``parameters_changed``, ``locate_replication`` and optionally ``out_of_fold_replication``,
+              ``heldout_replication``, ``drift_similarity``, ``seed_similarity_before``, ``drift_within_spread``;
+            - ``quality``: ``ordinary`` (:func:`diffmem.quality.quality_report`), ``memorized``
+              (:func:`diffmem.quality.memorized_becomes`) and / or a one-line ``note``;
             - ``detection``: ``auc``, ``tpr_at_1pct_fpr``, ``roc`` (``fpr``, ``tpr``), ``scores``
               (``prompt``, ``score``, ``memorized``);
             - ``iou_subsets``: ``overall``, ``chance_overall``, ``per_layer`` (layer -> IoU);
             - ``reextract``: ``{edit: {memorization_rate, control_rate, curve: {memorized|control: {step: rate}}}}``;
             - ``attack``: ``{before: {...}, after: {...}}`` extraction-attack summaries (or one flat summary);
             - ``locality``: free-form numbers.
-        gallery: Image grids: ``[{title, caption, rows: [{prompt, split, duplicates, cells: [{label, image,
-            score, replicated}]}]}]`` with ``image`` an ``H x W x 3`` uint8 array.
+        gallery: Image grids: ``[{title, caption, rows: [{prompt, split, duplicates, note, cells: [{label, image,
+            score, replicated, detail}]}]}]`` with ``image`` an ``H x W x 3`` uint8 array; ``note`` (per row) and
+            ``detail`` (per image) are optional lines of text.
 
     Returns:
         The HTML document.

@@ -240,10 +240,12 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
              "edit, out of fold where cross-fitted, and on held-out prompts where measured) and drift of ordinary "
              "images, against the share of weights changed. A good edit removes replication long before drift "
              "falls.")
+    given = report.get("settings") if isinstance(report.get("settings"), Mapping) else {}
     if "strength" in keys:
-        intro += (" The strength is the mask ratio (the rank for the directions method); the smallest strength "
-                  "whose replication (out of fold when measured) meets the target while ordinary images stay within "
-                  "their seed spread is chosen.")
+        intro += " The strength is the mask ratio (the rank for the directions method)"
+        intro += (": this run was given one." if not _is_missing(given.get("ratio")) else
+                  "; the smallest strength whose replication (out of fold when measured) meets the target while "
+                  "ordinary images stay within their seed spread is chosen.")
     return Section("sweep", "How large an edit is needed", intro, blocks)
 
 
