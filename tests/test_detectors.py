@@ -140,6 +140,8 @@ def test_sharpness_on_transformer_pipelines(fixture, prompts, request):
     scores = detect(pipe, prompts, cfg, progress=False).scores
     assert np.all(np.isfinite(scores)) and np.all(scores > 0)
     assert len(np.unique(np.round(scores, 7))) == len(prompts)
+    exact = detect(pipe, prompts[:2], SharpnessConfig(num_seeds=1, **SAMPLER), progress=False).scores
+    np.testing.assert_allclose(scores[:2], exact, rtol=2e-2)  # forward-mode AD runs through both transformers
 
 
 # -- Bright Ending (Chen et al.) -------------------------------------------------------------------------------------
