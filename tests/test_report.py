@@ -931,6 +931,14 @@ def test_demo_style_report_keeps_its_layout_and_names_the_model_once(small_repor
     text = visible_text(page)
     assert text.count(report["model"]) == 1 and "held-out replication: 62.5% -> 0.0%" in text
     assert re.findall(r'<section id="([^"]+)">', page)[0] == "edits"
+    rows = [{**e, "never_seen_rate": 0.25, "attack_advantage": -0.125,
+             "heldout_prompt_by_sampler": _by_sampler(0.5, 0.25, 0.75), "heldout_attack_by_sampler": {"model": 0.5},
+             "heldout_attack_by_start": {"prompt": {"model": 0.5}}} for e in report["edits"]]
+    text = visible_text(render_html({**report, "edits": rows}))
+    for label in ("Edits compared", "Never-seen under attack", "\u221212.5 pp", "With the prompt, twice the guidance",
+                  "Held-out replication at each sampler setting and attack start"):
+        assert label in text, label
+    assert not MISSING_WORD.search(text) and "Heldout" not in text
 
 
 def test_mitigate_report_in_a_real_browser(mitigate_report, browser, tmp_path, capsys):
