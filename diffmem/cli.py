@@ -587,11 +587,11 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     _need_model(args)
     _need_edit(args.edit)
-    _need_file(args.prompts, "prompt file")
     if args.prompts is None and args.candidates is None:
         raise ConfigError("give --prompts FILE, --candidates FILE, or both")
-    _need_file(args.calibration, "calibration file")
+    _need_file(args.prompts, "prompt file")
     _need_file(args.candidates, "candidate file")
+    _need_file(args.calibration, "calibration file")
     cfg = AuditConfig(model=args.model, prompts=args.prompts, references=args.references, out=args.out,
                       calibration=args.calibration, allow_pickle=args.allow_pickle, quick=args.quick,
                       allow_outside=args.allow_outside_references, edit=args.edit, sampler=_sampler_flags(args),
@@ -684,9 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv); bright_ending also writes .masks.npz")
     _add_sampling(p)
-    p.add_argument("--preset", choices=["wen2024"], default=None,
     p.add_argument("--method", choices=_DetectorNames(), default=None, metavar="NAME",
-                   help="registered detector (diffmem.detection.list_detectors(); default wen)")
+                   help="registered detector: %(choices)s (default wen)")
+    p.add_argument("--preset", choices=["wen2024"], default=None,
                    help="reproduce the published procedure (sampler flags given still win)")
     p.add_argument("--k", type=_positive_int, default=None, help="leading denoiser evaluations to average (default 5, chosen by measurement)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="noises per prompt (default 4)")
@@ -784,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", default=None,
                    help="a prompt pool to screen with the detector; its top flagged prompts are attacked too")
     p.add_argument("--method", choices=_DetectorNames(), default=None, metavar="NAME",
-                   help="registered detector of the detection and the screening (default wen)")
+                   help="registered detector of the detection and the screening: %(choices)s (default wen)")
     p.add_argument("--flag-top", type=_positive_int, default=None,
                    help="pass the K highest-scoring candidates on (default 16; with --calibration: at most K above "
                         "the calibrated threshold)")
