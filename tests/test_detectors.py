@@ -264,3 +264,40 @@ def test_mask_overlay_and_png(tmp_path):
         save_mask_overlay(tmp_path / "o.jpg", img, mask)
     with pytest.raises(ConfigError, match="alpha"):
         mask_overlay(img, mask, alpha=2.0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_pixart_pipe"])
+def test_captured_probabilities_equal_diffusers_attention_probs(fixture, request):
+    """The recomputed end-token probabilities are those of diffusers' own ``AttnProcessor`` (scale, heads, mask)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = request.getfixturevalue(fixture)
+    denoiser = get_denoiser(pipe)
+    capture = EndTokenAttention(denoiser)
+    name, module = next(iter(capture.modules.items()))
+    seen = []
+    original_processor, original_scores = module.processor, module.get_attention_scores
+
+    def scores(query, key, attention_mask=None):
+        probs = original_scores(query, key, attention_mask)
+        seen.append(probs.detach().clone())
+        return probs
+
+    positions = [[3], [4]]
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, height=16, width=16, output_type="latent",
+                  latents=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    if fixture == "tiny_pixart_pipe":
+        kwargs["use_resolution_binning"] = False
+    module.processor, module.get_attention_scores = AttnProcessor(), scores
+    try:
+        with capture:
+            capture.active, capture.positions = True, positions
+            pipe(prompt=["a red cat", "the green tree"], **kwargs)
+            mine = capture.maps[name]
+    finally:
+        module.processor, module.get_attention_scores = original_processor, original_scores
+    reference = seen[-1]  # [B * heads, N, S] of the last call, the batch [uncond; cond]
+    heads = module.heads
+    cond = reference.view(4, heads, *reference.shape[1:])[2:].mean(1)
+    expected = torch.stack([cond[i][:, p].mean(-1) for i, p in enumerate(positions)])
+    torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-6)
