@@ -191,6 +191,9 @@ def test_bright_ending_capture_leaves_the_output_unchanged_and_cleans_up(tiny_pi
             assert m.shape[0] == 1 and torch.all((m >= 0) & (m <= 1))
     torch.testing.assert_close(during, before)
     assert all(not type(m.processor).__name__.startswith("_Wrapped") for m in capture.modules.values())
+    with capture, pytest.raises(DiffmemError, match="already being captured"):
+        with EndTokenAttention(unet):
+            pass
     with pytest.raises(RuntimeError, match="boom"):
         with EndTokenAttention(unet) as again:
             raise RuntimeError("boom")

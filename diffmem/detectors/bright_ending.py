@@ -189,6 +189,8 @@ class EndTokenAttention:
 
     def __enter__(self) -> EndTokenAttention:
         owner = self
+        if any(isinstance(m.processor, _Wrapped) for m in self.modules.values()):
+            raise DiffmemError("these cross-attention layers are already being captured (nested EndTokenAttention)")
         try:
             for name, module in self.modules.items():
                 inner = module.processor
