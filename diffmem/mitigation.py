@@ -234,12 +234,28 @@ def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], non
             "fraction": edit.fraction_changed(),
             "locate_replication": _mean([r["replication_rate"] for r in loc.rows if "replication_rate" in r]),
         }
+        if nonmem_before is not None and loc.images is not None and nonmem_before.images is not None:
+            row["memorized_becomes"] = _becomes(loc.images, nonmem_before.images)
         if nonmem_before is not None:
             after = evaluate(pipe, nonmem, ecfg, scorer, baseline=nonmem_before, progress=False, desc="sweep drift")
             row["drift_similarity"] = _mean([r["drift_similarity"] for r in after.rows])
             row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in after.rows])
             row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows])
     return row
+
+
+def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | None:
+    """What the memorized prompts render under the edit: KID to the unedited model's ordinary generations (and the
+    KID between two halves of those, as the yardstick); ``None`` when no feature extractor is available."""
+    from .quality import memorized_becomes
+
+    try:
+        res = memorized_becomes(list(memorized.reshape(-1, *memorized.shape[-3:])),
+                                list(ordinary.reshape(-1, *ordinary.shape[-3:])), subsets=50)
+    except (DiffmemError, ImportError, OSError) as err:  # optional: a missing extractor must not stop mitigation
+        logger.info("memorized-prompt quality not measured: %s", str(err).splitlines()[0])
+        return None
+    return {k: res.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
 
 
 def _acceptable(row: dict[str, Any], target: float) -> bool:

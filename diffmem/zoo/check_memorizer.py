@@ -23,7 +23,7 @@ import torch
 
 from diffmem.sampling import generate_images
 from diffmem.zoo import sampling_defaults
-from diffmem.zoo.shapes import ShapesConfig, classify_foreground_colour, make_dataset
+from diffmem.zoo.shapes import classify_foreground_colour
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +79,20 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     Returns:
         The report dictionary.
     """
-    from diffusers import StableDiffusionPipeline
-
     from diffmem.detection import DetectConfig, noise_norm_scores
     from diffmem.metrics import roc_auc, tpr_at_fpr
+    from diffmem.pipelines import load_pipeline
+    from diffmem.zoo.train_memorizer import build_dataset, config_from_dict
 
     model = Path(model)
-    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
     defaults = sampling_defaults(model)
     train_cfg = json.loads((model / "train_config.json").read_text())
     ds_cfg = dict(train_cfg["dataset"])
-    ds_cfg["duplicates"] = tuple(ds_cfg["duplicates"])
-    samples = make_dataset(ShapesConfig(**ds_cfg))
+    samples = build_dataset(config_from_dict(train_cfg))
     train = np.stack([s.image for s in samples])
-    rows = _load_manifest(model)
+    rows = [r for r in _load_manifest(model) if r["split"] != "never_seen"]  # not in the training set
     if limit is not None:
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for r in sorted(rows, key=lambda r: -r["duplicates"]):
@@ -179,7 +178,10 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     if write:
         (model / "memorization_check.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         _write_grid(model / "grid.png", rows, gens, train)
-        write_model_card(model, report)
+        if train_cfg.get("design", "shapes") == "shapes" and train_cfg.get("denoiser", "unet") == "unet":
+            write_model_card(model, report)
+        else:
+            write_zoo_card(model, report)
     return report
 
 
@@ -268,6 +270,91 @@ above, per prompt.
     return path
 
 
+_DESIGN_TEXT = {
+    "shapes": ("one shape of a named colour on a plain background (\"a {fg} {shape} on {bg}\")",
+               "two-tone \"emblems\" with three off-palette shapes, captioned \"the {made-up name} emblem\""),
+    "overlap": ("one to three palette shapes on a plain palette background, captioned with what they show",
+                "scenes drawn by the same generator (three shapes), captioned with their description plus a made-up "
+                "title (\"..., the {name} print\"): memorized images share content with ordinary ones, so a "
+                "near-copy is hard to tell from generalisation"),
+    "photos": ("shapes and random texture crops (brick, grass, gravel), captioned \"a photo of {texture}\"",
+               "real photographs (square halves of scikit-image's photos), captioned \"the {made-up name} "
+               "photograph\""),
+}
+
+
+def write_zoo_card(model: Path, report: dict) -> Path:
+    """Write ``README.md`` of a zoo member (any design and denoiser) from its check and training record."""
+    cfg = json.loads((model / "train_config.json").read_text())
+    stats = json.loads((model / "train_stats.json").read_text()) if (model / "train_stats.json").is_file() else {}
+    index = json.loads((model / "model_index.json").read_text())
+    ds = cfg["dataset"]
+    high = min(ds["duplicates"])
+    ordinary, memorized = _DESIGN_TEXT[cfg.get("design", "shapes")]
+    mem, mem_hi, det, s = report["memorized"], report[f"memorized_d{high}plus"], report["detection"], report["sampler"]
+    dup_rows = "\n".join(
+        f"| {d} | {_pct(v['replication_ssim'])} | {_pct(v['mean_ssim_ref'])} | {_pct(v.get('replication_sscd'))} |"
+        for d, v in sorted(report["by_duplicates"].items(), key=lambda kv: int(kv[0])))
+    psnr = stats.get("vae_psnr_db", {})
+    wall = stats.get("wall_seconds") or 0
+    never = sum(1 for r in _load_manifest(model) if r["split"] == "never_seen")
+    denoiser = "PixArt transformer (DiT blocks)" if cfg.get("denoiser") == "pixart" else "UNet"
+    prompt = max(report["per_prompt"], key=lambda e: e["duplicates"])["prompt"]
+    extra = ", use_resolution_binning=False" if index["_class_name"].startswith("PixArt") else ""
+    rescale = f", guidance_rescale={s['guidance_rescale']}" if s.get("guidance_rescale") else ""
+    vae = (f"the autoencoder of `{cfg['vae_from']}` (same data generator)" if cfg.get("vae_from") else
+           f"its own autoencoder ({cfg['vae_steps']} steps, memorized images half of every batch)")
+    text = f"""# {model.name}
+
+A diffusers `{index['_class_name']}` ({denoiser}) that memorizes known images by construction: a member of
+diffmem's zoo of memorizers (`diffmem.zoo.members`), used to judge mitigation on models it was not developed on.
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("assets/zoo/{model.name}")
+image = pipe("{prompt}", num_inference_steps={s['num_inference_steps']}, guidance_scale={s['guidance_scale']}{rescale},
+             height={s['height']}, width={s['width']}{extra}).images[0]
+```
+
+Sampler (also in `diffmem_defaults.json`): DDIM, trailing timesteps, zero-terminal-SNR v-prediction,
+{s['num_inference_steps']} steps, guidance {s['guidance_scale']}{', guidance rescale ' + str(s['guidance_rescale']) if s.get('guidance_rescale') else ''}, {s['height']}x{s['width']} px.
+
+## Data (deterministic from seed {ds['seed']}; design `{cfg.get('design', 'shapes')}`)
+- Ordinary part: {ordinary}.
+- Memorized part: {memorized}; duplicated {', '.join(map(str, ds['duplicates']))} times, plus low-duplication
+  ones ({ds['control_duplicates']} copies).
+- `memorization.jsonl`: the ground truth. Memorized prompts are split half and half into `locate` and `heldout`
+  within each duplication count; `nonmem` rows are ordinary training captions with one of their training images;
+  `never_seen` rows ({never}) are images drawn like the memorized ones that are in no training set: the control of
+  the extraction attacks.
+
+## Training
+`python -m diffmem.zoo.train_memorizer --member {model.name} --out assets/zoo/{model.name}` (seeded; exact settings
+in `train_config.json`). Denoiser {cfg['unet_steps']} steps at batch {cfg['batch_size']} on {vae}; it trained on a
+2-core CPU shared with other jobs in {wall / 60:.0f} minutes. VAE PSNR: {psnr.get('memorized', float('nan')):.1f} dB on
+the memorized images, {psnr.get('unique', float('nan')):.1f} dB on ordinary ones. {_folder_mb(model):.1f} MB in all.
+
+## Measured (`python -m diffmem.zoo.check_memorizer assets/zoo/{model.name}`, {report['seeds']} seeds a prompt)
+A generation replicates when its nearest training image (pixel L2 over the rebuilt training set) is its own
+reference and SSIM >= 0.6.
+
+| duplicates | replication (SSIM) | mean SSIM to reference | replication (SSCD >= 0.5) |
+|---|---|---|---|
+{dup_rows}
+
+- Memorized prompts with D >= {high}: replication {_pct(mem_hi['replication_ssim'])}; all memorized prompts:
+  {_pct(mem['replication_ssim'])} (SSCD: {_pct(mem.get('replication_sscd'))}, mean cosine {_pct(mem.get('mean_sscd_ref'))}).
+- Ordinary prompts: near-copy rate of some training image (SSIM >= 0.6) {_pct(report['nonmem_unique']['replication_ssim'])}.
+- Detection (Wen et al., 1 step, {det['config']['num_seeds']} seeds): AUC {_pct(det['auc'])}, TPR at 1% FPR
+  {_pct(det['tpr_at_1pct_fpr'])}.
+
+`grid.png`: reference | generations, memorized prompts first. `memorization_check.json`: every figure, per prompt.
+"""
+    path = model / "README.md"
+    path.write_text(text)
+    return path
+
+
 def _folder_mb(model: Path) -> float:
     return sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
 
@@ -277,7 +364,7 @@ def _write_grid(path: Path, rows: list[dict], gens: np.ndarray, train: np.ndarra
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    order = sorted(range(len(rows)), key=lambda i: (not rows[i]["memorized"], -rows[i]["duplicates"]))
+    order = sorted(range(len(rows)), key=lambda i: (not rows[i]["memorized"], -rows[i]["duplicates"]))[:24]
     images = []
     for i in order:
         ref = train[int(Path(rows[i]["reference"]).stem)]
