@@ -46,6 +46,13 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _folds(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 fold leaves nothing out: give 0 (off) or >= 2")
+    return value
+
+
 def _size(text: str) -> int:
     value = _positive_int(text)
     if value % 8:
@@ -564,7 +571,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                       target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
                       scorer_weights=args.scorer_weights, overwrite=args.overwrite,
                       allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
-                      opt_steps=args.opt_steps, seed=args.seed, sampler=_sampler_flags(args))
+                      opt_steps=args.opt_steps, seed=args.seed, sampler=_sampler_flags(args), folds=args.folds,
+                      robust_aggregate=args.robust_aggregate)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -757,6 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_rate, default=0.05)
     p.add_argument("--max-rounds", type=_positive_int, default=3)
     p.add_argument("--opt-steps", type=_positive_int, default=50, help="attack steps during mitigation")
+    p.add_argument("--folds", type=_folds, default=3,
+                   help="cross-fitting folds over the locate rows for the out-of-fold estimate (0: off)")
+    p.add_argument("--robust-aggregate", choices=["shared", "sum"], default="shared",
+                   help="robust prune keeps weights that many images share (shared) or the summed saliency (sum)")
     p.add_argument("--scorer", default="ssim")
     p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
