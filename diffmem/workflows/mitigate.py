@@ -77,7 +77,7 @@ def _spread(rows: list[ManifestEntry], count: int | None) -> list[ManifestEntry]
 
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
-             *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = None,
+             *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = 8,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
              attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -229,10 +229,12 @@ def _lap(name: str, since: float) -> float:
 
 
 def _given(entries: list[ManifestEntry]) -> dict[str, int]:
-    """Rows of the manifest by split; ``locate``, ``nonmem`` and ``heldout`` always (zero when absent)."""
+    """Rows of the manifest by split; ``locate``, ``nonmem`` and ``heldout`` always (zero when absent). Held-out rows
+    without a training image cannot be measured and are counted apart (``heldout_without_reference``)."""
     counts = {"locate": 0, "nonmem": 0, "heldout": 0}
     for e in entries:
-        counts[e.split] = counts.get(e.split, 0) + 1
+        split = "heldout_without_reference" if e.split == "heldout" and e.reference is None else e.split
+        counts[split] = counts.get(split, 0) + 1
     return counts
 
 

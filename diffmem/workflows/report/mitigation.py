@@ -20,6 +20,7 @@ from .settings import _sampler_blocks, _scorer_blocks
 _GIVEN = (("locate", "Memorized prompts given (locate rows), with their training images"),
           ("nonmem", "Ordinary prompts given (nonmem rows)"),
           ("heldout", "Held-out memorized prompts (heldout rows), measured after the edit and never used to fit it"),
+          ("heldout_without_reference", "Held-out rows without a training image (not measured)"),
           ("never_seen", "Never-seen images, the control of the held-out measurement"))
 # Settings of ``diffmem mitigate`` worth showing beside the inputs: (key of ``settings``, label).
 _MITIGATE_SETTINGS = (("method", "Method that locates the edit"), ("ratio", "Strength"),
