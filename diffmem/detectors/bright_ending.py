@@ -274,12 +274,12 @@ def bright_ending_scores(pipe, prompts: list[str], config: BrightEndingConfig | 
     scores = np.zeros(len(prompts), dtype=np.float64)
     maps_out = np.zeros((len(prompts), height, width), dtype=np.float32)
     diffs: list[torch.Tensor] = []
-    last_t = {"value": None}
 
     def pre_hook(module, args, kwargs) -> None:
+        # the pipeline has set the scheduler's timesteps by its first denoiser call; the last one is the last step
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t = float(torch.as_tensor(t).flatten()[0])
-        capture.active = t == last_t["value"]
+        capture.active = t == float(pipe.scheduler.timesteps[-1])
         if capture.active:
             capture.maps.clear()
 
@@ -299,8 +299,6 @@ def bright_ending_scores(pipe, prompts: list[str], config: BrightEndingConfig | 
                 positions = end_token_positions(pipe, batch, config.end_tokens)
                 capture.positions = [p for p in positions for _ in range(n)]
                 latents = initial_latents(pipe, [config.seed + j for _ in batch for j in range(n)], height, width)
-                pipe.scheduler.set_timesteps(config.num_inference_steps)
-                last_t["value"] = float(pipe.scheduler.timesteps[-1])
                 diffs.clear()
                 capture.maps.clear()
                 kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents.to(device, dtype),
