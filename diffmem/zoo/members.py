@@ -31,11 +31,11 @@ MEMBERS: dict[str, Callable[[], TrainConfig]] = {
         guidance_scale=5.0, guidance_rescale=0.0),
     "tiny-sd-photos": lambda: TrainConfig(
         design="photos", dataset=PhotosConfig(seed=3), seed=3, vae_channels=(32, 64, 64), vae_steps=800,
-        vae_batch_size=16, unet_steps=2400, guidance_scale=4.0, guidance_rescale=0.7),
+        vae_batch_size=16, unet_steps=1600, guidance_scale=4.0, guidance_rescale=0.7),
     "tiny-pixart-memorizer": lambda: TrainConfig(
         design="shapes", dataset=ShapesConfig(seed=2, duplicates=(32, 64, 128), emblems_per_level=6,
                                               num_controls=6),
-        denoiser="pixart", seed=2, vae_from="tiny-sd-memorizer", unet_steps=2000, guidance_scale=4.0,
+        denoiser="pixart", seed=2, vae_from="tiny-sd-memorizer", unet_steps=1600, guidance_scale=4.0,
         guidance_rescale=0.0),
 }
 """Zoo members by name: each a function returning its training configuration."""
