@@ -258,10 +258,18 @@ def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | No
     return {k: res.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
 
 
-def _acceptable(row: dict[str, Any], target: float) -> bool:
+def _plausible(row: dict[str, Any], unedited_kid: float | None) -> bool:
+    """The memorized prompts render no further from ordinary generations (KID) than the memorized images themselves
+    did before the edit: they became something image-like, not e.g. dark noise (true when not measured)."""
+    kid = (row.get("memorized_becomes") or {}).get("kid_mean")
+    return kid is None or unedited_kid is None or kid <= unedited_kid
+
+
+def _acceptable(row: dict[str, Any], target: float, unedited_kid: float | None = None) -> bool:
     rep = _judged(row)
     spread = row.get("drift_within_spread")
-    return rep is not None and rep <= target and (spread is None or spread >= 0.5)
+    return (rep is not None and rep <= target and (spread is None or spread >= 0.5)
+            and _plausible(row, unedited_kid))
 
 
 def mitigate(
@@ -322,9 +330,15 @@ def mitigate(
     ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
     strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
     nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
+    unedited_kid = None
+    if nonmem_before is not None and nonmem_before.images is not None:
+        with torch.no_grad():
+            mem_before = evaluate(pipe, locate_rows, ecfg, scorer, progress=False)
+        unedited = _becomes(mem_before.images, nonmem_before.images) if mem_before.images is not None else None
+        unedited_kid = (unedited or {}).get("kid_mean")
     sweep: list[dict[str, Any]] = []
     chosen: tuple[float, Edit] | None = None
-    best = float("inf")
+    best = (True, float("inf"))
     for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
         lcfg = _locate_config(config.method, strength, config.record_steps)
         edit = locate(pipe, stats_mem, stats_base, lcfg)
@@ -336,13 +350,15 @@ def mitigate(
         logger.info("strength %g: %d weights changed, locate replication %s (out of fold %s), drift within spread %s",
                     strength, row["parameters_changed"], row["locate_replication"],
                     row.get("out_of_fold_replication"), row.get("drift_within_spread"))
-        if _acceptable(row, config.target):
+        row["plausible"] = _plausible(row, unedited_kid)
+        if _acceptable(row, config.target, unedited_kid):
             chosen = (strength, edit)
             break
         rep = _judged(row)
-        rep = rep if rep is not None else float("inf")
-        if chosen is None or rep < best:
-            chosen, best = (strength, edit), rep
+        # no strength is acceptable: prefer plausible renderings of the memorized prompts, then lower replication
+        key = (not row["plausible"], rep if rep is not None else float("inf"))
+        if chosen is None or key < best:
+            chosen, best = (strength, edit), key
     strength, edit = chosen  # type: ignore[misc]
     plain = edit
     lap("strength")
@@ -353,7 +369,8 @@ def mitigate(
         edit, rounds, first_adversarial = _harden(pipe, edit, locate_rows, nonmem, base, rcfg, extra, strength,
                                                   config, call, scorer, progress)
         lap("robust")
-    estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds]}
+    estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
+                                "memorized_kid_unedited": unedited_kid}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, locate_rows, nonmem, folds, stats_parts, stats_base, base, rcfg,
                                              extra, strength, config, call, scorer, progress)
