@@ -38,6 +38,7 @@ def _run(memorizer, name, **settings):
 
 
 @needs_model
+@pytest.mark.slow  # a whole 25-step generation of 56 prompts: about 30 s on one thread
 def test_bright_ending_scores_memorized_prompts_higher(memorizer):
     """The BE-weighted noise magnitude (the paper's detection) is higher for memorized prompts: AUC 0.72 here.
 
