@@ -35,7 +35,7 @@ MEMBERS: dict[str, Callable[[], TrainConfig]] = {
     "tiny-pixart-memorizer": lambda: TrainConfig(
         design="shapes", dataset=ShapesConfig(seed=2, duplicates=(32, 64, 128), emblems_per_level=6,
                                               num_controls=6),
-        denoiser="pixart", seed=2, vae_from="tiny-sd-memorizer", unet_steps=1600, guidance_scale=4.0,
+        denoiser="pixart", seed=2, vae_from="tiny-sd-memorizer", unet_steps=4000, guidance_scale=4.0,
         guidance_rescale=0.0),
 }
 """Zoo members by name: each a function returning its training configuration."""
