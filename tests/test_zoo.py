@@ -78,8 +78,13 @@ def test_training_script_writes_pipeline_and_resumes(tmp_path, caplog):
     assert saved["unet_steps"] == 4 and saved["dataset"]["num_unique"] == 40
     assert json.loads((work / "unet" / "progress.json").read_text())["step"] == 4
     rows = [json.loads(x) for x in (out / "memorization.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"locate", "heldout", "nonmem"}
+    assert {r["split"] for r in rows} == {"locate", "heldout", "nonmem", "never_seen"}
     assert all((out / r["reference"]).is_file() for r in rows)
+    never = [r for r in rows if r["split"] == "never_seen"]
+    train_prompts = {r["prompt"] for r in rows if r["split"] != "never_seen"}
+    # the attacks' control: images like the memorized ones, not memorized, with captions no training row uses
+    assert never and all(not r["memorized"] and r["duplicates"] == 0 for r in never)
+    assert not {r["prompt"] for r in never} & train_prompts
     assert not list(out.rglob("*.bin")), "weights must be safetensors"
     # resume: a longer run continues from the saved step instead of starting over
     caplog.set_level("INFO")
