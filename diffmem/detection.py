@@ -476,6 +476,19 @@ class _CallCounter:
             self._handle = None
 
 
+def _total_cost(cost: dict[str, float]) -> dict[str, float]:
+    """The cost of the whole run: summed over processes (CPU time, denoiser calls and rows), wall time the longest;
+    every process gets the same totals."""
+    from .parallel import distributed_state, gather_all
+
+    state = distributed_state()
+    if state.num_processes == 1:
+        return cost
+    parts = gather_all(cost, state)
+    total = {k: round(sum(p[k] for p in parts), 4) for k in ("cpu_seconds", "denoiser_calls", "denoiser_rows")}
+    return {"seconds": max(p["seconds"] for p in parts), **total}
+
+
 def detect(pipe, prompts: list[str], config: Any = None, labels: list[bool] | None = None,
            calibration_prompts: list[str] | None = None, m: float = 3.0, progress: bool = True) -> DetectionResult:
     """Score prompts with any registered detector; report AUC/TPR@1%FPR with labels, or flag with calibration.
@@ -508,8 +521,9 @@ def detect(pipe, prompts: list[str], config: Any = None, labels: list[bool] | No
     wall, cpu = time.perf_counter(), time.process_time()
     with _CallCounter(pipe) as counter:
         out = _sharded_run(pipe, prompts, config, spec, progress)
-    cost = {"seconds": round(time.perf_counter() - wall, 4), "cpu_seconds": round(time.process_time() - cpu, 4),
-            "denoiser_calls": counter.calls, "denoiser_rows": counter.rows}
+    cost = _total_cost({"seconds": round(time.perf_counter() - wall, 4),
+                        "cpu_seconds": round(time.process_time() - cpu, 4),
+                        "denoiser_calls": counter.calls, "denoiser_rows": counter.rows})
     res = DetectionResult(prompts, out.scores, method=spec.name, cost=cost, maps=out.maps, masks=out.masks)
     if labels is not None:
         lab = np.asarray(labels, dtype=bool)

@@ -424,7 +424,11 @@ def test_detect_two_processes_equals_one(runs):
     assert two["prompts"] == one["prompts"] == FIVE
     assert two["scores"] == one["scores"]
     assert two["flagged"] == one["flagged"]
+    cost_one, cost_two = one["summary"].pop("cost"), two["summary"].pop("cost")
     assert two["summary"] == one["summary"] and two["summary"]["auc"] is not None
+    # the cost covers the whole run: the same denoiser work in total, however many processes shared it
+    assert (cost_two["denoiser_calls"], cost_two["denoiser_rows"]) == (cost_one["denoiser_calls"],
+                                                                       cost_one["denoiser_rows"])
 
 
 @pytest.mark.slow
