@@ -239,7 +239,7 @@ class SamplerConfig(_ConfigMethods):
         """
         current = scheduler if isinstance(scheduler, type) else type(scheduler)
         getter = getattr(current, "_get_compatibles", None)
-        usable = [c for c in getter() if ".dummy_" not in c.__module__] if getter else []  # not dependency stubs
+        usable = [c for c in getter() if ".dummy_" not in c.__module__] if getter else []  # diffusers' placeholders
         compatible = sorted({c.__name__ for c in usable} | {current.__name__})
         if len(compatible) == 1:
             return False

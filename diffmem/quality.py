@@ -16,6 +16,7 @@ A distance is named after its features: ``FID`` and ``KID`` on Inception feature
 
 from __future__ import annotations
 
+import abc
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -96,7 +97,7 @@ class ImageFeatures:
         return "KID" if self.is_inception else f"KID_{self.name}"
 
 
-class FeatureExtractor:
+class FeatureExtractor(abc.ABC):
     """Maps images to an ``[N, D]`` float32 feature array; subclasses set ``name`` and implement ``__call__``.
 
     Attributes:
@@ -111,8 +112,9 @@ class FeatureExtractor:
     random_weights: bool = False
     is_inception: bool = False
 
+    @abc.abstractmethod
     def __call__(self, images: Images) -> np.ndarray:
-        raise NotImplementedError
+        """Features ``[N, D]`` of ``images``; every extractor defines it."""
 
     def features(self, images: Images) -> ImageFeatures:
         """Features of ``images``, named.
