@@ -262,8 +262,10 @@ class SamplerConfig(_ConfigMethods):
         if self.guidance_rescale and (not params or "guidance_rescale" in params):
             out["guidance_rescale"] = self.guidance_rescale
         out.update({k: getattr(self, k) for k in ("height", "width") if getattr(self, k) is not None})
-        if "use_resolution_binning" in params:
-            out["use_resolution_binning"] = False
+        if pipe is not None:
+            from .sampling import pipeline_extras
+
+            out.update(pipeline_extras(pipe))  # the one rule for what every diffmem call passes
         return out
 
     def apply_scheduler(self, pipe: Any) -> Any:
