@@ -62,3 +62,15 @@ def test_mitigate_refuses_a_manifest_without_locate_rows(pipe):
     entries = [e for e in read_manifest(MODEL / "memorization.jsonl") if e.split == "nonmem"][:2]
     with pytest.raises(Exception, match="locate"):
         mitigate(pipe, entries, MitigateConfig(ratio=0.02), get_scorer("ssim"), progress=False)
+
+
+def test_plausibility_guard_allows_the_kid_estimates_own_noise():
+    from diffmem.mitigation import _plausible
+
+    unedited = 2.4e-4
+    # within two subset standard deviations of the unedited KID: the edit is judged plausible
+    assert _plausible({"memorized_becomes": {"kid_mean": 2.6e-4, "kid_std": 1e-4}}, unedited)
+    # far above it (dark noise is orders of magnitude further): not plausible
+    assert not _plausible({"memorized_becomes": {"kid_mean": 5e-4, "kid_std": 1e-4}}, unedited)
+    # not measured: no veto
+    assert _plausible({}, unedited) and _plausible({"memorized_becomes": {"kid_mean": 1.0}}, None)
