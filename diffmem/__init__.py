@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "SamplerConfig": "diffmem.config",
     "DiffmemError": "diffmem.errors",
     "ConfigError": "diffmem.errors",
+    "EditMismatchError": "diffmem.errors",
     "MaskMismatchError": "diffmem.errors",
     "PromptFileError": "diffmem.errors",
     "ModelLoadError": "diffmem.errors",

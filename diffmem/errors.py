@@ -10,6 +10,7 @@ __all__ = [
     "DiffmemError",
     "ConfigError",
     "TargetNotFoundError",
+    "EditMismatchError",
     "MaskMismatchError",
     "PromptFileError",
     "ModelLoadError",
@@ -33,8 +34,11 @@ class TargetNotFoundError(DiffmemError):
     """No module of the denoiser matched the target pattern."""
 
 
-class MaskMismatchError(DiffmemError):
-    """A mask (or direction basis) does not fit the model's target layers."""
+class EditMismatchError(DiffmemError):
+    """An edit (mask, direction basis, weight delta) or a set of statistics does not fit the model's layers."""
+
+
+MaskMismatchError = EditMismatchError  # the name before edits other than masks existed
 
 
 class PromptFileError(DiffmemError):
