@@ -49,7 +49,7 @@ from test_full_scale import (  # noqa: E402  (the configs live with their tests)
 
 from diffmem.config import LocateConfig, RecordConfig  # noqa: E402
 from diffmem.edits import MANIFEST_NAME, export_edited  # noqa: E402
-from diffmem.hooks import ActivationRecorder  # noqa: E402
+from diffmem.recording import ActivationRecorder  # noqa: E402
 from diffmem.localization import locate  # noqa: E402
 from diffmem.targets import find_targets  # noqa: E402
 

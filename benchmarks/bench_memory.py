@@ -92,7 +92,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from diffmem.config import RecordConfig
-    from diffmem.hooks import record
+    from diffmem.recording import record
     from diffmem.pipelines import load_pipeline
     from diffmem.zoo import sampling_defaults
 

@@ -4,7 +4,7 @@ Two measurements, each taken side by side (interleaved repetitions, medians of p
 machine slows both sides alike:
 
 1. **Hook overhead.** Full generations at the model's sampler defaults (all steps and the VAE decode), with an
-   :class:`~diffmem.hooks.ActivationRecorder` attached that records every step (``record_steps`` equals
+   :class:`~diffmem.recording.ActivationRecorder` attached that records every step (``record_steps`` equals
    ``num_inference_steps``, no early stop) versus without it. The ratio is hooked time over plain time.
 2. **Locate speed-up and agreement.** A reference of Chavhan et al.'s locate procedure, written here from scratch
    the way their released code runs it and sharing no code with diffmem's recorder or selection:
@@ -212,7 +212,7 @@ def hook_overhead(
         The median of the per-pair ratios (hooked / plain).
     """
     from diffmem.config import RecordConfig
-    from diffmem.hooks import ActivationRecorder
+    from diffmem.recording import ActivationRecorder
     from diffmem.sampling import generate_images
 
     kwargs = model.call_kwargs()
@@ -471,7 +471,7 @@ def locate_speedup(
         reference mask with the preset's, and the statistics of the last repetition of both sides.
     """
     from diffmem.config import BASE_PRESETS, LocateConfig, RecordConfig
-    from diffmem.hooks import record
+    from diffmem.recording import record
     from diffmem.localization import locate
 
     kwargs = model.call_kwargs(steps)

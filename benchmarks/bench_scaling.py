@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from diffmem.config import RecordConfig
     from diffmem.data import read_manifest, read_prompts
-    from diffmem.hooks import record
+    from diffmem.recording import record
     from diffmem.pipelines import load_pipeline
     from diffmem.zoo import sampling_defaults
 

@@ -38,8 +38,8 @@ _EXPORTS: dict[str, str] = {
     "read_entries": "diffmem.data",
     "load_reference": "diffmem.data",
     # record
-    "ActivationRecorder": "diffmem.hooks",
-    "record": "diffmem.hooks",
+    "ActivationRecorder": "diffmem.recording",
+    "record": "diffmem.recording",
     "ActivationStats": "diffmem.stats",
     # locate
     "locate": "diffmem.localization",

@@ -37,7 +37,7 @@ from .directions import DirectionBasis
 from .edits import Edit, apply_edit
 from .errors import ConfigError, DiffmemError
 from .evaluation import EvalConfig, EvalResult, evaluate
-from .hooks import record
+from .recording import record
 from .localization import locate
 from .masks import Mask, mask_iou
 from .reextraction import ReextractConfig, ReextractItem, reextract

@@ -109,7 +109,7 @@ def _save_checkpoint(folder: Path, key: str, parts: list[tuple[int, Any]], num_p
 
 def _record_more(pipe, part: list[str], config, stats, model_id: str | None, pipe_kwargs: dict | None):
     """``stats`` with the statistics of ``part`` added (``stats`` itself when ``part`` is empty)."""
-    from .hooks import record
+    from .recording import record
 
     if not part:
         return stats
@@ -140,7 +140,7 @@ def record_resumable(pipe, prompts: Sequence[str], config, *, partial: str | os.
 
     Returns:
         The statistics of all ``prompts`` on every process, equal (to fp32 summation order) to a single
-        uninterrupted :func:`~diffmem.hooks.record`.
+        uninterrupted :func:`~diffmem.recording.record`.
 
     Raises:
         ValueError: ``prompts`` is empty or ``checkpoint_every`` is negative.

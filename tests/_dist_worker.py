@@ -30,20 +30,20 @@ CALL = {"num_inference_steps": 2, "height": 16, "width": 16}
 
 
 def slow_down_recording(delay: float) -> None:
-    """Make :func:`diffmem.hooks.record` sleep ``delay`` seconds before each call.
+    """Make :func:`diffmem.recording.record` sleep ``delay`` seconds before each call.
 
     Args:
         delay: Seconds to wait per call.
     """
-    import diffmem.hooks
+    import diffmem.recording
 
-    record = diffmem.hooks.record
+    record = diffmem.recording.record
 
     def slow_record(*args, **kwargs):
         time.sleep(delay)
         return record(*args, **kwargs)
 
-    diffmem.hooks.record = slow_record
+    diffmem.recording.record = slow_record
 
 
 def record_config(job: dict[str, Any]):

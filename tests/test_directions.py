@@ -17,7 +17,7 @@ from diffmem.data import ManifestEntry
 from diffmem.directions import DirectionBasis, explained_variance_curves, locate_directions, subspace_overlap
 from diffmem.edits import MANIFEST_NAME, apply_edit, export_edited
 from diffmem.errors import DiffmemError, ExportError, MaskMismatchError
-from diffmem.hooks import ActivationRecorder, record
+from diffmem.recording import ActivationRecorder, record
 from diffmem.localization import locate
 from diffmem.masks import Mask
 from diffmem.stats import ActivationStats, LayerStats

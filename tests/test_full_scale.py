@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from diffmem.config import LocateConfig, RecordConfig
 from diffmem.edits import MANIFEST_NAME, export_edited
-from diffmem.hooks import ActivationRecorder, record
+from diffmem.recording import ActivationRecorder, record
 from diffmem.localization import locate
 from diffmem.masks import Mask
 from diffmem.stats import ActivationStats

@@ -41,7 +41,7 @@ from _dist_worker import record_config, run_jobs
 
 from diffmem.config import LocateConfig, RecordConfig
 from diffmem.errors import DiffmemError
-from diffmem.hooks import record
+from diffmem.recording import record
 from diffmem.localization import locate, stats_act_norm
 from diffmem.masks import Mask
 from diffmem.parallel import shard_bounds, shard_map

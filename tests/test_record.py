@@ -10,7 +10,7 @@ from torch import nn
 
 from diffmem.config import RecordConfig
 from diffmem.errors import DiffmemError
-from diffmem.hooks import ActivationRecorder, record
+from diffmem.recording import ActivationRecorder, record
 from diffmem.targets import find_targets
 
 MID = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"

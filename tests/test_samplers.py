@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from diffmem.config import RecordConfig
 from diffmem.errors import DiffmemError
-from diffmem.hooks import ActivationRecorder, record
+from diffmem.recording import ActivationRecorder, record
 from diffmem.sampling import initial_latents
 from diffmem.stats import ActivationStats
 

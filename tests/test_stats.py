@@ -10,7 +10,7 @@ import torch
 
 from diffmem.config import RecordConfig
 from diffmem.errors import DiffmemError
-from diffmem.hooks import record
+from diffmem.recording import record
 from diffmem.files import pair_paths
 from diffmem.stats import (
     ActivationStats,

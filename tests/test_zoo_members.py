@@ -13,7 +13,7 @@ from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import read_manifest
 from diffmem.deltas import WeightDelta
 from diffmem.edits import apply_edit, export_edited, load_edit
-from diffmem.hooks import record
+from diffmem.recording import record
 from diffmem.localization import locate
 from diffmem.pipelines import load_pipeline, sampling_defaults
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract

@@ -31,7 +31,7 @@ from diffmem.errors import ConfigError, PromptFileError
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
-from diffmem.hooks import record
+from diffmem.recording import record
 from diffmem.localization import locate
 from diffmem.masks import chance_iou, mask_iou
 from diffmem.metrics import roc_curve
