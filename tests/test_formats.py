@@ -25,7 +25,7 @@ from diffmem.data import (
     write_manifest,
 )
 from diffmem.errors import PromptFileError
-from diffmem.formats import WEBSTER_LABELS, assign_splits, detect_format
+from diffmem.data.formats import WEBSTER_LABELS, assign_splits, detect_format
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 NEMO_MEM = DATA / "nemo_memorized_laion_prompts.csv"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PromptFileError
+from ..errors import ConfigError, PromptFileError
 
 __all__ = [
     "WEBSTER_LABELS",
