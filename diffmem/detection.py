@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import _check
 from .errors import ConfigError, DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
+from .recording.clock import SamplerClock, batch_rows, call_pipeline
 from .sampling import image_size, initial_latents, latent_shape, pipeline_extras
 from .targets import get_denoiser
 
@@ -92,16 +94,9 @@ class DetectConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
+        check_sampler_settings(self)
         n = self.num_inference_steps
-        _check(n >= 1, "num_inference_steps", n, "must be >= 1")
         _check(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
-        _check(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.guidance_scale > 1, "guidance_scale", self.guidance_scale, "detection needs > 1 (CFG)")
-        _check(0 <= self.guidance_rescale <= 1, "guidance_rescale", self.guidance_rescale, "must be in [0, 1]")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
         _check(self.space in ("model", "epsilon"), "space", self.space, "choose 'model' or 'epsilon'")
 
     def to_dict(self) -> dict:
@@ -141,14 +136,14 @@ def check_sampler_settings(config: Any) -> None:
         _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
 
 
-class _Stop(Exception):
-    """Raised by the denoiser hook after the last scored evaluation, to end the pipeline call early."""
+def _batch_noise(pipe, prompt_index: list[int], config: Any, height: int, width: int) -> torch.Tensor:
+    """Initial noise of every generation of the batch: ``num_seeds`` per prompt.
 
-
-def _batch_noise(pipe, prompt_index: list[int], config: DetectConfig, height: int, width: int) -> torch.Tensor:
-    """Initial noise of every generation of the batch: ``num_seeds`` per prompt."""
+    Noise ``j`` of every prompt uses seed ``config.seed + j``; with ``config.per_prompt_seeds`` (a field only some
+    detector configs have) prompt ``i`` draws its noises from one generator seeded ``config.seed + i``.
+    """
     n = config.num_seeds
-    if not config.per_prompt_seeds:
+    if not getattr(config, "per_prompt_seeds", False):
         return initial_latents(pipe, [config.seed + j for _ in prompt_index for j in range(n)], height, width)
     shape = latent_shape(pipe, height, width)
     out = []
@@ -158,13 +153,77 @@ def _batch_noise(pipe, prompt_index: list[int], config: DetectConfig, height: in
     return torch.cat(out)
 
 
+def denoiser_prediction(output: Any, channels: int) -> Tensor:
+    """The prediction in a denoiser's output (a tuple, an output class with ``sample``, or a tensor), cut to the
+    latent's ``channels`` (PixArt's learned-sigma output carries a variance after them)."""
+    pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+    return pred[:, :channels]
+
+
+ScoreFn = Callable[[nn.Module, tuple, dict, Any], Tensor]
+"""``score(module, args, kwargs, output)`` of one ``[uncond; cond]`` denoiser call: ``float64 [R]`` values of its
+``R`` generations, on the CPU."""
+
+
 @torch.no_grad()
+def score_first_steps(pipe, prompts: list[str], config: Any, score: ScoreFn, *, desc: str = "detect",
+                      progress: bool = True, first_index: int = 0) -> np.ndarray:
+    """Average ``score`` over the first ``config.score_steps`` denoiser evaluations and the seeds of each prompt.
+
+    The pipeline runs on batches of ``config.batch_size`` prompts with ``config.num_seeds`` generations each; a
+    :class:`~diffmem.recording.clock.SamplerClock` (one step per denoiser call, ``[uncond; cond]`` batches of twice
+    the generations) hands each of the first ``score_steps`` calls to ``score`` and stops the call after them.
+    Denoiser calls that ``score`` makes itself are not counted.
+
+    Args:
+        pipe: A text-to-image pipeline with classifier-free guidance.
+        prompts: Prompts to score.
+        config: A detector config with ``score_steps``, the sampler fields (``num_inference_steps``,
+            ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``), ``batch_size``, ``num_seeds`` and
+            ``seed`` (and optionally ``per_prompt_seeds``).
+        score: The value of one evaluation per generation (:data:`ScoreFn`).
+        desc: Label of the progress bar.
+        progress: Show a progress bar.
+        first_index: Global index of ``prompts[0]`` (for per-prompt seeds when the prompts are a shard).
+
+    Returns:
+        ``float64 [len(prompts)]`` scores, in prompt order.
+    """
+    denoiser = get_denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    height, width = image_size(pipe, config.height, config.width)
+    n = config.num_seeds
+    out = np.zeros(len(prompts), dtype=np.float64)
+    totals: list[Tensor] = []
+    clock = SamplerClock(denoiser, steps=config.score_steps,
+                         on_output=lambda *call: totals.append(score(*call)))
+    with clock:
+        for start in tqdm(range(0, len(prompts), config.batch_size), desc=desc, disable=not progress):
+            batch = prompts[start : start + config.batch_size]
+            index = [first_index + start + i for i in range(len(batch))]
+            latents = _batch_noise(pipe, index, config, height, width).to(device, dtype)
+            totals.clear()
+            clock.start_batch(len(batch) * n, cfg=True)
+            kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents, height=height, width=width,
+                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                          output_type="latent", **pipeline_extras(pipe))
+            if config.guidance_rescale > 0:
+                kwargs["guidance_rescale"] = config.guidance_rescale
+            call_pipeline(pipe, kwargs)
+            if len(totals) < config.score_steps:
+                raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
+                                   f"{config.score_steps}")
+            total = torch.stack(totals).mean(0)
+            out[start : start + len(batch)] = total.view(len(batch), n).mean(1).numpy()
+    return out
+
+
 def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = None, progress: bool = True,
                       *, first_index: int = 0) -> np.ndarray:
     """Wen et al.'s text-conditional prediction magnitude ``||pred(x_t, c) - pred(x_t, empty)||`` per prompt.
 
     The pipeline itself runs (any text-to-image pipeline with classifier-free guidance: Stable Diffusion, SDXL,
-    PixArt, SD3, ...); a scoped forward hook on its denoiser reads the ``[uncond; cond]`` prediction of the first
+    PixArt, SD3, ...); :func:`score_first_steps` reads the ``[uncond; cond]`` prediction of the first
     ``score_steps`` evaluations and stops the call after the last one.
 
     Args:
@@ -178,54 +237,20 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
         ``float64 [len(prompts)]`` scores, in prompt order.
     """
     config = config or DetectConfig()
-    denoiser = get_denoiser(pipe)
-    device, dtype = denoiser.device, denoiser.dtype
     height, width = image_size(pipe, config.height, config.width)
     channels = latent_shape(pipe, height, width)[0]
     pred_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    out = np.zeros(len(prompts), dtype=np.float64)
-    totals: list[torch.Tensor] = []
 
-    def hook(module, args, kwargs, output) -> None:
-        pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        pred_u, pred_c = pred[:, :channels].float().chunk(2)
+    def norm(module, args, kwargs, output) -> Tensor:
+        pred_u, pred_c = denoiser_prediction(output, channels).float().chunk(2)
         diff = pred_c - pred_u
         if config.space == "epsilon" and pred_type == "v_prediction":
             t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             a = pipe.scheduler.alphas_cumprod.to(diff.device)[torch.as_tensor(t).long().flatten()[0]].float()
             diff = diff * a.sqrt()
-        totals.append(diff.flatten(1).norm(dim=1).double().cpu())
-        if len(totals) == config.score_steps:
-            raise _Stop
+        return diff.flatten(1).norm(dim=1).double().cpu()
 
-    bar = tqdm(range(0, len(prompts), config.batch_size), desc="detect", disable=not progress)
-    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for start in bar:
-            batch = prompts[start : start + config.batch_size]
-            index = [first_index + start + i for i in range(len(batch))]
-            latents = _batch_noise(pipe, index, config, height, width).to(device, dtype)
-            totals.clear()
-            kwargs = dict(prompt=batch, num_images_per_prompt=config.num_seeds, latents=latents, height=height,
-                          width=width, num_inference_steps=config.num_inference_steps,
-                          guidance_scale=config.guidance_scale, output_type="latent", **pipeline_extras(pipe))
-            if config.guidance_rescale > 0:
-                kwargs["guidance_rescale"] = config.guidance_rescale
-            try:
-                pipe(**kwargs)
-            except _Stop:
-                pass
-            if len(totals) < config.score_steps:
-                raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
-                                   f"{config.score_steps}")
-            total = torch.stack(totals).mean(0)
-            if total.numel() != len(batch) * config.num_seeds:
-                raise DiffmemError(f"the denoiser saw {2 * total.numel()} rows; expected an [uncond; cond] batch of "
-                                   f"{2 * len(batch) * config.num_seeds}")
-            out[start : start + len(batch)] = total.view(len(batch), config.num_seeds).mean(1).numpy()
-    finally:
-        handle.remove()
-    return out
+    return score_first_steps(pipe, prompts, config, norm, desc="detect", progress=progress, first_index=first_index)
 
 
 @dataclass
@@ -462,9 +487,8 @@ class _CallCounter:
         self._handle = None
 
     def _hook(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.calls += 1
-        self.rows += int(sample.shape[0]) if hasattr(sample, "shape") else 0
+        self.rows += batch_rows(args, kwargs) or 0
 
     def __enter__(self) -> _CallCounter:
         self._handle = self.denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import _check
-from ..detection import DetectorOutput, check_sampler_settings, register_detector
+from ..detection import DetectorOutput, check_sampler_settings, denoiser_prediction, register_detector
 from ..errors import DiffmemError
 from ..sampling import image_size, initial_latents, latent_shape, pipeline_extras
 from ..targets import get_denoiser
@@ -285,8 +285,7 @@ def bright_ending_scores(pipe, prompts: list[str], config: BrightEndingConfig | 
 
     def hook(module, args, kwargs, output) -> None:
         if config.score == "local_noise_norm":
-            pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-            pred_u, pred_c = pred[:, :channels].float().chunk(2)
+            pred_u, pred_c = denoiser_prediction(output, channels).float().chunk(2)
             diffs.append((pred_c - pred_u).cpu())
 
     capture = EndTokenAttention(denoiser, config.layers)

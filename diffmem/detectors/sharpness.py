@@ -26,17 +26,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from ..config import _check
-from ..detection import (
-    _Stop,
-    check_sampler_settings,
-    register_detector,
-)
+from ..detection import check_sampler_settings, denoiser_prediction, register_detector, score_first_steps
 from ..errors import DiffmemError
-from ..sampling import image_size, initial_latents, latent_shape, pipeline_extras
-from ..targets import get_denoiser
+from ..sampling import image_size, latent_shape
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +91,15 @@ def _sample_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
     raise DiffmemError("cannot find the denoiser's latent input (sample / hidden_states)")
 
 
-@torch.no_grad()
 def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = None, progress: bool = True,
                      *, first_index: int = 0) -> np.ndarray:
     """Jeon et al.'s ``||(H_c - H_u)(s_c - s_u)||`` per prompt, in the denoiser's prediction space.
 
-    The pipeline runs; a scoped forward hook on its denoiser takes the ``[uncond; cond]`` prediction of each of the
-    first ``score_steps`` evaluations, evaluates the denoiser's Jacobian-vector product along ``pred_c - pred_u``
-    at the same input, and stops the call after the last scored step. Any CFG pipeline whose prediction has the
-    latent's shape (Stable Diffusion, PixArt's first half of a learned-sigma output, SD3) works.
+    The pipeline runs; :func:`~diffmem.detection.score_first_steps` hands each of the first ``score_steps``
+    evaluations to a function that takes the ``[uncond; cond]`` prediction, evaluates the denoiser's
+    Jacobian-vector product along ``pred_c - pred_u`` at the same input, and stops the call after the last scored
+    step. Any CFG pipeline whose prediction has the latent's shape (Stable Diffusion, PixArt's first half of a
+    learned-sigma output, SD3) works.
 
     Args:
         pipe: The pipeline to audit.
@@ -119,23 +113,12 @@ def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = 
     """
     del first_index
     config = config or SharpnessConfig()
-    denoiser = get_denoiser(pipe)
-    device, dtype = denoiser.device, denoiser.dtype
     height, width = image_size(pipe, config.height, config.width)
     channels = latent_shape(pipe, height, width)[0]
-    out = np.zeros(len(prompts), dtype=np.float64)
-    totals: list[torch.Tensor] = []
-    state = {"inside": False}
 
-    def pred_of(output) -> torch.Tensor:
-        pred = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        return pred[:, :channels]
-
-    def hook(module, args, kwargs, output) -> None:
-        if state["inside"]:
-            return
+    def hessian_score(module, args, kwargs, output) -> torch.Tensor:
         x, where = _sample_arg(args, kwargs)
-        pred = pred_of(output).float()
+        pred = denoiser_prediction(output, channels).float()
         pred_u, pred_c = pred.chunk(2)
         direction = torch.cat([pred_c - pred_u] * 2).to(x.dtype)
         if direction.shape != x.shape:
@@ -147,55 +130,21 @@ def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = 
                 o = module(z, *args[1:], **kwargs)
             else:
                 o = module(*args, **{**kwargs, where: z})
-            return pred_of(o).float()
+            return denoiser_prediction(o, channels).float()
 
-        state["inside"] = True
-        try:
-            if config.hvp == "jvp":
-                # fused attention kernels have no forward-mode derivative; the math kernel has (as in the paper)
-                with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-                    _, jv = torch.func.jvp(f, (x,), (direction,))
-            else:
-                norm_x = x.float().flatten(1).norm(dim=1)
-                norm_v = direction.float().flatten(1).norm(dim=1).clamp_min(1e-12)
-                h = (config.fd_eps * norm_x / norm_v).view(-1, *([1] * (x.dim() - 1)))
-                jv = (f(x + (h * direction).to(x.dtype)) - pred) / h
-        finally:
-            state["inside"] = False
+        if config.hvp == "jvp":
+            # fused attention kernels have no forward-mode derivative; the math kernel has (as in the paper)
+            with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+                _, jv = torch.func.jvp(f, (x,), (direction,))
+        else:
+            norm_x = x.float().flatten(1).norm(dim=1)
+            norm_v = direction.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+            h = (config.fd_eps * norm_x / norm_v).view(-1, *([1] * (x.dim() - 1)))
+            jv = (f(x + (h * direction).to(x.dtype)) - pred) / h
         jv_u, jv_c = jv.float().chunk(2)
-        totals.append((jv_c - jv_u).flatten(1).norm(dim=1).double().cpu())
-        if len(totals) == config.score_steps:
-            raise _Stop
+        return (jv_c - jv_u).flatten(1).norm(dim=1).double().cpu()
 
-    bar = tqdm(range(0, len(prompts), config.batch_size), desc="sharpness", disable=not progress)
-    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for start in bar:
-            batch = prompts[start : start + config.batch_size]
-            n = config.num_seeds
-            seeds = [config.seed + j for _ in batch for j in range(n)]
-            latents = initial_latents(pipe, seeds, height, width).to(device, dtype)
-            totals.clear()
-            kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents, height=height, width=width,
-                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                          output_type="latent", **pipeline_extras(pipe))
-            if config.guidance_rescale > 0:
-                kwargs["guidance_rescale"] = config.guidance_rescale
-            try:
-                pipe(**kwargs)
-            except _Stop:
-                pass
-            if len(totals) < config.score_steps:
-                raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
-                                   f"{config.score_steps}")
-            total = torch.stack(totals).mean(0)
-            if total.numel() != len(batch) * n:
-                raise DiffmemError(f"the denoiser saw {2 * total.numel()} rows; expected an [uncond; cond] batch of "
-                                   f"{2 * len(batch) * n}")
-            out[start : start + len(batch)] = total.view(len(batch), n).mean(1).numpy()
-    finally:
-        handle.remove()
-    return out
+    return score_first_steps(pipe, prompts, config, hessian_score, desc="sharpness", progress=progress)
 
 
 register_detector("sharpness", SharpnessConfig, sharpness_scores,

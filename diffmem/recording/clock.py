@@ -27,7 +27,7 @@ from ..targets import get_denoiser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SamplerClock", "StopGeneration", "call_pipeline", "SPLIT", "UNCOND", "COND", "PENDING"]
+__all__ = ["SamplerClock", "StopGeneration", "call_pipeline", "batch_rows", "SPLIT", "UNCOND", "COND", "PENDING"]
 
 # How the rows of one denoiser call map to CFG halves.
 SPLIT = "split"  # 2B rows [uncond; cond] in one call
@@ -55,7 +55,7 @@ def call_pipeline(pipe: Any, kwargs: dict[str, Any]) -> None:
         pass
 
 
-def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+def batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
     """Batch size of the denoiser input (``sample`` / ``hidden_states`` or the first tensor argument)."""
     for key in ("sample", "hidden_states"):
         value = kwargs.get(key)
@@ -339,7 +339,7 @@ class SamplerClock:
                 raise StopGeneration(step)
             self.step = None
             return None
-        n = _batch_rows(args, kwargs)
+        n = batch_rows(args, kwargs)
         if n is None:
             raise DiffmemError(f"cannot find the batch size of the {type(module).__name__} input")
         self.layout = self._classify(n, step, args, kwargs)
