@@ -38,7 +38,7 @@ from .edits import Edit, apply_edit
 from .errors import ConfigError, DiffmemError
 from .evaluation import EvalConfig, EvalResult, evaluate
 from .recording import record
-from .localization import locate
+from .localization import list_locators, locate
 from .masks import Mask, mask_iou
 from .reextraction import ReextractConfig, ReextractItem, reextract
 from .sampling import image_size
@@ -124,8 +124,8 @@ class MitigateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("wanda", "neuron", "directions"):
-            raise ConfigError(f"method={self.method!r} is invalid: choose wanda, neuron or directions")
+        if self.method not in list_locators():
+            raise ConfigError(f"method={self.method!r} is invalid: choose one of {', '.join(list_locators())}")
         if self.robust not in ROBUST:
             raise ConfigError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
         if self.robust == "prune" and self.method == "directions":

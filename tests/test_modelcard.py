@@ -260,9 +260,7 @@ def test_prune_pushes_the_export(model_dir, mask_file, tmp_path, recorded):
 
 
 def test_bad_repo_id_is_refused_before_the_model_loads(model_dir, mask_file, tmp_path, capsys, monkeypatch):
-    import diffmem.cli
-
-    monkeypatch.setattr(diffmem.cli, "_load", lambda args: pytest.fail("the model must not load"))
+    monkeypatch.setattr("diffmem.pipelines.load_pipeline", lambda *a, **k: pytest.fail("the model must not load"))
     (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a red cat", "split": "locate"}) + "\n")
     for argv in (["prune", model_dir, "--edit", mask_file, "--out", tmp_path / "o", "--push-to-hub", "bad id!"],
                  ["mitigate", model_dir, "--prompts", tmp_path / "m.jsonl", "--out", tmp_path / "o",
