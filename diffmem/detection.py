@@ -9,8 +9,9 @@ Every detector is a config dataclass paired with a scoring function, registered 
 (:func:`register_detector`); :func:`detect` runs any of them and returns the same :class:`DetectionResult`, with
 AUC and TPR at 1 % FPR when labels are given and the cost of the run (seconds, denoiser calls). The built-in
 detectors besides ``wen`` live in :mod:`diffmem.detectors`: ``bright_ending`` (Chen et al., ICLR 2025: end-token
-cross-attention at the last step, with a per-pixel mask) and ``sharpness`` (Jeon et al., ICML 2025: the
-Hessian-score product at the first step).
+cross-attention at the last step, with a per-pixel mask), ``sharpness`` (Jeon et al., ICML 2025: the
+Hessian-score product at the first step) and ``anisotropy`` (Asthana & Belagiannis, ICLR 2026: the first-step norm
+plus the low-noise alignment of the guidance with the unconditional prediction, on pure noise).
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ DEFAULT_DETECTOR = "wen"
 ``benchmarks/bench_detect.py``; see ``docs/faithfulness.md``)."""
 
 _DETECTORS: dict[str, DetectorSpec] = {}
-_BUILTIN_MODULES = ("diffmem.detectors.bright_ending", "diffmem.detectors.sharpness")
+_BUILTIN_MODULES = ("diffmem.detectors.bright_ending", "diffmem.detectors.sharpness", "diffmem.detectors.anisotropy")
 
 
 def _load_builtins() -> None:
