@@ -1,7 +1,8 @@
 """Before/after evaluation of an edit (a mask or a direction basis) on a prompt manifest.
 
 The edit is applied reversibly to the *same* loaded pipeline, so "before" and "after" differ only by the edit,
-and every image of a prompt uses the same seed in both runs.
+and every image of a prompt uses the same seed in both runs. With ``EvalConfig(region="bright-ending")`` replication
+is also measured on each generation's memorized region only (its Bright Ending mask, :mod:`diffmem.detectors.region`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ class EvalConfig:
         strict_threshold: A second, stricter replication threshold reported beside the scorer's own
             (0.7 for SSCD, as in the literature); ``None`` skips it.
         call_kwargs: Pipeline call arguments (``num_inference_steps``, ``guidance_scale``, ...).
+        region: Where replication is also measured: ``"full"`` (the scorer on the whole image only) or
+            ``"bright-ending"``: each generation's Bright Ending mask (Chen et al. 2025; the end-token attention at
+            its own last step, :mod:`diffmem.detectors.region`), for template or local memorization. Rows then add
+            ``region``, ``mask_fraction`` and, with a reference, ``region_max_similarity``,
+            ``region_mean_similarity`` and ``region_replication_rate`` beside the whole-image figures.
+        mask_threshold: A pixel is in the mask where its min-max normalised end-token map reaches this value.
+        end_tokens: ``"first"`` (the end token after the prompt, the paper's) or ``"all"`` (with the padding).
+        region_metric: Similarity on the mask (:func:`diffmem.detectors.masked_similarity`): ``"ssim"``,
+            ``"psnr"``, ``"mse"`` or ``"l2"``.
+        region_threshold: A generation is a regional copy at a masked similarity at or above this (at or below for
+            ``"mse"``); ``None``: 0.6 for ``"ssim"`` (the SSIM scorer's threshold), required for the others.
     """
 
     num_seeds: int = 8
@@ -44,8 +56,30 @@ class EvalConfig:
     batch_size: int = 64
     strict_threshold: float | None = 0.7
     call_kwargs: dict = field(default_factory=dict)
+    region: str = "full"
+    mask_threshold: float = 0.5
+    end_tokens: str = "first"
+    region_metric: str = "ssim"
+    region_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        from .detectors.local import MASKED_METRICS
+        from .detectors.region import REGIONS
+
+        if self.region not in REGIONS:
+            raise ConfigError(f"region={self.region!r} is invalid: choose one of {', '.join(REGIONS)}")
+        if not 0 < self.mask_threshold < 1:
+            raise ConfigError(f"mask_threshold={self.mask_threshold!r} is invalid: must be in (0, 1)")
+        if self.end_tokens not in ("first", "all"):
+            raise ConfigError(f"end_tokens={self.end_tokens!r} is invalid: choose 'first' or 'all'")
+        if self.region_metric not in MASKED_METRICS:
+            raise ConfigError(f"region_metric={self.region_metric!r} is invalid: choose one of "
+                              f"{', '.join(MASKED_METRICS)}")
+        if self.region_threshold is None and self.region == "bright-ending" and self.region_metric == "ssim":
+            self.region_threshold = 0.6
+        if self.region_threshold is None and self.region == "bright-ending":
+            raise ConfigError(f"region_threshold=None is invalid: region_metric={self.region_metric!r} needs an "
+                              "explicit threshold")
         if self.strict_threshold is not None and not -1.0 <= self.strict_threshold <= 1.0:
             raise ConfigError(f"strict_threshold={self.strict_threshold!r} is invalid: must be in [-1, 1] or None")
         if self.num_seeds < 1:
@@ -74,6 +108,7 @@ class EvalResult:
     config: dict
     images: np.ndarray | None = None  # uint8 [P, S, H, W, 3]
     embeddings: torch.Tensor | None = None  # [P, S, D] for embedding scorers
+    masks: np.ndarray | None = None  # bool [P, S, H, W], each generation's Bright Ending mask (region mode)
 
     def aggregate(self, rows: list[dict] | None = None) -> dict:
         rows = self.rows if rows is None else rows
@@ -119,8 +154,17 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
         An :class:`EvalResult` holding the images too.
     """
     prompts = [e.prompt for e in entries]
-    images = generate_images(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
-                             batch_size=config.batch_size, progress=progress, desc=desc, **config.call_kwargs)
+    masks = None
+    if config.region == "bright-ending":
+        from .detectors.region import generate_with_end_token_maps
+
+        images, maps = generate_with_end_token_maps(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
+                                                    batch_size=config.batch_size, end_tokens=config.end_tokens,
+                                                    progress=progress, desc=desc, **config.call_kwargs)
+        masks = maps >= config.mask_threshold
+    else:
+        images = generate_images(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
+                                 batch_size=config.batch_size, progress=progress, desc=desc, **config.call_kwargs)
     h, w = images.shape[2:4]
     thr = float(scorer.threshold)
     strict = config.strict_threshold if scorer.name == "sscd" else None
@@ -141,6 +185,8 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
                        replication_rate=float((s >= thr).mean()))
             if strict is not None:
                 row["replication_rate_strict"] = float((s >= strict).mean())
+        if masks is not None:
+            row.update(_region_row(imgs, masks[i], e, (h, w), config))
         pair = scorer.similarity(gens, gens).float().numpy()
         row["diversity_similarity"] = _pairwise_mean(pair)
         if baseline is not None:
@@ -154,7 +200,22 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
             row["clip_score"] = float(clip_scorer.clip_score(list(imgs), [e.prompt] * len(imgs)).mean())
         rows.append(row)
     return EvalResult(rows=rows, scorer=scorer.describe(), config=config.to_dict(), images=images,
-                      embeddings=embeddings)
+                      embeddings=embeddings, masks=masks)
+
+
+def _region_row(images: np.ndarray, masks: np.ndarray, entry, size: tuple[int, int], config: EvalConfig) -> dict:
+    """The region fields of one prompt's row: mask fraction, and the masked similarity to its reference."""
+    from .detectors.region import is_regional_copy, region_similarities
+
+    row: dict = {"region": config.region, "mask_fraction": float(masks.mean())}
+    if entry.reference is not None:
+        ref = load_reference(entry.reference, size, row=entry)
+        s = region_similarities(list(images), ref, list(masks), config.region_metric)
+        row.update(region_max_similarity=float(s.min() if config.region_metric == "mse" else s.max()),
+                   region_mean_similarity=float(s.mean()),
+                   region_replication_rate=float(is_regional_copy(s, config.region_threshold,
+                                                                  config.region_metric).mean()))
+    return row
 
 
 def evaluate_edit(pipe, entries, config: EvalConfig, scorer, edit: Edit | None, *, clip_scorer=None,
