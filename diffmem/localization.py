@@ -6,9 +6,12 @@ statistics of memorized prompts and once on those of base prompts. In each outpu
 memorized scores are candidates, and a candidate is kept where its memorized score exceeds its base score. The
 selections of the steps are then united (optionally requiring a minimum number of steps).
 
+The direction view (:func:`locate_directions`) factors the memorized prompts' signatures around the base mean
+with an SVD, per layer, and keeps the leading right singular vectors as the basis of the shared subspace.
+
 Every locator takes ``(stats_mem, stats_base, weights, config)`` and returns an :class:`~diffmem.edits.Edit`:
-``"wanda"`` and ``"neuron"`` give a :class:`~diffmem.masks.Mask`, ``"directions"`` a
-:class:`~diffmem.directions.DirectionBasis`. :func:`register_locator` adds more.
+``"wanda"`` and ``"neuron"`` give a :class:`~diffmem.edits.Mask`, ``"directions"`` a
+:class:`~diffmem.edits.DirectionBasis`. :func:`register_locator` adds more.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import LocateConfig
-from .directions import locate_directions
-from .edits import Edit
-from .errors import DiffmemError, MaskMismatchError
-from .masks import Mask
+from .edits import DirectionBasis, Edit, Mask
+from .errors import DiffmemError, EditMismatchError
 from .stats import check_same_layers, provenance
 from .targets import get_denoiser
 
@@ -40,6 +41,8 @@ __all__ = [
     "neuron_contrast",
     "select_wanda",
     "select_neurons",
+    "locate_directions",
+    "explained_variance_curves",
     "select_directions",
     "locate",
     "register_locator",
@@ -127,10 +130,10 @@ def _check_inputs(
     ordered: dict[str, Tensor] = {}
     for name, shape in stats_mem.layers.items():
         if name not in weights:
-            raise MaskMismatchError(f"statistics layer {name!r} is not in the model")
+            raise EditMismatchError(f"statistics layer {name!r} is not in the model")
         w = weights[name]
         if tuple(w.shape) != tuple(shape):
-            raise MaskMismatchError(
+            raise EditMismatchError(
                 f"statistics layer {name!r} has shape {tuple(shape)} but the model's is {tuple(w.shape)}"
             )
         ordered[name] = w
@@ -321,6 +324,132 @@ def select_neurons(
     return mask
 
 
+# --------------------------------------------------------------------------------------------- directions
+def _base_mean(stats_base: ActivationStats, layer: str) -> Tensor:
+    """Mean base activation ``[N]``: of the signatures when recorded, else the pooled cond-half mean."""
+    if stats_base.signatures is not None and layer in stats_base.signatures:
+        sig = stats_base.signatures[layer]
+        if sig.shape[0]:
+            return sig.double().mean(dim=0)
+    s = stats_base.layer_stats(layer, "cond")
+    count = int(s.count.sum())
+    if count == 0:
+        raise DiffmemError(f"the base statistics saw no token in layer {layer!r}")
+    return s.sum.double().sum(dim=0) / count
+
+
+def _deviations(stats_mem: ActivationStats, stats_base: ActivationStats, layer: str) -> Tensor:
+    """``D = signatures_mem - base mean``, fp64 ``[P, N]``."""
+    if stats_mem.signatures is None:
+        raise DiffmemError(
+            "the memorized statistics hold no per-prompt signatures; record them with --signatures "
+            "(RecordConfig(signatures=True))"
+        )
+    if layer not in stats_mem.signatures:
+        raise DiffmemError(f"the memorized statistics hold no signatures for layer {layer!r}")
+    sig = stats_mem.signatures[layer].double().cpu()
+    base = _base_mean(stats_base, layer).cpu()
+    if sig.shape[1] != base.shape[0]:
+        raise DiffmemError(
+            f"layer {layer!r} has {sig.shape[1]} features in the memorized signatures but {base.shape[0]} in the "
+            "base statistics"
+        )
+    return sig - base
+
+
+def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
+    """Singular values above the fp32 noise floor of the signatures (as ``torch.linalg.matrix_rank`` for fp32)."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
+
+
+def _cumulative_share(s: Tensor) -> list[float]:
+    energy = s * s
+    total = float(energy.sum())
+    if total == 0.0:
+        return [0.0] * int(s.numel())
+    return [float(x) for x in (energy.cumsum(0) / total).clamp_max(1.0)]
+
+
+def explained_variance_curves(stats_mem: ActivationStats, stats_base: ActivationStats) -> dict[str, list[float]]:
+    """Cumulative share of the memorized-vs-base energy captured by the first k directions, per layer.
+
+    Args:
+        stats_mem: Statistics of memorized prompts, with signatures.
+        stats_base: Statistics of base prompts on the same layers.
+
+    Returns:
+        Layer name -> ``curve`` with ``curve[k - 1]`` the share of ``sum s^2`` in the top ``k`` singular values
+        (length ``min(P, N)``; all zeros for a layer without deviation).
+
+    Raises:
+        DiffmemError: The memorized statistics have no signatures or the layers differ.
+    """
+    check_same_layers(stats_mem, stats_base)
+    return {
+        name: _cumulative_share(torch.linalg.svdvals(_deviations(stats_mem, stats_base, name)))
+        for name in stats_mem.layers
+    }
+
+
+def locate_directions(
+    stats_mem: ActivationStats, stats_base: ActivationStats, config: LocateConfig | None = None
+) -> DirectionBasis:
+    """Principal directions of the memorized signatures around the base mean, per layer.
+
+    For each layer ``D = signatures_mem - mu_base`` (``[P, N]``), where ``mu_base`` is the mean of the base
+    signatures when recorded, else the cond-half mean over all recorded steps and tokens. The right singular
+    vectors of ``D`` (``torch.linalg.svd``) are the directions, ordered by singular value and signed so that the
+    memorized prompts project positively on average. ``k = config.rank`` when set, else the smallest ``k`` whose
+    cumulative energy share reaches ``config.explained_variance``; either way ``k`` is capped at the numerical
+    rank of ``D``. Signatures average the cond half over every recorded step, so ``steps`` and ``half`` of the
+    config do not apply.
+
+    Args:
+        stats_mem: Statistics of memorized prompts, recorded with signatures.
+        stats_base: Statistics of base prompts on the same layers.
+        config: ``rank`` and ``explained_variance`` are used; defaults to ``LocateConfig(method="directions")``.
+
+    Returns:
+        The basis, with ``meta["explained_variance"]`` (the curves), ``meta["ranks"]`` and
+        ``meta["available_rank"]`` per layer.
+
+    Raises:
+        DiffmemError: The memorized statistics have no signatures, or the statistics do not match.
+    """
+    config = config or LocateConfig(method="directions")
+    check_same_layers(stats_mem, stats_base)
+    layers: dict[str, Tensor] = {}
+    curves: dict[str, list[float]] = {}
+    available: dict[str, int] = {}
+    for name, shape in stats_mem.layers.items():
+        d = _deviations(stats_mem, stats_base, name)
+        _, s, vh = torch.linalg.svd(d, full_matrices=False)
+        curves[name] = _cumulative_share(s)
+        avail = available[name] = _numerical_rank(s, tuple(d.shape))
+        if config.rank is not None:
+            k = min(config.rank, avail)
+        else:
+            reached = [i for i, c in enumerate(curves[name]) if c >= config.explained_variance - 1e-12]
+            k = min(reached[0] + 1, avail) if reached else avail
+        v = vh[:k].T  # [N, k]
+        sign = torch.sign((d @ v).sum(dim=0))
+        v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
+        layers[name] = v.float()
+    if config.rank is not None and any(r < config.rank for r in available.values()):
+        logger.info("rank %d exceeds the numerical rank of some layers; capped there", config.rank)
+    meta = provenance("directions", config, stats_mem, stats_base)
+    meta["base_mean"] = "signatures" if stats_base.signatures is not None else "statistics"
+    meta["explained_variance"] = curves
+    meta["available_rank"] = available
+    meta["ranks"] = {n: int(u.shape[1]) for n, u in layers.items()}
+    basis = DirectionBasis(layers, {n: tuple(s) for n, s in stats_mem.layers.items()}, meta=meta)
+    logger.info("located directions: ranks %s in %d layers", list(basis.ranks().values()), len(layers))
+    return basis
+
+
 def select_directions(
     stats_mem: ActivationStats, stats_base: ActivationStats, weights: Mapping[str, Tensor], config: LocateConfig
 ) -> Edit:
@@ -371,7 +500,7 @@ def locate(
         The edit chosen by ``config.method`` (a mask, or a direction basis).
 
     Raises:
-        MaskMismatchError: A layer of the statistics is missing from the model or differs in shape.
+        EditMismatchError: A layer of the statistics is missing from the model or differs in shape.
         DiffmemError: The statistics do not match each other or the configuration.
     """
     config = config or LocateConfig()
@@ -385,6 +514,6 @@ def locate(
         module = modules.get(name)
         weight = getattr(module, "weight", None)
         if module is None or not isinstance(weight, Tensor):
-            raise MaskMismatchError(f"statistics layer {name!r} is not in the model")
+            raise EditMismatchError(f"statistics layer {name!r} is not in the model")
         weights[name] = weight
     return locator(stats_mem, stats_base, weights, config)

@@ -13,7 +13,7 @@ rows (ordinary prompts) of a manifest; ``heldout`` rows are never read, so a fin
    ``target`` or ``max_rounds`` is reached.
 4. ``robust="finetune"`` (Finding DoRI's adversarial fine-tuning, the published anchor): fine-tune the denoiser
    with the ordinary denoising loss on non-memorized data plus a loss that maps the adversarial conditionings to
-   the edited model's own prediction for the original prompt; the result is a :class:`~diffmem.deltas.WeightDelta`.
+   the edited model's own prediction for the original prompt; the result is a :class:`~diffmem.edits.WeightDelta`.
 """
 
 from __future__ import annotations
@@ -32,14 +32,11 @@ from tqdm.auto import tqdm
 from .config import LocateConfig, RecordConfig
 from .crossfit import SAMPLER_NAMES, make_folds, measure_rows, sampler_variants, summarise_rows
 from .data import ManifestEntry, load_reference
-from .deltas import WeightDelta
-from .directions import DirectionBasis
-from .edits import Edit, apply_edit
+from .edits import DirectionBasis, Edit, Mask, WeightDelta, apply_edit, chance_iou, mask_iou
 from .errors import ConfigError, DiffmemError
 from .evaluation import EvalConfig, EvalResult, evaluate
 from .recording import record
 from .localization import list_locators, locate
-from .masks import Mask, mask_iou
 from .reextraction import ReextractConfig, ReextractItem, reextract
 from .sampling import image_size
 from .targets import get_denoiser
@@ -749,7 +746,6 @@ def locality_evidence(
     Returns:
         A JSON-ready dictionary of those numbers (and whether each trigger replicates).
     """
-    from .masks import chance_iou
     from .reextraction import encode_conditioning
 
     call = dict(call_kwargs or {})

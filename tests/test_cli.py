@@ -57,7 +57,7 @@ def flow(model_dir, tmp_path_factory):
 def test_flow_writes_stats_mask_and_a_loadable_export(flow, model_dir):
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.masks import Mask
+    from diffmem.edits import Mask
     from diffmem.stats import ActivationStats
 
     stats = ActivationStats.load(flow / "mem.safetensors")
@@ -85,7 +85,7 @@ def test_iou_of_a_mask_with_itself(flow, capsys):
 
 
 def test_neuron_level_masks_whole_columns(flow, model_dir):
-    from diffmem.masks import Mask
+    from diffmem.edits import Mask
 
     assert main(["locate", str(model_dir), "--memorized", str(flow / "mem.safetensors"), "--base",
                  str(flow / "base.safetensors"), "--out", str(flow / "neurons.safetensors"), "--ratio", "0.05",

@@ -14,12 +14,10 @@ from PIL import Image
 import diffmem
 from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import ManifestEntry
-from diffmem.directions import DirectionBasis, explained_variance_curves, locate_directions, subspace_overlap
-from diffmem.edits import MANIFEST_NAME, apply_edit, export_edited
-from diffmem.errors import DiffmemError, ExportError, MaskMismatchError
+from diffmem.edits import MANIFEST_NAME, DirectionBasis, Mask, apply_edit, export_edited, subspace_overlap
+from diffmem.errors import DiffmemError, EditMismatchError, ExportError
 from diffmem.recording import ActivationRecorder, record
-from diffmem.localization import locate
-from diffmem.masks import Mask
+from diffmem.localization import explained_variance_curves, locate, locate_directions
 from diffmem.stats import ActivationStats, LayerStats
 from diffmem.targets import find_targets
 
@@ -190,7 +188,7 @@ def test_subspace_overlap_identical_orthogonal_and_chance() -> None:
     ortho = subspace_overlap(a, b)
     assert ortho["per_layer"]["x"] == pytest.approx(0.0) and ortho["overall"] == pytest.approx(0.5)
     assert subspace_overlap(a, b, k=2)["ranks"]["x"] == [2, 2]
-    with pytest.raises(MaskMismatchError, match="'x'"):
+    with pytest.raises(EditMismatchError, match="'x'"):
         subspace_overlap(a, DirectionBasis({"x": eye[:16, :1]}, {"x": (2, 16)}))
 
 
@@ -240,14 +238,14 @@ def test_mismatch_names_the_first_layer_and_touches_nothing(fresh_tiny_pipe) -> 
     before = snapshot(pipe.unet)
     expected = f"directions layer '{names[1]}' has shape (32, 128) but the model's is (64, 256)"
     for action in (bad.validate, bad.bake):
-        with pytest.raises(MaskMismatchError) as err:
+        with pytest.raises(EditMismatchError) as err:
             action(pipe)
         assert str(err.value) == expected
-    with pytest.raises(MaskMismatchError, match="has shape"):
+    with pytest.raises(EditMismatchError, match="has shape"):
         with bad.apply(pipe):
             pytest.fail("the block must not run")
     missing = DirectionBasis({"down_blocks.9.ff.net.2": torch.zeros(4, 0)}, {"down_blocks.9.ff.net.2": (2, 4)})
-    with pytest.raises(MaskMismatchError, match="'down_blocks.9.ff.net.2'"):
+    with pytest.raises(EditMismatchError, match="'down_blocks.9.ff.net.2'"):
         missing.bake(pipe)
     assert_same(pipe.unet, before)
 

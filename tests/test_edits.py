@@ -2,7 +2,7 @@
 
 Each kind is checked for the same contract: it round-trips through ``save`` / ``load_edit``, applies reversibly
 (restored bit for bit, also after an exception), bakes, refuses a model it does not fit with a one-line
-``MaskMismatchError`` without touching it, and ``export_edited`` writes a folder that a plain ``from_pretrained``
+``EditMismatchError`` without touching it, and ``export_edited`` writes a folder that a plain ``from_pretrained``
 loads into the edited model. Then the guards of ``export_edited``: it never overwrites the source model or a folder
 that is not an earlier export, and a failed export leaves everything as it was.
 """
@@ -19,11 +19,18 @@ import pytest
 import torch
 
 import diffmem
-from diffmem.deltas import WeightDelta
-from diffmem.directions import DirectionBasis
-from diffmem.edits import MANIFEST_NAME, Edit, apply_edit, check_output_dir, export_edited, load_edit
-from diffmem.errors import DiffmemError, ExportError, MaskMismatchError
-from diffmem.masks import Mask
+from diffmem.edits import (
+    MANIFEST_NAME,
+    DirectionBasis,
+    Edit,
+    Mask,
+    WeightDelta,
+    apply_edit,
+    check_output_dir,
+    export_edited,
+    load_edit,
+)
+from diffmem.errors import DiffmemError, EditMismatchError, ExportError
 from diffmem.targets import find_targets
 from diffmem.zoo.tiny import build_tiny_pipeline
 
@@ -224,13 +231,13 @@ def test_mismatch_is_one_line_and_touches_nothing(kind, pipe, tmp_path) -> None:
         absent = WeightDelta({missing: torch.ones(2, 2), **deltas})
     before = snapshot(pipe.unet)
     for action in (bad.validate, bad.bake, lambda p: export_edited(p, bad, tmp_path / "out")):
-        with pytest.raises(MaskMismatchError) as err:
+        with pytest.raises(EditMismatchError) as err:
             action(pipe)
         assert str(err.value) == f"{bad.kind} layer '{culprit}' has shape {shapes}"
-    with pytest.raises(MaskMismatchError, match="has shape"):
+    with pytest.raises(EditMismatchError, match="has shape"):
         with apply_edit(pipe, bad):
             pytest.fail("the block must not run")
-    with pytest.raises(MaskMismatchError) as err:
+    with pytest.raises(EditMismatchError) as err:
         absent.bake(pipe)
     assert str(err.value) == (f"{absent.kind} layer '{missing}' is not in the model (UNet2DConditionModel); "
                               "was it made for another model?")

@@ -20,7 +20,7 @@ import diffmem
 from diffmem.cli import main
 from diffmem.config import LocateConfig
 from diffmem.errors import ConfigError, DiffmemError
-from diffmem.masks import Mask
+from diffmem.edits import Mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,12 +64,12 @@ def test_out_of_range_value_is_one_line_and_exit_2(mask_file, tmp_path):
 
 def test_config_check_in_the_library_is_one_line_and_exit_2(mask_file, tmp_path, capsys, monkeypatch):
     """A value that passes argparse but fails a config check deeper down is still the user's error."""
-    import diffmem.masks
+    import diffmem.edits
 
     def check(a, b):
         LocateConfig(ratio=0.0)  # what a library config check raises for a value the user gave
 
-    monkeypatch.setattr(diffmem.masks, "mask_iou", check)
+    monkeypatch.setattr(diffmem.edits, "mask_iou", check)
     assert main(["iou", str(mask_file), str(mask_file)]) == 2
     err = capsys.readouterr().err
     assert err == "diffmem: error: ratio=0.0 is invalid: must be in (0, 1]\n"
@@ -84,12 +84,12 @@ def test_missing_file_is_one_line_and_exit_2(mask_file, tmp_path, capsys):
 @pytest.mark.parametrize("bug", [RuntimeError("boom"), KeyError("layer"), ValueError("internal invariant broke"),
                                  TypeError("bad call"), PermissionError("no filename: not a user path")])
 def test_a_bug_propagates_with_its_type(bug, mask_file, capsys, monkeypatch):
-    import diffmem.masks
+    import diffmem.edits
 
     def broken(a, b):
         raise bug
 
-    monkeypatch.setattr(diffmem.masks, "mask_iou", broken)
+    monkeypatch.setattr(diffmem.edits, "mask_iou", broken)
     with pytest.raises(type(bug)) as caught:
         main(["iou", str(mask_file), str(mask_file)])
     assert caught.value is bug
@@ -97,12 +97,12 @@ def test_a_bug_propagates_with_its_type(bug, mask_file, capsys, monkeypatch):
 
 
 def test_an_os_error_on_a_named_path_is_the_users(mask_file, tmp_path, capsys, monkeypatch):
-    import diffmem.masks
+    import diffmem.edits
 
     def denied(a, b):
         raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
 
-    monkeypatch.setattr(diffmem.masks, "mask_iou", denied)
+    monkeypatch.setattr(diffmem.edits, "mask_iou", denied)
     assert main(["iou", str(mask_file), str(mask_file)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffmem: error:") and err.count("\n") == 1 and "locked" in err
@@ -111,12 +111,12 @@ def test_an_os_error_on_a_named_path_is_the_users(mask_file, tmp_path, capsys, m
 def test_a_bug_shows_its_traceback_and_exits_1(mask_file, tmp_path):
     """An internal ValueError (once reported as a user error) now ends in a traceback and exit status 1."""
     res = _python(["iou", mask_file, mask_file], tmp_path, sitecustomize="""
-        import diffmem.masks
+        import diffmem.edits
 
         def mask_iou(a, b):
             raise ValueError("internal invariant broke")
 
-        diffmem.masks.mask_iou = mask_iou
+        diffmem.edits.mask_iou = mask_iou
     """)
     assert res.returncode == 1, res.stderr
     assert "Traceback (most recent call last)" in res.stderr

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from diffmem.data import ManifestEntry
-from diffmem.edits import apply_edit, export_edited
+from diffmem.edits import Mask, apply_edit, export_edited
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
-from diffmem.masks import Mask
 from diffmem.score import get_scorer
 from diffmem.targets import find_targets
 

@@ -28,10 +28,9 @@ from test_targets import SD15_UNET_CONFIG
 from torch import Tensor, nn
 
 from diffmem.config import LocateConfig, RecordConfig
-from diffmem.edits import MANIFEST_NAME, export_edited
+from diffmem.edits import MANIFEST_NAME, Mask, export_edited
 from diffmem.recording import ActivationRecorder, record
 from diffmem.localization import locate
-from diffmem.masks import Mask
 from diffmem.stats import ActivationStats
 from diffmem.targets import find_targets
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diffmem.config import LocateConfig
-from diffmem.errors import DiffmemError, MaskMismatchError
+from diffmem.edits import Mask, chance_iou, mask_iou
+from diffmem.errors import DiffmemError, EditMismatchError
 from diffmem.files import pair_paths
 from diffmem.localization import (
     list_locators,
@@ -23,7 +24,6 @@ from diffmem.localization import (
     stats_act_norm,
     wanda_scores,
 )
-from diffmem.masks import Mask, chance_iou, mask_iou
 from diffmem.stats import ActivationStats, LayerStats
 
 LAYER = "blocks.0.ff.net.2"
@@ -268,7 +268,7 @@ def test_locate_on_a_model_records_provenance() -> None:
     assert neurons.level == "neuron" and neurons.meta["method"] == "neuron"
 
     wrong = make_stats({"blocks.7.ff.net.2": torch.rand(3, 16)}, {"blocks.7.ff.net.2": 8})
-    with pytest.raises(MaskMismatchError, match="blocks.7.ff.net.2"):
+    with pytest.raises(EditMismatchError, match="blocks.7.ff.net.2"):
         locate(model, wrong, wrong, config)
 
 
@@ -396,7 +396,7 @@ def test_mask_save_load_round_trip_stores_indices(tmp_path) -> None:
 
 
 def test_mask_from_indices_rejects_out_of_range() -> None:
-    with pytest.raises(MaskMismatchError, match="'x'"):
+    with pytest.raises(EditMismatchError, match="'x'"):
         Mask.from_indices({"x": torch.tensor([6])}, {"x": (2, 3)})
 
 
@@ -414,12 +414,12 @@ def test_mask_iou() -> None:
 def test_mask_iou_and_check_compatible_mismatch() -> None:
     a = two_layer_mask([0], [0])
     other_shape = Mask.from_indices({"x": torch.tensor([0]), "y": torch.tensor([0])}, {"x": (3, 2), "y": (4, 2)})
-    with pytest.raises(MaskMismatchError, match=r"'x' has shape \(2, 3\)"):
+    with pytest.raises(EditMismatchError, match=r"'x' has shape \(2, 3\)"):
         mask_iou(a, other_shape)
     missing = Mask.from_indices({"x": torch.tensor([0])}, {"x": (2, 3)})
-    with pytest.raises(MaskMismatchError, match="'y'"):
+    with pytest.raises(EditMismatchError, match="'y'"):
         a.check_compatible(missing)
-    with pytest.raises(MaskMismatchError, match="'y'"):
+    with pytest.raises(EditMismatchError, match="'y'"):
         missing.check_compatible(a)
     a.check_compatible(two_layer_mask([1], []))
 
@@ -439,5 +439,5 @@ def test_union_and_chance_iou() -> None:
     extra = a.union(Mask.from_indices({"z": torch.tensor([1, 5])}, {"z": (2, 1, 3)}))
     assert list(extra.shapes()) == ["x", "y", "z"] and extra.indices()["z"].tolist() == [1, 5]
     assert extra.num_masked() == a.num_masked() + 2
-    with pytest.raises(MaskMismatchError, match="'x'"):
+    with pytest.raises(EditMismatchError, match="'x'"):
         a.union(Mask.from_indices({"x": torch.tensor([0])}, {"x": (3, 2)}))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from diffmem.data import read_manifest
-from diffmem.masks import Mask
+from diffmem.edits import Mask
 from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline, sampling_defaults
 from diffmem.reextraction import ReextractConfig

@@ -16,9 +16,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 from diffmem.cli import main
-from diffmem.edits import MANIFEST_NAME, export_edited
+from diffmem.edits import MANIFEST_NAME, Mask, export_edited
 from diffmem.errors import ConfigError, DiffmemError, PushError
-from diffmem.masks import Mask
 from diffmem.modelcard import hub_model_id, push_to_hub, render_results, write_model_card
 from diffmem.targets import find_targets
 
@@ -81,12 +80,12 @@ def test_bare_denoiser_and_unedited_exports_have_cards(tiny_pipe, tmp_path):
 
 
 def test_a_failed_card_leaves_no_export(tiny_pipe, mask, tmp_path, monkeypatch):
-    import diffmem.edits
+    import diffmem.edits.export
 
     def broken(*args, **kwargs):
         raise RuntimeError("card writer broke")
 
-    monkeypatch.setattr(diffmem.edits, "write_model_card", broken)
+    monkeypatch.setattr(diffmem.edits.export, "write_model_card", broken)
     with pytest.raises(RuntimeError, match="card writer broke"):
         export_edited(tiny_pipe, mask, tmp_path / "pruned")
     assert list(tmp_path.iterdir()) == []

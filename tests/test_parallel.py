@@ -40,10 +40,10 @@ import torch
 from _dist_worker import record_config, run_jobs
 
 from diffmem.config import LocateConfig, RecordConfig
+from diffmem.edits import Mask
 from diffmem.errors import DiffmemError
 from diffmem.recording import record
 from diffmem.localization import locate, stats_act_norm
-from diffmem.masks import Mask
 from diffmem.parallel import shard_bounds, shard_map
 from diffmem.resume import CHECKPOINT_FORMAT, checkpoint_dir, record_resumable, record_to_file
 from diffmem.stats import ActivationStats, stats_paths

@@ -4,10 +4,9 @@ The import graph is read from the source with :mod:`ast` (nothing is imported to
 
 * **import time**: the imports a module runs when it is imported (module level, including ``try`` / ``if``
   blocks, but not ``if TYPE_CHECKING:``). A cycle here is a circular import, so this graph must be acyclic.
-* **all**: every intra-package import, also those deferred into functions. Deferred imports are the usual way to
-  let a registry load its plugins (``edits.load_edit`` imports ``masks``, which imports ``edits``), so they may
-  close a cycle; but no library module may import the applications built on it (``diffmem.cli``,
-  ``diffmem.workflows``, ``diffmem.zoo``), not even lazily.
+* **all**: every intra-package import, also those deferred into functions. No library module may import the
+  applications built on it (``diffmem.cli``, ``diffmem.workflows``, ``diffmem.zoo``), not even lazily, and a
+  registry is filled at import time: ``diffmem.edits`` imports its kinds, none of its modules defers an import.
 """
 
 from __future__ import annotations
@@ -126,10 +125,9 @@ def is_app(module: str) -> bool:
 
 def test_the_graph_sees_the_imports_it_should() -> None:
     graph = import_graph(at_import_time_only=True)
-    assert {"diffmem.edits", "diffmem.errors"} <= graph["diffmem.masks"]  # relative imports
+    assert {"diffmem.edits.base", "diffmem.errors"} <= graph["diffmem.edits.mask"]  # relative imports
     assert "diffmem.score" in graph["diffmem.evaluation"]  # ``from .score import X`` loads the subpackage
-    assert "diffmem.masks" not in graph["diffmem.edits"]  # deferred into ``load_edit``
-    assert "diffmem.masks" in import_graph(at_import_time_only=False)["diffmem.edits"]
+    assert "diffmem.edits.mask" in graph["diffmem.edits"]  # a package's ``from .mask import X``
     assert "diffmem.cli" in graph["diffmem.__main__"]  # absolute imports
 
 
@@ -159,6 +157,19 @@ def test_find_cycle_reports_the_cycle() -> None:
 def test_no_import_cycle() -> None:
     cycle = find_cycle(import_graph(at_import_time_only=True))
     assert cycle is None, "circular import: " + " -> ".join(cycle or [])
+
+
+def test_the_edits_package_defers_no_import_and_never_imports_the_locators() -> None:
+    """The edit kinds register when ``diffmem.edits`` is imported; the locators build on edits, not the reverse."""
+    modules = package_modules()
+    known = set(modules)
+    edits = {name: path for name, path in modules.items() if (name + ".").startswith("diffmem.edits.")}
+    deferred = [f"{name}:{imp.line} imports {imp.target}" for name, path in edits.items()
+                for imp in imports_of(name, path, known) if not imp.at_import_time]
+    assert not deferred, "deferred imports in diffmem.edits: " + "; ".join(deferred)
+    graph = import_graph(at_import_time_only=False)
+    assert all("diffmem.localization" not in graph[name] for name in edits)
+    assert "diffmem.edits" in graph["diffmem.localization"]
 
 
 def test_library_never_imports_the_apps() -> None:

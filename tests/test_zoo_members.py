@@ -11,8 +11,7 @@ import torch
 
 from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import read_manifest
-from diffmem.deltas import WeightDelta
-from diffmem.edits import apply_edit, export_edited, load_edit
+from diffmem.edits import WeightDelta, apply_edit, export_edited, load_edit
 from diffmem.recording import record
 from diffmem.localization import locate
 from diffmem.pipelines import load_pipeline, sampling_defaults

@@ -26,14 +26,13 @@ import torch
 from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
-from diffmem.edits import apply_edit, check_output_dir, export_edited
+from diffmem.edits import apply_edit, chance_iou, check_output_dir, export_edited, mask_iou
 from diffmem.errors import ConfigError, PromptFileError
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
 from diffmem.recording import record
 from diffmem.localization import locate
-from diffmem.masks import chance_iou, mask_iou
 from diffmem.metrics import roc_curve
 from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, locality_evidence, mitigate
 from diffmem.pipelines import load_pipeline

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .edits import Edit, load_edit, register_edit
-from .errors import ConfigError, MaskMismatchError
+from ..errors import ConfigError, EditMismatchError
+from .base import Edit, register_edit
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +97,17 @@ class Mask(Edit):
             The mask.
 
         Raises:
-            MaskMismatchError: A layer has no indices, or an index falls outside its layer.
+            EditMismatchError: A layer has no indices, or an index falls outside its layer.
         """
         layers: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             if name not in indices:
-                raise MaskMismatchError(f"mask layer {name!r} has a shape but no indices")
+                raise EditMismatchError(f"mask layer {name!r} has a shape but no indices")
             idx = torch.as_tensor(indices[name]).to(torch.int64).flatten()
             dims = tuple(int(d) for d in shape)
             numel = math.prod(dims)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-                raise MaskMismatchError(f"mask layer {name!r} has indices outside its shape {dims}")
+                raise EditMismatchError(f"mask layer {name!r} has indices outside its shape {dims}")
             flat = torch.zeros(numel, dtype=torch.bool)
             flat[idx] = True
             layers[name] = flat.view(dims)
@@ -171,19 +170,19 @@ class Mask(Edit):
             other: The mask to compare with.
 
         Raises:
-            MaskMismatchError: Naming the first layer that is missing on one side or differs in shape.
+            EditMismatchError: Naming the first layer that is missing on one side or differs in shape.
         """
         mine, theirs = self.shapes(), other.shapes()
         for name, shape in mine.items():
             if name not in theirs:
-                raise MaskMismatchError(f"mask layer {name!r} is missing from the other mask")
+                raise EditMismatchError(f"mask layer {name!r} is missing from the other mask")
             if theirs[name] != shape:
-                raise MaskMismatchError(
+                raise EditMismatchError(
                     f"mask layer {name!r} has shape {shape} here but {theirs[name]} in the other mask"
                 )
         for name in theirs:
             if name not in mine:
-                raise MaskMismatchError(f"mask layer {name!r} of the other mask is missing from this mask")
+                raise EditMismatchError(f"mask layer {name!r} of the other mask is missing from this mask")
 
     def union(self, other: Mask) -> Mask:
         """The mask of the weights masked in either mask (level ``"weight"`` unless both are neuron masks).
@@ -191,12 +190,12 @@ class Mask(Edit):
         Layers of only one mask are kept as they are; layers of both must have the same shape.
 
         Raises:
-            MaskMismatchError: A layer of both masks differs in shape.
+            EditMismatchError: A layer of both masks differs in shape.
         """
         mine, theirs = self.shapes(), other.shapes()
         for name in mine.keys() & theirs.keys():
             if mine[name] != theirs[name]:
-                raise MaskMismatchError(f"mask layer {name!r} has shape {mine[name]} here but {theirs[name]} there")
+                raise EditMismatchError(f"mask layer {name!r} has shape {mine[name]} here but {theirs[name]} there")
         same = mine.keys() == theirs.keys()
         level = "neuron" if same and self.level == other.level == "neuron" else "weight"
         layers = {n: m | other.layers[n] if n in other.layers else m.clone() for n, m in self.layers.items()}
@@ -237,11 +236,6 @@ class Mask(Edit):
         shapes = {n: tuple(int(d) for d in s) for n, s in header["layers"]}
         return cls.from_indices(tensors, shapes, level=header.get("level", "weight"), meta=meta)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Mask:
-        """Load a mask written by :meth:`save` (see :func:`diffmem.edits.load_edit`)."""
-        return load_edit(path, expect=cls)  # type: ignore[return-value]
-
 
 def mask_iou(a: Mask, b: Mask) -> dict[str, Any]:
     """Intersection over union of two masks, per layer and over all layers.
@@ -256,7 +250,7 @@ def mask_iou(a: Mask, b: Mask) -> dict[str, Any]:
         ``{"per_layer": {name: iou}, "overall": iou}``.
 
     Raises:
-        MaskMismatchError: The masks cover different layers or shapes.
+        EditMismatchError: The masks cover different layers or shapes.
     """
     a.check_compatible(b)
     per_layer: dict[str, float] = {}
@@ -275,7 +269,7 @@ def chance_iou(a: Mask, b: Mask) -> float:
     """Expected IoU of two random masks with the per-layer sizes of ``a`` and ``b``.
 
     Raises:
-        MaskMismatchError: The masks cover different layers or shapes.
+        EditMismatchError: The masks cover different layers or shapes.
     """
     a.check_compatible(b)
     inter_total = union_total = 0.0

@@ -7,7 +7,6 @@ the reversible form restores the original values bit for bit.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .edits import Edit, load_edit, register_edit
-from .targets import get_denoiser
+from ..targets import get_denoiser
+from .base import Edit, register_edit
 
 __all__ = ["WeightDelta"]
 
@@ -79,8 +78,3 @@ class WeightDelta(Edit):
     @classmethod
     def from_storage(cls, header: dict[str, Any], tensors: dict[str, Tensor], meta: dict[str, Any]) -> WeightDelta:
         return cls({n: tensors[n] for n, _ in header["layers"]}, meta=meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> WeightDelta:
-        """Load a delta written by :meth:`save`."""
-        return load_edit(path, expect=cls)  # type: ignore[return-value]

@@ -1,39 +1,29 @@
-"""The direction view of the shared memorization subspace: locate it with an SVD, project it out of the FFN.
+"""The direction view of the shared memorization subspace: a basis to project out of the FFN, and overlaps.
 
 Memorized prompts push the FFN hidden activations of a denoiser towards a common low-dimensional subspace
-(Chavhan et al., 2024). Where a sparse :class:`~diffmem.masks.Mask` zeroes individual weights, this module
-describes the subspace itself: for each target layer, the per-prompt signatures of the memorized prompts minus the
-base mean are factored with an SVD, and the leading right singular vectors form an orthonormal basis ``U``
-(``[in_features, k]``) of the layer's input space.
+(Chavhan et al., 2024). Where a sparse :class:`~diffmem.edits.Mask` zeroes individual weights, a
+:class:`DirectionBasis` describes the subspace itself: for each target layer an orthonormal basis ``U``
+(``[in_features, k]``) of the layer's input space, located by
+:func:`~diffmem.localization.locate_directions` from the memorized prompts' signatures.
 
 A :class:`DirectionBasis` is an :class:`~diffmem.edits.Edit` that removes that subspace from the layer's input
 side, ``W' = W (I - U U^T)``: the layer then ignores any activation component inside the subspace and acts on
-the rest exactly as before.
+the rest exactly as before. :func:`subspace_overlap` compares two bases, the counterpart of the mask IoU.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .config import LocateConfig
-from .edits import Edit, load_edit, register_edit
-from .errors import ConfigError, DiffmemError, MaskMismatchError
+from ..errors import ConfigError, EditMismatchError
+from .base import Edit, register_edit
 
-from .stats import check_same_layers, provenance
-
-if TYPE_CHECKING:
-    from .stats import ActivationStats
-
-logger = logging.getLogger(__name__)
-
-__all__ = ["DirectionBasis", "locate_directions", "explained_variance_curves", "subspace_overlap"]
+__all__ = ["DirectionBasis", "subspace_overlap"]
 
 _ORTHONORMAL_ATOL = 1e-4
 
@@ -126,18 +116,18 @@ class DirectionBasis(Edit):
             other: The basis to compare with.
 
         Raises:
-            MaskMismatchError: Naming the first layer missing on one side or differing in shape.
+            EditMismatchError: Naming the first layer missing on one side or differing in shape.
         """
         for name, shape in self.shapes.items():
             if name not in other.shapes:
-                raise MaskMismatchError(f"direction layer {name!r} is missing from the other basis")
+                raise EditMismatchError(f"direction layer {name!r} is missing from the other basis")
             if other.shapes[name] != shape:
-                raise MaskMismatchError(
+                raise EditMismatchError(
                     f"direction layer {name!r} has shape {shape} here but {other.shapes[name]} in the other basis"
                 )
         for name in other.shapes:
             if name not in self.shapes:
-                raise MaskMismatchError(f"direction layer {name!r} of the other basis is missing from this basis")
+                raise EditMismatchError(f"direction layer {name!r} of the other basis is missing from this basis")
 
     # ----------------------------------------------------------------------------------------- the Edit protocol
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -174,137 +164,6 @@ class DirectionBasis(Edit):
         shapes = {str(n): (int(s[0]), int(s[1])) for n, s in header["layers"]}
         return cls({n: tensors[n] for n in shapes}, shapes, meta=meta)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DirectionBasis:
-        """Load a basis written by :meth:`save` (see :func:`diffmem.edits.load_edit`)."""
-        return load_edit(path, expect=cls)  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------- locating
-def _base_mean(stats_base: ActivationStats, layer: str) -> Tensor:
-    """Mean base activation ``[N]``: of the signatures when recorded, else the pooled cond-half mean."""
-    if stats_base.signatures is not None and layer in stats_base.signatures:
-        sig = stats_base.signatures[layer]
-        if sig.shape[0]:
-            return sig.double().mean(dim=0)
-    s = stats_base.layer_stats(layer, "cond")
-    count = int(s.count.sum())
-    if count == 0:
-        raise DiffmemError(f"the base statistics saw no token in layer {layer!r}")
-    return s.sum.double().sum(dim=0) / count
-
-
-def _deviations(stats_mem: ActivationStats, stats_base: ActivationStats, layer: str) -> Tensor:
-    """``D = signatures_mem - base mean``, fp64 ``[P, N]``."""
-    if stats_mem.signatures is None:
-        raise DiffmemError(
-            "the memorized statistics hold no per-prompt signatures; record them with --signatures "
-            "(RecordConfig(signatures=True))"
-        )
-    if layer not in stats_mem.signatures:
-        raise DiffmemError(f"the memorized statistics hold no signatures for layer {layer!r}")
-    sig = stats_mem.signatures[layer].double().cpu()
-    base = _base_mean(stats_base, layer).cpu()
-    if sig.shape[1] != base.shape[0]:
-        raise DiffmemError(
-            f"layer {layer!r} has {sig.shape[1]} features in the memorized signatures but {base.shape[0]} in the "
-            "base statistics"
-        )
-    return sig - base
-
-
-def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
-    """Singular values above the fp32 noise floor of the signatures (as ``torch.linalg.matrix_rank`` for fp32)."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return 0
-    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
-    return int((s > tol).sum())
-
-
-def _cumulative_share(s: Tensor) -> list[float]:
-    energy = s * s
-    total = float(energy.sum())
-    if total == 0.0:
-        return [0.0] * int(s.numel())
-    return [float(x) for x in (energy.cumsum(0) / total).clamp_max(1.0)]
-
-
-def explained_variance_curves(stats_mem: ActivationStats, stats_base: ActivationStats) -> dict[str, list[float]]:
-    """Cumulative share of the memorized-vs-base energy captured by the first k directions, per layer.
-
-    Args:
-        stats_mem: Statistics of memorized prompts, with signatures.
-        stats_base: Statistics of base prompts on the same layers.
-
-    Returns:
-        Layer name -> ``curve`` with ``curve[k - 1]`` the share of ``sum s^2`` in the top ``k`` singular values
-        (length ``min(P, N)``; all zeros for a layer without deviation).
-
-    Raises:
-        DiffmemError: The memorized statistics have no signatures or the layers differ.
-    """
-    check_same_layers(stats_mem, stats_base)
-    return {
-        name: _cumulative_share(torch.linalg.svdvals(_deviations(stats_mem, stats_base, name)))
-        for name in stats_mem.layers
-    }
-
-
-def locate_directions(
-    stats_mem: ActivationStats, stats_base: ActivationStats, config: LocateConfig | None = None
-) -> DirectionBasis:
-    """Principal directions of the memorized signatures around the base mean, per layer.
-
-    For each layer ``D = signatures_mem - mu_base`` (``[P, N]``), where ``mu_base`` is the mean of the base
-    signatures when recorded, else the cond-half mean over all recorded steps and tokens. The right singular
-    vectors of ``D`` (``torch.linalg.svd``) are the directions, ordered by singular value and signed so that the
-    memorized prompts project positively on average. ``k = config.rank`` when set, else the smallest ``k`` whose
-    cumulative energy share reaches ``config.explained_variance``; either way ``k`` is capped at the numerical
-    rank of ``D``. Signatures average the cond half over every recorded step, so ``steps`` and ``half`` of the
-    config do not apply.
-
-    Args:
-        stats_mem: Statistics of memorized prompts, recorded with signatures.
-        stats_base: Statistics of base prompts on the same layers.
-        config: ``rank`` and ``explained_variance`` are used; defaults to ``LocateConfig(method="directions")``.
-
-    Returns:
-        The basis, with ``meta["explained_variance"]`` (the curves), ``meta["ranks"]`` and
-        ``meta["available_rank"]`` per layer.
-
-    Raises:
-        DiffmemError: The memorized statistics have no signatures, or the statistics do not match.
-    """
-    config = config or LocateConfig(method="directions")
-    check_same_layers(stats_mem, stats_base)
-    layers: dict[str, Tensor] = {}
-    curves: dict[str, list[float]] = {}
-    available: dict[str, int] = {}
-    for name, shape in stats_mem.layers.items():
-        d = _deviations(stats_mem, stats_base, name)
-        _, s, vh = torch.linalg.svd(d, full_matrices=False)
-        curves[name] = _cumulative_share(s)
-        avail = available[name] = _numerical_rank(s, tuple(d.shape))
-        if config.rank is not None:
-            k = min(config.rank, avail)
-        else:
-            reached = [i for i, c in enumerate(curves[name]) if c >= config.explained_variance - 1e-12]
-            k = min(reached[0] + 1, avail) if reached else avail
-        v = vh[:k].T  # [N, k]
-        sign = torch.sign((d @ v).sum(dim=0))
-        v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
-        layers[name] = v.float()
-    if config.rank is not None and any(r < config.rank for r in available.values()):
-        logger.info("rank %d exceeds the numerical rank of some layers; capped there", config.rank)
-    meta = provenance("directions", config, stats_mem, stats_base)
-    meta["base_mean"] = "signatures" if stats_base.signatures is not None else "statistics"
-    meta["explained_variance"] = curves
-    meta["available_rank"] = available
-    meta["ranks"] = {n: int(u.shape[1]) for n, u in layers.items()}
-    basis = DirectionBasis(layers, {n: tuple(s) for n, s in stats_mem.layers.items()}, meta=meta)
-    logger.info("located directions: ranks %s in %d layers", list(basis.ranks().values()), len(layers))
-    return basis
-
 
 def subspace_overlap(a: DirectionBasis, b: DirectionBasis, k: int | None = None) -> dict[str, Any]:
     """Principal-angle overlap of two bases, per layer: the directional counterpart of the mask IoU.
@@ -324,7 +183,7 @@ def subspace_overlap(a: DirectionBasis, b: DirectionBasis, k: int | None = None)
         {name: [ka, kb]}, "overall": mean overlap, "chance_overall": mean chance, "k": k}``.
 
     Raises:
-        MaskMismatchError: The bases cover different layers or shapes.
+        EditMismatchError: The bases cover different layers or shapes.
     """
     a.check_compatible(b)
     per_layer: dict[str, float] = {}
