@@ -28,9 +28,11 @@ from diffmem.edits import (
     apply_edit,
     check_output_dir,
     export_edited,
+    list_edit_formats,
     load_edit,
+    register_edit,
 )
-from diffmem.errors import DiffmemError, EditMismatchError, ExportError
+from diffmem.errors import DiffmemError, EditMismatchError, ExportError, MaskMismatchError
 from diffmem.targets import find_targets
 from diffmem.zoo.tiny import build_tiny_pipeline
 
@@ -140,9 +142,21 @@ def test_round_trip_through_save_and_load_edit(kind, edits, tmp_path) -> None:
         assert list(mine) == list(theirs)
         assert all(torch.equal(mine[n], theirs[n]) for n in mine)
     assert type(edit).load(tmp_path / "edit").sha256() == edit.sha256()  # the class's own loader
+    assert type(Edit.load(tmp_path / "edit")) is type(edit)  # the base class loads any kind
     other = next(cls for cls in (Mask, DirectionBasis, WeightDelta) if cls is not type(edit))
     with pytest.raises(DiffmemError, match=f"holds a {edit.kind}, not a {other.kind}"):
         load_edit(tmp_path / "edit", expect=other)
+    with pytest.raises(DiffmemError, match=f"holds a {edit.kind}, not a {other.kind}"):
+        other.load(tmp_path / "edit")
+
+
+def test_every_kind_is_registered_when_the_package_is_imported() -> None:
+    assert list_edit_formats() == sorted(cls.format for cls in (Mask, DirectionBasis, WeightDelta))
+    assert all("load" not in vars(cls) for cls in (Mask, DirectionBasis, WeightDelta))  # one Edit.load for all
+    with pytest.raises(ValueError, match="already registered"):
+        register_edit(type("OtherMask", (Mask,), {}))
+    assert register_edit(Mask) is Mask
+    assert MaskMismatchError is EditMismatchError  # the former name still catches
 
 
 @pytest.mark.parametrize("kind", KINDS)
