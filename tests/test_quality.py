@@ -272,8 +272,8 @@ def test_without_sscd_the_default_falls_back_to_random_clip(monkeypatch, random_
     def unavailable(**kwargs):
         raise ScorerUnavailableError("no SSCD", "no SSCD here")
 
-    monkeypatch.setitem(quality._EXTRACTORS, "sscd", unavailable)
-    monkeypatch.setitem(quality._EXTRACTORS, "clip", lambda **kwargs: ScorerFeatures(random_clip))
+    monkeypatch.setitem(quality.features._EXTRACTORS, "sscd", unavailable)
+    monkeypatch.setitem(quality.features._EXTRACTORS, "clip", lambda **kwargs: ScorerFeatures(random_clip))
     assert image_features(shape_images(2, 32, seed=0)).name == "clip-random"
 
 
