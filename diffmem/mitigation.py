@@ -37,6 +37,7 @@ from .errors import ConfigError, DiffmemError
 from .evaluation import EvalConfig, EvalResult, evaluate
 from .recording import record
 from .localization import list_locators, locate
+from .objective import DiffusionObjective, denoiser_call, encode_conditioning, encode_reference
 from .reextraction import ReextractConfig, ReextractItem, reextract
 from .sampling import image_size
 from .targets import get_denoiser
@@ -531,8 +532,6 @@ def _loss_gradients(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, params: dic
 
     With ``each``, every image's own gradients are also passed to it (before they are summed).
     """
-    from .reextraction import DiffusionObjective, denoiser_call
-
     objective = DiffusionObjective(pipe)
     predict = denoiser_call(pipe, *image_size(pipe))
     dtype = get_denoiser(pipe).dtype
@@ -566,8 +565,6 @@ def _saliency_round(pipe: Any, edit: Edit, memorized: list[ManifestEntry], adver
     under their own prompts. The top ``robust_fraction`` of all denoiser weights (with a positive score, not yet
     masked) join the mask.
     """
-    from .reextraction import encode_conditioning, encode_reference
-
     if not isinstance(edit, Mask):
         raise DiffmemError("robust pruning merges masks: the edit must be a mask")
     if not nonmem or any(e.reference is None for e in nonmem):
@@ -672,7 +669,6 @@ def finetune_against(
     size = image_size(pipe, call.get("height"), call.get("width"))
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     originals = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
-    from .reextraction import encode_conditioning, encode_reference
 
     with torch.no_grad():
         x_utility = torch.cat([encode_reference(pipe, load_reference(e.reference, size, row=e)) for e in nonmem])
@@ -746,8 +742,6 @@ def locality_evidence(
     Returns:
         A JSON-ready dictionary of those numbers (and whether each trigger replicates).
     """
-    from .reextraction import encode_conditioning
-
     call = dict(call_kwargs or {})
     items = _items(pipe, rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
     triggers, rates = [], []

@@ -42,7 +42,7 @@ def pipeline_extras(pipe: Any) -> dict[str, Any]:
 
 def attention_mask_of(embeds: torch.Tensor) -> torch.Tensor:
     """The text attention mask of a conditioning whose padded tokens are zero vectors (PixArt's convention in
-    diffmem: :func:`diffmem.reextraction.encode_conditioning` zeroes them, and optimisation keeps them zero)."""
+    diffmem: :func:`diffmem.objective.encode_conditioning` zeroes them, and optimisation keeps them zero)."""
     return (embeds.abs().sum(-1) > 0).long()
 
 

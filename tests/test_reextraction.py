@@ -12,15 +12,8 @@ import pytest
 import torch
 
 from diffmem.errors import DiffmemError
-from diffmem.reextraction import (
-    DiffusionObjective,
-    ReextractConfig,
-    ReextractItem,
-    conditioning_loss,
-    encode_conditioning,
-    optimize_conditioning,
-    reextract,
-)
+from diffmem.objective import DiffusionObjective, conditioning_loss, encode_conditioning
+from diffmem.reextraction import ReextractConfig, ReextractItem, optimize_conditioning, reextract
 from diffmem.sampling import generate_images
 from diffmem.score import get_scorer
 
@@ -82,6 +75,18 @@ def tiny_sd3_pipeline(transformer):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config and inputs
+
+
+def test_objective_and_result_names_are_re_exported():
+    import diffmem.objective
+    import diffmem.reextraction
+    import diffmem.reextraction_result
+
+    for name in diffmem.objective.__all__:
+        assert getattr(diffmem.reextraction, name) is getattr(diffmem.objective, name)
+        assert name in diffmem.reextraction.__all__
+    for name in diffmem.reextraction_result.__all__:
+        assert getattr(diffmem.reextraction, name) is getattr(diffmem.reextraction_result, name)
 
 
 @pytest.mark.parametrize(

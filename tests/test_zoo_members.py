@@ -108,7 +108,7 @@ def test_every_stage_on_the_dit_memorizer(tmp_path):
     embeds = res.adversarial_embeds[0]
     assert len(res.rows[0]["loss_curve"]) == 2 and torch.isfinite(embeds).all()
     # padded tokens (zero vectors, masked out) stay zero through the optimisation
-    from diffmem.reextraction import encode_conditioning
+    from diffmem.objective import encode_conditioning
 
     start = encode_conditioning(pipe, [row.prompt])[0][0]
     assert torch.equal(embeds[0].abs().sum(-1) > 0, start.abs().sum(-1) > 0)
