@@ -130,3 +130,34 @@ def test_memorized_regions_are_closer_to_their_training_images():
     other = [r for r in res.rows if not r["memorized"]]
     assert min(r["region_mean_similarity"] for r in mem) > max(r["region_mean_similarity"] for r in other)
     assert np.mean([r["mask_fraction"] for r in mem]) > np.mean([r["mask_fraction"] for r in other])
+
+
+def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, tmp_path):
+    from diffmem.detectors import mask_overlay
+    from diffmem.workflows.mitigate import report_images
+    from diffmem.workflows.report import render_html
+
+    entries = _entries(tmp_path, prompts[:2])  # one locate row with its training image, one nonmem row
+    scorer = get_scorer("ssim")
+    kwargs = dict(opt_steps=1, seed=0, rows=2, attacked=0, seeds=2)
+    gallery, kept = report_images(tiny_pipe, None, entries, scorer, CALL, region="bright-ending", **kwargs)
+    cells = gallery[0]["rows"][0]["cells"]
+    regions = [c for c in cells if c["label"].endswith("memorized region")]
+    assert [c["label"] for c in regions] == [f"{s}, seed {j}: memorized region" for s in ("before", "after")
+                                             for j in range(2)]
+    plain = [c for c in cells if c["label"] == "before, seed 0"][0]["image"]
+    assert regions[0]["image"].shape == plain.shape and not np.array_equal(regions[0]["image"], plain)
+    assert regions[0]["detail"].startswith("region ") and "% of the image, SSIM on it " in regions[0]["detail"]
+    assert isinstance(regions[0]["replicated"], bool)
+    assert "memorized region in red" in gallery[0]["caption"]
+    summary = kept["summary"]
+    assert summary["region"] == "bright-ending" and 0 < summary["locate_mask_fraction_before"] <= 1
+    assert summary["locate_region_replication_before"] == summary["locate_region_replication_after"]  # no edit
+    # the overlay is the mask of that very generation painted over it
+    _, maps = generate_with_end_token_maps(tiny_pipe, [entries[0].prompt], num_seeds=2, seed=0, progress=False,
+                                           **CALL)
+    np.testing.assert_array_equal(regions[0]["image"], mask_overlay(plain, maps[0, 0] >= 0.5))
+    page = render_html({"title": "region"}, gallery)
+    assert page.count(": memorized region") >= 4 and "SSIM on it" in page
+    full, _ = report_images(tiny_pipe, None, entries, scorer, CALL, **kwargs)
+    assert not any("memorized region" in c["label"] for c in full[0]["rows"][0]["cells"])

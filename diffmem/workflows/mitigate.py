@@ -36,7 +36,7 @@ from diffmem.score import ScorerUnavailableError, get_scorer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MitigateRun", "run_mitigate", "edit_row", "report_images", "quality_block", "OUTPUT_MARK"]
+__all__ = ["MitigateRun", "run_mitigate", "edit_row", "report_images", "region_cells", "quality_block", "OUTPUT_MARK"]
 
 OUTPUT_MARK = "report.json"  # a folder holding it is an earlier diffmem run output that may be replaced
 
@@ -64,6 +64,7 @@ class MitigateRun:
     sampler: dict[str, Any] | None = None  # SamplerConfig fields the user gave; the rest: the model's defaults
     folds: int = 3
     robust_aggregate: str = "shared"
+    region: str = "full"  # "bright-ending": the report also measures and shows each generation's memorized region
 
 
 def _mean(values: list[float]) -> float | None:
@@ -164,6 +165,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
         if e.split in ("locate", "nonmem") and e.reference is None:
             raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
     SamplerConfig.resolve(run.model, **(run.sampler or {}))  # checks the sampler settings before the model loads
+    EvalConfig(region=run.region)  # checks the region before the model loads
     scorer = (get_scorer(run.scorer, weights=run.scorer_weights, allow_pickle=run.allow_pickle) if run.scorer_weights
               else get_scorer(run.scorer))
     pipe = load_pipeline(run.model, allow_pickle=run.allow_pickle)
@@ -194,7 +196,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
         timings["heldout"] = _lap("held-out measurement", t_phase)
     t_phase = time.time()
     gallery, shown = report_images(pipe, result.edit, entries, scorer, call, opt_steps=run.opt_steps, seed=run.seed,
-                                   progress=progress)
+                                   progress=progress, region=run.region)
     timings["images"] = _lap("report images", t_phase)
     t_phase = time.time()
     quality = quality_block(shown)
@@ -239,8 +241,8 @@ def _given(entries: list[ManifestEntry]) -> dict[str, int]:
 
 
 def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: Any, call: dict, *, opt_steps: int,
-                  seed: int, rows: int = 8, attacked: int = 4, seeds: int = 2,
-                  progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  seed: int, rows: int = 8, attacked: int = 4, seeds: int = 2, progress: bool = False,
+                  region: str = "full") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Images for the report: the given memorized prompts before and after the edit and under the attack, and the
     ordinary prompts before and after with their drift, all at the model's sampler settings.
 
@@ -256,6 +258,9 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
         attacked: Locate rows attacked.
         seeds: Generations per prompt.
         progress: Show the attack's progress bars.
+        region: ``"bright-ending"``: each memorized generation, before and after, is followed by its Bright Ending
+            mask painted over it (:func:`region_cells`), and the summary adds the replication on that region
+            (``EvalConfig(region=...)``); ``"full"``: the whole image only.
 
     Returns:
         The gallery (see :func:`diffmem.workflows.report.render_html`) and the images kept for the quality metrics:
@@ -270,7 +275,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
                             "locate_after": empty, "summary": {"seeds": seeds}}
     if not shown:
         return [], kept
-    ecfg = EvalConfig(num_seeds=seeds, seed=seed, call_kwargs=call)
+    ecfg = EvalConfig(num_seeds=seeds, seed=seed, call_kwargs=call, region=region)
     with torch.no_grad():
         before = evaluate(pipe, shown, ecfg, scorer, progress=False, desc="report images")
         with apply_edit(pipe, edit):
@@ -296,7 +301,10 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     memorized = []
     for i, e in enumerate(locate_rows):
         cells = [{"label": "training image", "image": refs[i]}]
-        cells += scored("before", before.images[i], refs[i]) + scored("after", after.images[i], refs[i])
+        for label, res in (("before", before), ("after", after)):
+            cells += scored(label, res.images[i], refs[i])
+            if res.masks is not None:
+                cells += region_cells(label, res.images[i], res.masks[i], refs[i], ecfg)
         if recovered is not None and i < len(targets):
             r = recovered.rows[i]
             cells += [{"label": f"under attack, seed {j}", "image": img, "score": float(s), "replicated": bool(ok)}
@@ -319,6 +327,10 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     if memorized:
         attack_text = (f" Under attack: for the first {len(targets)}, what the re-extraction attack recovers under the "
                        f"edit after {opt_steps} optimisation steps on the conditioning.") if targets else ""
+        if before.masks is not None:
+            attack_text += (" After each set of seeds, the same generations with their memorized region in red: the "
+                            "Bright Ending mask (the patches that attend most to the prompt's end token at the last "
+                            "step), with its share of the image and the similarity to the training image on it.")
         gallery.append({"title": "Memorized prompts given: before, after and under attack",
                         "caption": f"The training image, then {seeds} seeds of the unedited model and the same seeds "
                                    f"after the edit." + attack_text, "rows": memorized})
@@ -341,9 +353,47 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     if locate_rows:
         summary["locate_replication_before"] = float(np.mean([r["replication_rate"] for r in before.rows[:n_loc]]))
         summary["locate_replication_after"] = float(np.mean([r["replication_rate"] for r in after.rows[:n_loc]]))
+        if before.masks is not None:
+            summary["region"] = region
+            for name, res in (("before", before), ("after", after)):
+                summary[f"locate_region_replication_{name}"] = float(np.mean(
+                    [r["region_replication_rate"] for r in res.rows[:n_loc]]))
+                summary[f"locate_mask_fraction_{name}"] = float(np.mean([r["mask_fraction"] for r in res.rows[:n_loc]]))
     if recovered is not None:
         summary["attack_replication"] = recovered.summary()["memorization_rate"]
     return gallery, kept
+
+
+def region_cells(label: str, images: np.ndarray, masks: np.ndarray, reference: np.ndarray | None,
+                 config: EvalConfig) -> list[dict[str, Any]]:
+    """Gallery cells of generations with their memorized region (Bright Ending mask) painted over them in red.
+
+    Args:
+        label: What the generations are (``"before"``, ``"after"``, ...).
+        images: ``uint8 [S, H, W, 3]`` generations of one prompt.
+        masks: ``bool [S, H, W]``, each generation's own mask.
+        reference: The training image, or ``None``.
+        config: The evaluation settings (``region_metric``, ``region_threshold``).
+
+    Returns:
+        One cell per generation: the overlay, its mask's share of the image and, with a reference, the masked
+        similarity and whether it counts as a regional copy.
+    """
+    from diffmem.detectors import mask_overlay
+    from diffmem.detectors.region import is_regional_copy, region_similarities
+
+    sims = (region_similarities(list(images), reference, list(masks), config.region_metric) if reference is not None
+            else [None] * len(images))
+    cells = []
+    for j, (img, mask, sim) in enumerate(zip(images, masks, sims)):
+        detail = f"region {100 * float(mask.mean()):.0f}% of the image"
+        cell: dict[str, Any] = {"label": f"{label}, seed {j}: memorized region", "image": mask_overlay(img, mask)}
+        if sim is not None:
+            detail += f", {config.region_metric.upper()} on it {sim:.3f}"
+            cell["replicated"] = bool(is_regional_copy(np.array([sim]), config.region_threshold,
+                                                       config.region_metric)[0])
+        cells.append({**cell, "detail": detail})
+    return cells
 
 
 def quality_block(shown: dict[str, Any]) -> dict[str, Any]:
