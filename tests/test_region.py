@@ -161,3 +161,19 @@ def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, 
     assert page.count(": memorized region") >= 4 and "SSIM on it" in page
     full, _ = report_images(tiny_pipe, None, entries, scorer, CALL, **kwargs)
     assert not any("memorized region" in c["label"] for c in full[0]["rows"][0]["cells"])
+
+
+def test_demo_grid_shows_the_region_of_memorized_rows_only(tiny_pipe, prompts, tmp_path):
+    from diffmem.workflows.demo import DemoConfig, _gallery
+
+    with pytest.raises(ConfigError, match="^region='mask' is invalid"):
+        DemoConfig(region="mask")
+    assert DemoConfig(region="bright-ending").to_dict()["region"] == "bright-ending"
+    entries = _entries(tmp_path, prompts[:2])
+    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL, region="bright-ending")
+    before = evaluate(tiny_pipe, entries, cfg, get_scorer("ssim"), progress=False)
+    grid = _gallery(entries, before, None, get_scorer("ssim"), (16, 16), cfg)[0]
+    labels = [[c["label"] for c in row["cells"]] for row in grid["rows"]]
+    assert labels[0][-2:] == ["before, seed 0: memorized region", "before, seed 1: memorized region"]
+    assert not any("region" in label for label in labels[1])  # the ordinary prompt: no region shown
+    assert "memorized region in red" in grid["caption"]

@@ -39,7 +39,7 @@ from diffmem.pipelines import load_pipeline
 from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
-from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config, quality_block
+from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config, quality_block, region_cells
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class DemoConfig:
         quick: Reduced settings for CI.
         seed: First seed everywhere.
         sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
+        region: ``"bright-ending"``: the evaluation grids also measure replication on each generation's memorized
+            region and show its Bright Ending mask over the memorized prompts' generations; ``"full"``: the whole
+            image only.
     """
 
     model: str | None = None
@@ -81,6 +84,10 @@ class DemoConfig:
     quick: bool = False
     seed: int = 0
     sampler: dict[str, Any] | None = None
+    region: str = "full"
+
+    def __post_init__(self) -> None:
+        EvalConfig(region=self.region)  # checks the value
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,7 +247,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     lap("carlini")
 
     # 6. evaluation grids, export and report
-    ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, call_kwargs=call)
+    ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, call_kwargs=call, region=config.region)
     shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
     lap("images")
@@ -259,7 +266,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
         "before": before.summary(), "after": after.summary() if after is not None else None,
         "quality": quality, "timings_s": timings,
     }
-    gallery = _gallery(shown, before, after, scorer, size or image_size(pipe))
+    gallery = _gallery(shown, before, after, scorer, size or image_size(pipe), ecfg)
     report["headline_text"] = _headline(report, out)
     pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
 
@@ -289,8 +296,9 @@ def _adversarial(pipe, edit, rows, attack, scorer, call, progress) -> torch.Tens
     return torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)])
 
 
-def _gallery(entries, before, after, scorer, size) -> list[dict]:
-    """Reference | generations before | after, each generation with its similarity to the reference."""
+def _gallery(entries, before, after, scorer, size, config: EvalConfig) -> list[dict]:
+    """Reference | generations before | after, each generation with its similarity to the reference; with the
+    region option, the memorized prompts' generations are each followed by their memorized region."""
     rows = []
     for i, e in enumerate(entries):
         ref = load_reference(e.reference, size, row=e) if e.reference is not None else None
@@ -303,9 +311,16 @@ def _gallery(entries, before, after, scorer, size) -> list[dict]:
             cells += [{"label": f"{label}, seed {j}", "image": img, "score": sim,
                        "replicated": None if sim is None else bool(sim >= scorer.threshold)}
                       for j, (img, sim) in enumerate(zip(images, sims))]
+            if result.masks is not None and e.memorized:
+                cells += region_cells(label, images, result.masks[i], ref, config)
         rows.append({"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "cells": cells})
-    return [{"title": "Generations before and after the robust edit",
-             "caption": "The training image, then the same seeds before and after the edit.", "rows": rows}]
+    caption = "The training image, then the same seeds before and after the edit."
+    if before.masks is not None:
+        caption += (" For memorized prompts, each set of seeds is followed by the same generations with their "
+                    "memorized region in red: the Bright Ending mask (the patches that attend most to the prompt's "
+                    "end token at the last step), its share of the image and the similarity to the training image on "
+                    "it.")
+    return [{"title": "Generations before and after the robust edit", "caption": caption, "rows": rows}]
 
 
 def _quality(shown: list, before: Any, after: Any) -> dict[str, Any]:
@@ -343,5 +358,9 @@ def _headline(r: dict, out: Path) -> str:
     a = r["attack"]
     lines.append(f"  Carlini verified extractions: {a['before']['num_verified_prompts']} -> "
                  f"{a['after']['num_verified_prompts']} prompts")
+    if r["settings"].get("region") == "bright-ending" and r.get("after"):
+        held_b, held_a = r["before"].get("heldout", {}), r["after"].get("heldout", {})
+        lines.append(f"  replication on the memorized region (Bright Ending masks, grid rows): "
+                     f"{_fmt(held_b.get('region_replication_rate'))} -> {_fmt(held_a.get('region_replication_rate'))}")
     lines.append(f"report: {out / 'report.html'}, robust pipeline: {out / 'pruned'}")
     return "\n".join(lines)
