@@ -3,37 +3,136 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["RecordConfig", "LocateConfig", "SamplerConfig", "scheduler_names", "LOCATE_PRESETS", "BASE_PRESETS"]
+__all__ = [
+    "DiffmemConfig",
+    "require",
+    "RecordConfig",
+    "LocateConfig",
+    "SamplerConfig",
+    "scheduler_names",
+    "LOCATE_PRESETS",
+    "BASE_PRESETS",
+]
 
 logger = logging.getLogger(__name__)
 
+C = TypeVar("C", bound="DiffmemConfig")
 
-def _check(cond: bool, field: str, value: object, why: str) -> None:
+
+def require(cond: bool, name: str, value: object, why: str) -> None:
+    """Raise ``ConfigError("name=value is invalid: why")`` unless ``cond`` holds: the one failed-check message.
+
+    Args:
+        cond: The check.
+        name: The field (or argument) checked; a nested field as ``"sampler.guidance_scale"``.
+        value: Its value, shown with ``repr``.
+        why: What a valid value is.
+    """
     if not cond:
-        raise ConfigError(f"{field}={value!r} is invalid: {why}")
+        raise ConfigError(f"{name}={value!r} is invalid: {why}")
 
 
-class _ConfigMethods:
-    """``to_dict``, shared by the config dataclasses."""
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: configs and other dataclasses become dicts, tuples lists, paths strings."""
+    if isinstance(value, DiffmemConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The types a field's annotation allows (the members of a union, else the annotation itself)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _rebuilt(hint: Any, value: Any) -> Any:
+    """A ``to_dict`` value turned back into the field's type: a nested config, a tuple or a path."""
+    for option in _options(hint):
+        origin = typing.get_origin(option) or option
+        if isinstance(value, Mapping) and isinstance(origin, type) and issubclass(origin, DiffmemConfig):
+            return origin.from_dict(value)
+        if isinstance(value, list) and origin is tuple:
+            return tuple(value)
+        if isinstance(value, str) and origin is Path:
+            return Path(value)
+    return value
+
+
+class DiffmemConfig:
+    """Base of diffmem's config dataclasses: each checks its values on creation and round-trips through JSON.
+
+    A subclass is a ``@dataclass`` that overrides :meth:`check` (called by ``__post_init__``) and raises through
+    :func:`require`, so that every invalid value reads ``field=value is invalid: why``. Settings of another stage
+    nest as a field of its config type (``sampler: SamplerConfig``); :meth:`to_dict` and :meth:`from_dict` follow
+    them.
+    """
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Validate the fields (and normalise them where a config says so).
+
+        Raises:
+            ConfigError: A field is invalid; the message names it and its value.
+        """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data: nested configs as dicts, tuples as lists, paths as strings."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def check_keys(cls, keys: typing.Iterable[str]) -> None:
+        """Raise ``ConfigError`` naming every key of ``keys`` that is not a field of ``cls``."""
+        known = sorted(f.name for f in fields(cls) if f.init)
+        unknown = sorted(set(keys) - set(known))
+        require(not unknown, f"{cls.__name__} keys", unknown, f"unknown keys; the keys are {', '.join(known)}")
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """The inverse of :meth:`to_dict`: nested configs, tuples and paths are rebuilt.
+
+        Args:
+            data: A dict as :meth:`to_dict` writes it; missing keys take their defaults.
+
+        Raises:
+            ConfigError: A key that is not a field of ``cls`` (the message names every such key), or an invalid
+                value.
+        """
+        cls.check_keys(data)
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # an annotation naming a type the module imports only for type checking
+            hints = {}
+        return cls(**{k: _rebuilt(hints.get(k), v) for k, v in data.items()})
 
 
 @dataclass
-class RecordConfig(_ConfigMethods):
+class RecordConfig(DiffmemConfig):
     """How to record FFN activation statistics.
 
     Args:
@@ -62,20 +161,20 @@ class RecordConfig(_ConfigMethods):
     signatures: bool = False
     negative_prompt: str | None = None
 
-    def __post_init__(self) -> None:
-        _check(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "must be >= 1")
-        _check(
+    def check(self) -> None:
+        require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "must be >= 1")
+        require(
             1 <= self.record_steps <= self.num_inference_steps,
             "record_steps",
             self.record_steps,
             f"must be in [1, num_inference_steps={self.num_inference_steps}]",
         )
-        _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
-        _check(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
+        require(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         for name in ("height", "width"):
             v = getattr(self, name)
-            _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
+            require(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
 
     @property
     def do_cfg(self) -> bool:
@@ -128,7 +227,7 @@ _SCHEDULER_KEYS_KEPT = ("prediction_type", "rescale_betas_zero_snr", "timestep_s
 
 
 @dataclass
-class SamplerConfig(_ConfigMethods):
+class SamplerConfig(DiffmemConfig):
     """How a pipeline samples; every command that generates images takes these settings.
 
     Build one with :meth:`resolve`, which fills what the user did not give from the model's
@@ -153,28 +252,20 @@ class SamplerConfig(_ConfigMethods):
     width: int | None = None
     scheduler: str | None = None
 
-    def __post_init__(self) -> None:
-        _check(
+    def check(self) -> None:
+        require(
             isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1, "num_inference_steps",
             self.num_inference_steps, "must be an integer >= 1",
         )
-        _check(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
-        _check(0 <= self.guidance_rescale <= 1, "guidance_rescale", self.guidance_rescale, "must be in [0, 1]")
+        require(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
+        require(0 <= self.guidance_rescale <= 1, "guidance_rescale", self.guidance_rescale, "must be in [0, 1]")
         for name in ("height", "width"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and v > 0 and v % 8 == 0), name, v,
-                   "must be a positive multiple of 8")
+            require(v is None or (isinstance(v, int) and v > 0 and v % 8 == 0), name, v,
+                    "must be a positive multiple of 8")
         if self.scheduler is not None:
-            _check(self.scheduler in scheduler_names(), "scheduler", self.scheduler,
-                   f"choose a diffusers scheduler: {', '.join(scheduler_names())}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
-        """The inverse of ``to_dict``; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _check(not unknown, "sampler settings", unknown, f"unknown keys; the keys are {', '.join(sorted(known))}")
-        return cls(**data)
+            require(self.scheduler in scheduler_names(), "scheduler", self.scheduler,
+                    f"choose a diffusers scheduler: {', '.join(scheduler_names())}")
 
     @classmethod
     def resolve(cls, model: str | os.PathLike | Any, **given: Any) -> SamplerConfig:
@@ -198,9 +289,7 @@ class SamplerConfig(_ConfigMethods):
         from .pipelines import sampling_defaults
 
         given = {k: v for k, v in given.items() if v is not None}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
-        _check(not unknown, "sampler settings", unknown, f"unknown keys; the keys are {', '.join(sorted(known))}")
+        cls.check_keys(given)
         is_pipe = not isinstance(model, (str, os.PathLike))
         folder = _local_folder(model)
         pipeline_class = type(model) if is_pipe else _class_in_folder(folder, "model_index.json")
@@ -213,8 +302,8 @@ class SamplerConfig(_ConfigMethods):
         values.update(sampling_defaults(folder) if folder is not None else {})
         values.update(given)
         if values.get("guidance_rescale") and params and "guidance_rescale" not in params:
-            _check("guidance_rescale" not in given, "guidance_rescale", given.get("guidance_rescale"),
-                   f"{pipeline_class.__name__} has no guidance rescale")
+            require("guidance_rescale" not in given, "guidance_rescale", given.get("guidance_rescale"),
+                    f"{pipeline_class.__name__} has no guidance rescale")
             logger.debug("%s has no guidance rescale: the model default %s is not used", pipeline_class.__name__,
                          values["guidance_rescale"])
             values["guidance_rescale"] = 0.0
@@ -243,8 +332,8 @@ class SamplerConfig(_ConfigMethods):
         compatible = sorted({c.__name__ for c in usable} | {current.__name__})
         if len(compatible) == 1:
             return False
-        _check(self.scheduler in compatible, "scheduler", self.scheduler,
-               f"the model's {current.__name__} can become one of {', '.join(compatible)}")
+        require(self.scheduler in compatible, "scheduler", self.scheduler,
+                f"the model's {current.__name__} can become one of {', '.join(compatible)}")
         return True
 
     def call_kwargs(self, pipe: Any = None) -> dict[str, Any]:
@@ -320,7 +409,7 @@ HALVES_CHOICES = ("cond", "uncond", "both")
 
 
 @dataclass
-class LocateConfig(_ConfigMethods):
+class LocateConfig(DiffmemConfig):
     """How to turn memorized and base statistics into a mask.
 
     Args:
@@ -352,27 +441,25 @@ class LocateConfig(_ConfigMethods):
     strict_step_count: bool = False
     preset: str | None = None
 
-    def __post_init__(self) -> None:
-        _check(
+    def check(self) -> None:
+        require(
             isinstance(self.method, str) and bool(self.method), "method", self.method,
             f"name a registered locate method (built in: {', '.join(LOCATE_METHODS)})",
         )
-        _check(0.0 < self.ratio <= 1.0, "ratio", self.ratio, "must be in (0, 1]")
-        _check(
+        require(0.0 < self.ratio <= 1.0, "ratio", self.ratio, "must be in (0, 1]")
+        require(
             self.record_steps is None or self.record_steps >= 1, "record_steps", self.record_steps, "must be >= 1 or None"
         )
-        _check(self.k_rounding in ("ceil", "floor"), "k_rounding", self.k_rounding, "choose 'ceil' or 'floor'")
-        _check(0.0 <= self.min_step_fraction <= 1.0, "min_step_fraction", self.min_step_fraction, "must be in [0, 1]")
-        _check(self.half in HALVES_CHOICES, "half", self.half, f"choose one of {', '.join(HALVES_CHOICES)}")
-        _check(self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 or None")
-        _check(
+        require(self.k_rounding in ("ceil", "floor"), "k_rounding", self.k_rounding, "choose 'ceil' or 'floor'")
+        require(0.0 <= self.min_step_fraction <= 1.0, "min_step_fraction", self.min_step_fraction, "must be in [0, 1]")
+        require(self.half in HALVES_CHOICES, "half", self.half, f"choose one of {', '.join(HALVES_CHOICES)}")
+        require(self.rank is None or self.rank >= 1, "rank", self.rank, "must be >= 1 or None")
+        require(
             0.0 < self.explained_variance <= 1.0, "explained_variance", self.explained_variance, "must be in (0, 1]"
         )
-
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> LocateConfig:
         """Settings that reproduce a published procedure exactly (see ``LOCATE_PRESETS``), then ``overrides``."""
-        if name not in LOCATE_PRESETS:
-            raise ConfigError(f"preset={name!r} is invalid: choose one of {', '.join(LOCATE_PRESETS)}")
+        require(name in LOCATE_PRESETS, "preset", name, f"choose one of {', '.join(LOCATE_PRESETS)}")
         return cls(**{**LOCATE_PRESETS[name], "preset": name, **overrides})

@@ -20,7 +20,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import _check
+from .config import DiffmemConfig, require
 from .errors import ConfigError, DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
@@ -57,7 +57,7 @@ __all__ = [
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(DiffmemConfig):
     """How to compute the Wen et al. score.
 
     Args:
@@ -94,14 +94,11 @@ class DetectConfig:
     space: str = "model"
     preset: str | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sampler_settings(self)
         n = self.num_inference_steps
-        _check(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
-        _check(self.space in ("model", "epsilon"), "space", self.space, "choose 'model' or 'epsilon'")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        require(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        require(self.space in ("model", "epsilon"), "space", self.space, "choose 'model' or 'epsilon'")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> DetectConfig:
@@ -110,8 +107,7 @@ class DetectConfig:
         ``wen2024``: the noise-difference norm averaged over every sampler step, 50 DDIM-style steps at guidance
         7.5, and each prompt seeded with its own index.
         """
-        if name not in DETECT_PRESETS:
-            raise ConfigError(f"preset={name!r} is invalid: choose one of {', '.join(DETECT_PRESETS)}")
+        require(name in DETECT_PRESETS, "preset", name, f"choose one of {', '.join(DETECT_PRESETS)}")
         settings = {**DETECT_PRESETS[name], **overrides}
         if settings.get("score_steps") == "all":
             settings["score_steps"] = settings.get("num_inference_steps", 50)
@@ -127,14 +123,14 @@ DETECT_PRESETS: dict[str, dict[str, object]] = {
 def check_sampler_settings(config: Any) -> None:
     """Validate the sampler fields every detector config shares (raises ``ConfigError`` naming the field)."""
     n = config.num_inference_steps
-    _check(n >= 1, "num_inference_steps", n, "must be >= 1")
-    _check(config.num_seeds >= 1, "num_seeds", config.num_seeds, "must be >= 1")
-    _check(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-    _check(config.guidance_scale > 1, "guidance_scale", config.guidance_scale, "detection needs > 1 (CFG)")
-    _check(0 <= config.guidance_rescale <= 1, "guidance_rescale", config.guidance_rescale, "must be in [0, 1]")
+    require(n >= 1, "num_inference_steps", n, "must be >= 1")
+    require(config.num_seeds >= 1, "num_seeds", config.num_seeds, "must be >= 1")
+    require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+    require(config.guidance_scale > 1, "guidance_scale", config.guidance_scale, "detection needs > 1 (CFG)")
+    require(0 <= config.guidance_rescale <= 1, "guidance_rescale", config.guidance_rescale, "must be in [0, 1]")
     for name in ("height", "width"):
         v = getattr(config, name)
-        _check(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
+        require(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
 
 
 def _batch_noise(pipe, prompt_index: list[int], config: Any, height: int, width: int) -> torch.Tensor:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .config import DiffmemConfig, require
 from .data import load_reference
 from .edits import Edit, apply_edit
 from .errors import ConfigError
@@ -28,7 +29,7 @@ __all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_edit"]
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(DiffmemConfig):
     """Evaluation settings.
 
     Args:
@@ -62,33 +63,23 @@ class EvalConfig:
     region_metric: str = "ssim"
     region_threshold: float | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         from .detectors.local import MASKED_METRICS
         from .detectors.region import REGIONS
 
-        if self.region not in REGIONS:
-            raise ConfigError(f"region={self.region!r} is invalid: choose one of {', '.join(REGIONS)}")
-        if not 0 < self.mask_threshold < 1:
-            raise ConfigError(f"mask_threshold={self.mask_threshold!r} is invalid: must be in (0, 1)")
-        if self.end_tokens not in ("first", "all"):
-            raise ConfigError(f"end_tokens={self.end_tokens!r} is invalid: choose 'first' or 'all'")
-        if self.region_metric not in MASKED_METRICS:
-            raise ConfigError(f"region_metric={self.region_metric!r} is invalid: choose one of "
-                              f"{', '.join(MASKED_METRICS)}")
+        require(self.region in REGIONS, "region", self.region, f"choose one of {', '.join(REGIONS)}")
+        require(0 < self.mask_threshold < 1, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
+        require(self.end_tokens in ("first", "all"), "end_tokens", self.end_tokens, "choose 'first' or 'all'")
+        require(self.region_metric in MASKED_METRICS, "region_metric", self.region_metric,
+                f"choose one of {', '.join(MASKED_METRICS)}")
         if self.region_threshold is None and self.region == "bright-ending" and self.region_metric == "ssim":
             self.region_threshold = 0.6
-        if self.region_threshold is None and self.region == "bright-ending":
-            raise ConfigError(f"region_threshold=None is invalid: region_metric={self.region_metric!r} needs an "
-                              "explicit threshold")
-        if self.strict_threshold is not None and not -1.0 <= self.strict_threshold <= 1.0:
-            raise ConfigError(f"strict_threshold={self.strict_threshold!r} is invalid: must be in [-1, 1] or None")
-        if self.num_seeds < 1:
-            raise ConfigError(f"num_seeds={self.num_seeds!r} is invalid: must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r} is invalid: must be >= 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        require(self.region_threshold is not None or self.region != "bright-ending", "region_threshold", None,
+                f"region_metric={self.region_metric!r} needs an explicit threshold")
+        require(self.strict_threshold is None or -1.0 <= self.strict_threshold <= 1.0, "strict_threshold",
+                self.strict_threshold, "must be in [-1, 1] or None")
+        require(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 
 def _pairwise_mean(sim: np.ndarray) -> float:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import _check
+from .config import DiffmemConfig, require
 from .errors import ConfigError, DiffmemError
 from .files import atomic_write_text, write_json
 from .metrics import threshold_at_false_flag_rate
@@ -63,7 +63,7 @@ _RESULT_FILE = "attack.json"
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(DiffmemConfig):
     """How to run the extraction attack.
 
     Args:
@@ -83,18 +83,14 @@ class AttackConfig:
     false_flag_rate: float = 0.05
     batch_size: int = 64
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         n = self.num_generations
-        _check(n >= 2, "num_generations", n, "must be >= 2")
-        _check(2 <= self.clique_size <= n, "clique_size", self.clique_size, f"must be in [2, num_generations={n}]")
-        _check(self.threshold is None or math.isfinite(self.threshold), "threshold", self.threshold,
-               "must be finite or None")
-        _check(0.0 <= self.false_flag_rate < 1.0, "false_flag_rate", self.false_flag_rate, "must be in [0, 1)")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+        require(n >= 2, "num_generations", n, "must be >= 2")
+        require(2 <= self.clique_size <= n, "clique_size", self.clique_size, f"must be in [2, num_generations={n}]")
+        require(self.threshold is None or math.isfinite(self.threshold), "threshold", self.threshold,
+                "must be finite or None")
+        require(0.0 <= self.false_flag_rate < 1.0, "false_flag_rate", self.false_flag_rate, "must be in [0, 1)")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure functions
@@ -121,8 +117,7 @@ def _graph(s: np.ndarray, threshold: float) -> nx.Graph:
 
 
 def _check_m(m: int) -> None:
-    if m < 2:
-        raise ConfigError(f"m={m!r} is invalid: a clique needs at least 2 members")
+    require(m >= 2, "m", m, "a clique needs at least 2 members")
 
 
 def _has_clique(s: np.ndarray, threshold: float, m: int) -> bool:

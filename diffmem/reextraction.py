@@ -25,14 +25,15 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DiffmemError
+from .config import DiffmemConfig, require
+from .errors import DiffmemError
 from .objective import (
     DiffusionObjective,
     _frozen,
@@ -94,16 +95,12 @@ _RESERVED_CALL_KEYS = frozenset(
 )
 
 
-def _fail(name: str, value: object, why: str) -> ConfigError:
-    return ConfigError(f"ReextractConfig.{name}={value!r} is invalid: {why}")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
-class ReextractConfig:
+class ReextractConfig(DiffmemConfig):
     """Settings of the re-extraction attack.
 
     Args:
@@ -138,52 +135,39 @@ class ReextractConfig:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     sample_batch_size: int = 64
 
-    def __post_init__(self) -> None:
-        if not _is_int(self.opt_steps) or self.opt_steps < 1:
-            raise _fail("opt_steps", self.opt_steps, "must be an integer >= 1")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
-            math.isfinite(self.lr) and self.lr > 0
-        ):
-            raise _fail("lr", self.lr, "must be a finite number > 0")
-        if not _is_int(self.batch) or self.batch < 1:
-            raise _fail("batch", self.batch, "must be an integer >= 1")
-        if not isinstance(self.init, str) or not (
+    def check(self) -> None:
+        require(_is_int(self.opt_steps) and self.opt_steps >= 1, "opt_steps", self.opt_steps,
+                "must be an integer >= 1")
+        require(not isinstance(self.lr, bool) and isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        require(_is_int(self.batch) and self.batch >= 1, "batch", self.batch, "must be an integer >= 1")
+        require(isinstance(self.init, str) and (
             self.init in ("prompt", "random")
-            or (self.init.startswith(_PROMPT_OF) and self.init[len(_PROMPT_OF) :].strip())
-        ):
-            raise _fail("init", self.init, "must be 'prompt', 'random' or 'prompt-of:OTHER TEXT'")
-        if isinstance(self.checkpoints, (str, bytes)) or not isinstance(self.checkpoints, Sequence):
-            raise _fail("checkpoints", self.checkpoints, "must be a sequence of integer steps")
+            or (self.init.startswith(_PROMPT_OF) and bool(self.init[len(_PROMPT_OF) :].strip()))
+        ), "init", self.init, "must be 'prompt', 'random' or 'prompt-of:OTHER TEXT'")
+        require(not isinstance(self.checkpoints, (str, bytes)) and isinstance(self.checkpoints, Sequence),
+                "checkpoints", self.checkpoints, "must be a sequence of integer steps")
         if tuple(self.checkpoints) == DEFAULT_CHECKPOINTS:
             self.checkpoints = tuple(s for s in DEFAULT_CHECKPOINTS if s <= self.opt_steps)
         bad = [s for s in self.checkpoints if not _is_int(s) or not 0 <= s <= self.opt_steps]
-        if bad:
-            why = f"steps must be integers in [0, opt_steps={self.opt_steps}]"
-            raise _fail("checkpoints", tuple(self.checkpoints), why)
+        require(not bad, "checkpoints", tuple(self.checkpoints),
+                f"steps must be integers in [0, opt_steps={self.opt_steps}]")
         self.checkpoints = tuple(sorted({int(s) for s in self.checkpoints} | {int(self.opt_steps)}))
-        if not _is_int(self.num_seeds) or self.num_seeds < 1:
-            raise _fail("num_seeds", self.num_seeds, "must be an integer >= 1")
-        if not _is_int(self.sample_seed) or self.sample_seed < 0:
-            raise _fail("sample_seed", self.sample_seed, "must be an integer >= 0")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise _fail("seed", self.seed, "must be an integer >= 0")
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not math.isfinite(self.threshold)
-        ):
-            raise _fail("threshold", self.threshold, "must be a finite number or None")
-        if not isinstance(self.call_kwargs, dict) or not all(isinstance(k, str) for k in self.call_kwargs):
-            raise _fail("call_kwargs", self.call_kwargs, "must be a dict of pipeline arguments")
+        for name, low in (("num_seeds", 1), ("sample_seed", 0), ("seed", 0), ("sample_batch_size", 1)):
+            value = getattr(self, name)
+            require(_is_int(value) and value >= low, name, value, f"must be an integer >= {low}")
+        require(self.threshold is None or (
+            not isinstance(self.threshold, bool) and isinstance(self.threshold, (int, float))
+            and math.isfinite(self.threshold)
+        ), "threshold", self.threshold, "must be a finite number or None")
+        require(isinstance(self.call_kwargs, dict) and all(isinstance(k, str) for k in self.call_kwargs),
+                "call_kwargs", self.call_kwargs, "must be a dict of pipeline arguments")
         reserved = sorted(_RESERVED_CALL_KEYS & set(self.call_kwargs))
-        if reserved:
-            raise _fail("call_kwargs", self.call_kwargs, f"{', '.join(reserved)} are set by the attack itself")
+        require(not reserved, "call_kwargs", self.call_kwargs, f"{', '.join(reserved)} are set by the attack itself")
         for key in ("num_inference_steps", "height", "width"):
             value = self.call_kwargs.get(key)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise _fail("call_kwargs", self.call_kwargs, f"{key} must be a positive integer")
-        if not _is_int(self.sample_batch_size) or self.sample_batch_size < 1:
-            raise _fail("sample_batch_size", self.sample_batch_size, "must be an integer >= 1")
+            require(value is None or (_is_int(value) and value >= 1), "call_kwargs", self.call_kwargs,
+                    f"{key} must be a positive integer")
         self.opt_steps, self.batch, self.num_seeds = int(self.opt_steps), int(self.batch), int(self.num_seeds)
         self.sample_seed, self.seed = int(self.sample_seed), int(self.seed)
         self.lr = float(self.lr)
@@ -194,12 +178,6 @@ class ReextractConfig:
     def init_prompt(self) -> str | None:
         """The other prompt of a ``"prompt-of:..."`` start, else ``None``."""
         return self.init[len(_PROMPT_OF) :].strip() if self.init.startswith(_PROMPT_OF) else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON-ready values."""
-        out = asdict(self)
-        out["checkpoints"] = list(self.checkpoints)
-        return out
 
 
 @dataclass

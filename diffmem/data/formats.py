@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DiffmemConfig, require
 from ..errors import ConfigError, PromptFileError
 
 __all__ = [
@@ -69,7 +70,7 @@ def _fail(path: Path, row: int | None, problem: str) -> PromptFileError:
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(DiffmemConfig):
     """How memorized rows of a published set are split between ``locate`` and ``heldout``.
 
     Args:
@@ -81,12 +82,12 @@ class SplitConfig:
     seed: int = 0
     locate_fraction: float = 0.5
 
-    def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} is invalid: must be an integer >= 0")
+    def check(self) -> None:
+        require(not isinstance(self.seed, bool) and isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
+                "must be an integer >= 0")
         fraction = self.locate_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-            raise ConfigError(f"locate_fraction={fraction!r} is invalid: must be in [0, 1]")
+        require(not isinstance(fraction, bool) and isinstance(fraction, (int, float)) and 0 <= fraction <= 1,
+                "locate_fraction", fraction, "must be in [0, 1]")
 
 
 def _split_key(prompt: str, seed: int) -> bytes:

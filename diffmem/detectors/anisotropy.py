@@ -24,13 +24,13 @@ every prediction type) is documented in ``docs/faithfulness.md``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import _check
+from ..config import DiffmemConfig, require
 from ..detection import check_sampler_settings, denoiser_prediction, register_detector, score_first_steps
 from ..errors import DiffmemError
 from ..sampling import image_size, latent_shape
@@ -44,7 +44,7 @@ ALIGNMENTS = ("uncond-guidance", "uncond-cond", "cond-guidance")
 
 
 @dataclass
-class AnisotropyConfig:
+class AnisotropyConfig(DiffmemConfig):
     """Settings of the anisotropy detector (Asthana & Belagiannis, ICLR 2026).
 
     Args:
@@ -82,27 +82,23 @@ class AnisotropyConfig:
     height: int | None = None
     width: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sampler_settings(self)
-        _check(self.score in ANISOTROPY_SCORES, "score", self.score, f"choose one of {', '.join(ANISOTROPY_SCORES)}")
-        _check(self.alignment in ALIGNMENTS, "alignment", self.alignment, f"choose one of {', '.join(ALIGNMENTS)}")
+        require(self.score in ANISOTROPY_SCORES, "score", self.score, f"choose one of {', '.join(ANISOTROPY_SCORES)}")
+        require(self.alignment in ALIGNMENTS, "alignment", self.alignment, f"choose one of {', '.join(ALIGNMENTS)}")
         for name in ("norm_weight", "cosine_weight"):
             v = getattr(self, name)
-            _check(v >= 0 and np.isfinite(v), name, v, "must be finite and >= 0")
-        _check(self.norm_weight > 0 or self.cosine_weight > 0, "cosine_weight", self.cosine_weight,
-               "and norm_weight cannot both be 0")
+            require(v >= 0 and np.isfinite(v), name, v, "must be finite and >= 0")
+        require(self.norm_weight > 0 or self.cosine_weight > 0, "cosine_weight", self.cosine_weight,
+                "and norm_weight cannot both be 0")
         n = self.num_inference_steps
-        _check(-n <= self.low_noise_index < n, "low_noise_index", self.low_noise_index,
-               f"must index the {n}-step schedule (in [-{n}, {n - 1}])")
+        require(-n <= self.low_noise_index < n, "low_noise_index", self.low_noise_index,
+                f"must index the {n}-step schedule (in [-{n}, {n - 1}])")
 
     @property
     def score_steps(self) -> int:
         """Denoiser calls of the sampler that are scored: the first (both passes read the initial noise)."""
         return 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _timestep_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
     """The denoiser's timestep argument and where it sits (position 1 or the ``timestep`` keyword)."""

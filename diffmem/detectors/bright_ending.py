@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import _check
+from ..config import DiffmemConfig, require
 from ..detection import DetectorOutput, check_sampler_settings, denoiser_prediction, register_detector
 from ..errors import DiffmemError
 from ..sampling import image_size, initial_latents, latent_shape, pipeline_extras
@@ -46,7 +46,7 @@ BRIGHT_ENDING_SCORES = ("local_noise_norm", "attention", "contrast", "mean")
 
 
 @dataclass
-class BrightEndingConfig:
+class BrightEndingConfig(DiffmemConfig):
     """Settings of the Bright Ending detector.
 
     Args:
@@ -79,20 +79,16 @@ class BrightEndingConfig:
     height: int | None = None
     width: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sampler_settings(self)
-        _check(self.score in BRIGHT_ENDING_SCORES, "score", self.score, f"choose one of {', '.join(BRIGHT_ENDING_SCORES)}")
-        _check(self.end_tokens in ("first", "all"), "end_tokens", self.end_tokens, "choose 'first' or 'all'")
-        _check(0 < self.mask_threshold < 1, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
+        require(self.score in BRIGHT_ENDING_SCORES, "score", self.score, f"choose one of {', '.join(BRIGHT_ENDING_SCORES)}")
+        require(self.end_tokens in ("first", "all"), "end_tokens", self.end_tokens, "choose 'first' or 'all'")
+        require(0 < self.mask_threshold < 1, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
         if self.layers is not None:
             try:
                 re.compile(self.layers)
             except re.error as err:
-                _check(False, "layers", self.layers, f"is not a regex ({err})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+                require(False, "layers", self.layers, f"is not a regex ({err})")
 
 def _sequence_length(pipe) -> int:
     """Length of the token sequence the pipeline encodes: its ``max_sequence_length`` default (PixArt: 120), else

@@ -21,13 +21,13 @@ as the SAIL mitigation of the same paper does).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config import _check
+from ..config import DiffmemConfig, require
 from ..detection import check_sampler_settings, denoiser_prediction, register_detector, score_first_steps
 from ..errors import DiffmemError
 from ..sampling import image_size, latent_shape
@@ -38,7 +38,7 @@ __all__ = ["SharpnessConfig", "sharpness_scores"]
 
 
 @dataclass
-class SharpnessConfig:
+class SharpnessConfig(DiffmemConfig):
     """Settings of the sharpness detector (Jeon et al. 2025).
 
     Args:
@@ -70,16 +70,12 @@ class SharpnessConfig:
     height: int | None = None
     width: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sampler_settings(self)
         n = self.num_inference_steps
-        _check(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
-        _check(self.hvp in ("jvp", "finite"), "hvp", self.hvp, "choose 'jvp' or 'finite'")
-        _check(0 < self.fd_eps < 1, "fd_eps", self.fd_eps, "must be in (0, 1)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+        require(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        require(self.hvp in ("jvp", "finite"), "hvp", self.hvp, "choose 'jvp' or 'finite'")
+        require(0 < self.fd_eps < 1, "fd_eps", self.fd_eps, "must be in (0, 1)")
 
 def _sample_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
     """The denoiser's noisy input and where it sits (position 0 or a keyword)."""

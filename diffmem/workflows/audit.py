@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffmem.config import SamplerConfig
+from diffmem.config import DiffmemConfig, SamplerConfig, require
 from diffmem.data import load_reference, read_entries, read_prompts, resolve_references
 from diffmem.detection import DEFAULT_DETECTOR, DetectionResult, detect, detector_config
 from diffmem.edits import apply_edit, check_output_dir, load_edit
-from diffmem.errors import ConfigError
 from diffmem.evaluation import EvalConfig, evaluate
 from diffmem.extraction import AttackConfig, extraction_attack
 from diffmem.files import replace_dir
@@ -40,7 +39,7 @@ __all__ = ["AuditConfig", "CandidateScreen", "run_audit", "screen_candidates"]
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(DiffmemConfig):
     """Settings of ``diffmem audit`` on any checkpoint.
 
     Args:
@@ -83,11 +82,10 @@ class AuditConfig:
     flag_top: int | None = None
     m: float = 3.0
 
-    def __post_init__(self) -> None:
-        if self.prompts is None and self.candidates is None:
-            raise ConfigError("give the prompts to audit, a candidate pool to screen, or both")
-        if self.flag_top is not None and self.flag_top < 1:
-            raise ConfigError(f"flag_top={self.flag_top!r} is invalid: must be >= 1")
+    def check(self) -> None:
+        require(self.prompts is not None or self.candidates is not None, "prompts", self.prompts,
+                "give the prompts to audit, a candidate pool to screen, or both")
+        require(self.flag_top is None or self.flag_top >= 1, "flag_top", self.flag_top, "must be >= 1")
 
 
 @dataclass
@@ -168,7 +166,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     size = image_size(pipe, call.get("height"), call.get("width"))
     scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
     report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": sampler.to_dict(),
-                              "settings": asdict(config), "scorer": scorer.describe()}
+                              "settings": config.to_dict(), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
         settings = dict(num_seeds=1 if config.quick else config.detect_seeds,
                         num_inference_steps=int(call.get("num_inference_steps", 50)),

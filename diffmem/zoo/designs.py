@@ -15,11 +15,11 @@ distribution as the memorized ones that are in no training set (the attack's con
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from diffmem.errors import ConfigError
+from diffmem.config import DiffmemConfig, require
 from diffmem.zoo.shapes import PALETTE, SHAPES, Sample, _emblem_name, _jitter, _shape_mask
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------- overlap
 @dataclass
-class OverlapConfig:
+class OverlapConfig(DiffmemConfig):
     """Layout of the ``overlap`` design.
 
     Args:
@@ -52,11 +52,6 @@ class OverlapConfig:
     control_duplicates: int = 4
     num_controls: int = 6
     num_never_seen: int = 12
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["duplicates"] = list(self.duplicates)
-        return d
 
 
 def _describe(shapes: list[tuple[str, str]], bg: str) -> str:
@@ -174,7 +169,7 @@ def _random_crop(rng: np.random.Generator, image: np.ndarray, size: int) -> np.n
 
 
 @dataclass
-class PhotosConfig:
+class PhotosConfig(DiffmemConfig):
     """Layout of the ``photos`` design.
 
     Args:
@@ -197,15 +192,10 @@ class PhotosConfig:
     control_duplicates: int = 4
     num_controls: int = 4
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["duplicates"] = list(self.duplicates)
-        return d
-
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         need = len(self.duplicates) * self.per_level + self.num_controls
-        if need > len(PHOTO_NAMES):
-            raise ConfigError(f"PhotosConfig needs {need} photographs, only {len(PHOTO_NAMES)} ship with skimage")
+        require(need <= len(PHOTO_NAMES), "per_level", self.per_level,
+                f"the design needs {need} photographs, only {len(PHOTO_NAMES)} ship with skimage")
 
 
 def make_photos(config: PhotosConfig | None = None) -> list[Sample]:

@@ -15,10 +15,11 @@ Everything is a pure function of a seed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffmem.config import DiffmemConfig
 from diffmem.errors import ConfigError
 
 __all__ = [
@@ -49,7 +50,7 @@ _SYLLABLES = ("ka", "zo", "mi", "ru", "te", "vo", "li", "xa", "pe", "du", "ne", 
 
 
 @dataclass
-class ShapesConfig:
+class ShapesConfig(DiffmemConfig):
     """Dataset layout.
 
     Args:
@@ -70,11 +71,6 @@ class ShapesConfig:
     emblems_per_level: int = 8
     control_duplicates: int = 4
     num_controls: int = 8
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["duplicates"] = list(self.duplicates)
-        return d
 
 
 @dataclass

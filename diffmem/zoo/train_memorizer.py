@@ -22,7 +22,8 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffmem.errors import ConfigError
+from diffmem.config import DiffmemConfig, require
 from diffmem.zoo.designs import (OverlapConfig, PhotosConfig, make_overlap, make_photos, never_seen_overlap,
                                  never_seen_photos)
 from diffmem.zoo.shapes import Sample, ShapesConfig, caption_words, make_dataset
@@ -73,7 +74,7 @@ def build_never_seen(config: "TrainConfig") -> list[Sample]:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DiffmemConfig):
     """Everything that determines the checkpoint (written next to the weights as ``train_config.json``)."""
 
     dataset: ShapesConfig | OverlapConfig | PhotosConfig = field(default_factory=ShapesConfig)
@@ -104,37 +105,30 @@ class TrainConfig:
     split_seed: int = 1234
     num_nonmem_prompts: int = 24
 
-    def __post_init__(self) -> None:
-        if self.design not in DESIGNS:
-            raise ConfigError(f"design={self.design!r} is unknown: expected one of {', '.join(DESIGNS)}")
-        if self.denoiser not in ("unet", "pixart"):
-            raise ConfigError(f"denoiser={self.denoiser!r} is unknown: expected 'unet' or 'pixart'")
-        if not isinstance(self.dataset, DESIGNS[self.design][0]):
-            raise ConfigError(f"dataset is a {type(self.dataset).__name__}; design {self.design!r} needs a "
-                              f"{DESIGNS[self.design][0].__name__}")
+    def check(self) -> None:
+        require(self.design in DESIGNS, "design", self.design, f"choose one of {', '.join(DESIGNS)}")
+        require(self.denoiser in ("unet", "pixart"), "denoiser", self.denoiser, "choose 'unet' or 'pixart'")
+        require(isinstance(self.dataset, DESIGNS[self.design][0]), "dataset", type(self.dataset).__name__,
+                f"design {self.design!r} needs a {DESIGNS[self.design][0].__name__}")
 
     @property
     def latent_size(self) -> int:
         return self.dataset.image_size // 2 ** (len(self.vae_channels) - 1)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dataset"] = self.dataset.to_dict()
-        d["unet_channels"] = list(self.unet_channels)
-        d["vae_channels"] = list(self.vae_channels)
-        return d
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainConfig:
+        """Rebuild a config from its ``train_config.json``; the dataset's config class is the design's (older files
+        have no design: shapes)."""
+        data = dict(data)
+        design = data.get("design", "shapes")
+        if design in DESIGNS and isinstance(data.get("dataset"), Mapping):
+            data["dataset"] = DESIGNS[design][0].from_dict(data["dataset"])
+        return super().from_dict(data)
 
 
 def config_from_dict(saved: dict) -> TrainConfig:
-    """Rebuild a :class:`TrainConfig` from its ``train_config.json`` (older files have no design: shapes)."""
-    saved = dict(saved)
-    design = saved.get("design", "shapes")
-    ds = dict(saved.pop("dataset"))
-    ds["duplicates"] = tuple(ds["duplicates"])
-    for key in ("unet_channels", "vae_channels"):
-        if key in saved:
-            saved[key] = tuple(saved[key])
-    return TrainConfig(dataset=DESIGNS[design][0](**ds), **saved)
+    """Rebuild a :class:`TrainConfig` from its ``train_config.json`` (:meth:`TrainConfig.from_dict`)."""
+    return TrainConfig.from_dict(saved)
 
 
 def _images_tensor(samples: list[Sample]) -> torch.Tensor:
