@@ -25,7 +25,8 @@ from .sampling import generate_images, image_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sampler_variants", "make_folds", "measure_rows", "summarise_rows", "SAMPLER_NAMES"]
+__all__ = ["sampler_variants", "make_folds", "measure_rows", "summarise_rows", "attack_from_starts", "any_start",
+           "SAMPLER_NAMES"]
 
 SAMPLER_NAMES = ("model", "diffusers-default", "high-guidance")
 """The sampler settings every edit is reported at: the model's own, diffusers' defaults (50 steps, guidance 7.5,
@@ -104,6 +105,66 @@ def _success(scorer: Any, images: np.ndarray, references: list[np.ndarray], thre
             for imgs, ref in zip(images, references)]
 
 
+def attack_from_starts(
+    pipe: Any,
+    edit: Edit | None,
+    items: list[ReextractItem],
+    configs: dict[str, ReextractConfig],
+    samplers: dict[str, dict[str, Any]],
+    scorer: Any,
+    *,
+    progress: bool = False,
+    summaries: dict[str, Any] | None = None,
+) -> tuple[dict[str, dict[str, list[list[bool]]]], dict[str, torch.Tensor]]:
+    """Attack every item once per start and sample the found conditionings at every sampler.
+
+    The conditioning is optimised with the model's training loss, which does not depend on the sampler; the first
+    sampler is the attack's own (its result rows), the others sample the same conditionings again.
+
+    Args:
+        pipe: The pipeline (unchanged on return).
+        edit: The edit applied during the attack, or ``None``.
+        items: The attacked images (with their reference pixels).
+        configs: ``{start: attack settings}``; each start's ``call_kwargs`` should be the first sampler's.
+        samplers: ``{name: call_kwargs}``, the attack's own sampler first.
+        scorer: Similarity scorer (the attack's ``threshold``, else the scorer's, decides success).
+        progress: Show progress bars.
+        summaries: When given, receives each start's attack summary.
+
+    Returns:
+        ``({start: {sampler: per item, per seed success}}, {start: conditionings [N * seeds?, L, D]})``.
+    """
+    names = list(samplers)
+    success: dict[str, dict[str, list[list[bool]]]] = {}
+    found: dict[str, torch.Tensor] = {}
+    refs = [it.reference for it in items]
+    for init, cfg in configs.items():
+        threshold = float(scorer.threshold if cfg.threshold is None else cfg.threshold)
+        with apply_edit(pipe, edit):
+            res = reextract(pipe, items, cfg, scorer, progress=progress)
+            if summaries is not None:
+                summaries[init] = res.summary()
+            embeds = torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)])
+            per_sampler = {names[0]: [list(r["success"]) for r in res.rows]}
+            for name in names[1:]:
+                with torch.no_grad():
+                    gens = generate_images(pipe, prompt_embeds=embeds, num_seeds=cfg.num_seeds, seed=cfg.sample_seed,
+                                           progress=False, **samplers[name])
+                per_sampler[name] = _success(scorer, gens, refs, threshold)
+        success[init], found[init] = per_sampler, embeds
+    return success, found
+
+
+def any_start(success: dict[str, dict[str, list[list[bool]]]]) -> dict[str, list[list[bool]]]:
+    """Per sampler, per item and seed: did any start succeed (the attacker keeps whichever start works)?"""
+    worst: dict[str, list[list[bool]]] = {}
+    for per_sampler in success.values():
+        for name, succ in per_sampler.items():
+            prev = worst.get(name)
+            worst[name] = succ if prev is None else [[a or b for a, b in zip(p, s)] for p, s in zip(prev, succ)]
+    return worst
+
+
 def measure_rows(
     pipe: Any,
     edit: Edit | None,
@@ -118,6 +179,7 @@ def measure_rows(
     seed: int = 0,
     progress: bool = False,
     summaries: dict[str, Any] | None = None,
+    references: list[np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Replication of each row under ``edit``: with the prompt at each sampler, and under the attack.
 
@@ -138,6 +200,7 @@ def measure_rows(
         progress: Show progress bars.
         summaries: When given, receives each start's attack summary (``{init: summary}``, with the rate-vs-steps
             curve when ``attack.checkpoints`` asks for one), sampled at the first attack sampler.
+        references: The rows' reference pixels at the model's size, when the caller has loaded them already.
 
     Returns:
         One dict per row: ``prompt``, ``split``, ``duplicates``, ``prompt_rate`` ({sampler: rate}),
@@ -148,8 +211,7 @@ def measure_rows(
         return []
     first = next(iter(samplers.values()))
     size = image_size(pipe, first.get("height"), first.get("width"))
-    refs = [load_reference(e.reference, size, row=e) for e in rows]
-    threshold = float(scorer.threshold)
+    refs = references if references is not None else [load_reference(e.reference, size, row=e) for e in rows]
     out = [{"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "prompt_rate": {}, "attack_rate": {},
             "attack_worst": {}} for e in rows]
     with apply_edit(pipe, edit), torch.no_grad():
@@ -162,26 +224,14 @@ def measure_rows(
         return out
     names = tuple(attack_samplers or samplers)
     items = [ReextractItem(e.prompt, ref, "memorized") for e, ref in zip(rows, refs)]
-    worst: dict[str, list[list[bool]]] = {}
-    for init in inits:
-        cfg = replace(attack, init=init, num_seeds=num_seeds, call_kwargs=samplers[names[0]])
-        with apply_edit(pipe, edit):
-            res = reextract(pipe, items, cfg, scorer, progress=progress)
-            if summaries is not None:
-                summaries[init] = res.summary()
-            embeds = torch.cat([res.adversarial_embeds[i] for i in range(len(items))])
-            per_sampler = {names[0]: [list(r["success"]) for r in res.rows]}
-            for name in names[1:]:
-                with torch.no_grad():
-                    gens = generate_images(pipe, prompt_embeds=embeds, num_seeds=num_seeds, seed=cfg.sample_seed,
-                                           progress=False, **samplers[name])
-                per_sampler[name] = _success(scorer, gens, refs, threshold)
+    configs = {init: replace(attack, init=init, num_seeds=num_seeds, call_kwargs=samplers[names[0]]) for init in inits}
+    success, _ = attack_from_starts(pipe, edit, items, configs, {n: samplers[n] for n in names}, scorer,
+                                    progress=progress, summaries=summaries)
+    for init, per_sampler in success.items():
         for name, succ in per_sampler.items():
             for o, s in zip(out, succ):
                 o["attack_rate"].setdefault(init, {})[name] = float(np.mean(s))
-            prev = worst.get(name)
-            worst[name] = succ if prev is None else [[a or b for a, b in zip(p, s)] for p, s in zip(prev, succ)]
-    for name, succ in worst.items():
+    for name, succ in any_start(success).items():
         for o, s in zip(out, succ):
             o["attack_worst"][name] = float(np.mean(s))
     return out

@@ -12,7 +12,8 @@ from PIL import Image
 from diffmem.crossfit import SAMPLER_NAMES, make_folds, measure_rows, sampler_variants, summarise_rows
 from diffmem.data import ManifestEntry
 from diffmem.errors import ConfigError
-from diffmem.mitigation import MitigateConfig, _SharedSaliency
+from diffmem.mitigation import MitigateConfig
+from diffmem.mitigation.robust import _SharedSaliency
 from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import generate_images
 from diffmem.score import get_scorer

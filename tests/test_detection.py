@@ -132,7 +132,7 @@ def test_auc_on_the_embedded_memorizer():
     pipe = load_pipeline(str(MODEL))
     pipe.set_progress_bar_config(disable=True)
     d = sampling_defaults(MODEL)
-    entries = read_manifest(MODEL / "memorization.jsonl")
+    entries = [e for e in read_manifest(MODEL / "memorization.jsonl") if e.split != "never_seen"]  # training prompts
     labels = [e.memorized for e in entries]
     assert sum(labels) >= 24 and len(labels) - sum(labels) >= 24
     cfg = DetectConfig(score_steps=1, num_seeds=4, num_inference_steps=d["num_inference_steps"],

@@ -25,7 +25,9 @@ def memorizer():
     pipe = load_pipeline(str(MODEL))
     pipe.set_progress_bar_config(disable=True)
     sampler = {k: v for k, v in sampling_defaults(MODEL).items() if v is not None}
-    entries = read_manifest(MODEL / "memorization.jsonl")
+    # the training set's prompts: memorized emblems against ordinary captions (never-seen emblems are the attack's
+    # control, not part of this comparison)
+    entries = [e for e in read_manifest(MODEL / "memorization.jsonl") if e.split != "never_seen"]
     return pipe, sampler, entries
 
 

@@ -65,7 +65,7 @@ def test_mitigate_refuses_a_manifest_without_locate_rows(pipe):
 
 
 def test_plausibility_guard_allows_the_kid_estimates_own_noise():
-    from diffmem.mitigation import _plausible
+    from diffmem.mitigation.strength import _plausible
 
     unedited = 2.4e-4
     # within two subset standard deviations of the unedited KID: the edit is judged plausible

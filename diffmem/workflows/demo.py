@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ from diffmem.files import replace_dir
 from diffmem.recording import record
 from diffmem.localization import locate
 from diffmem.metrics import roc_curve
-from diffmem.mitigation import DEFAULT_RATIOS, MitigateConfig, finetune_against, locality_evidence, mitigate
+from diffmem.mitigation import (DEFAULT_RATIOS, MitigateConfig, finetune_against, load_rows, locality_evidence,
+                                mitigate)
 from diffmem.pipelines import load_pipeline
-from diffmem.reextraction import ReextractConfig
+from diffmem.reextraction import ReextractConfig, reextract
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
 from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config, quality_block, region_cells
@@ -284,13 +286,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
 
 def _adversarial(pipe, edit, rows, attack, scorer, call, progress) -> torch.Tensor:
     """Adversarial conditionings of the locate rows against ``edit`` (the input of robust fine-tuning)."""
-    from dataclasses import replace as dc_replace
-
-    from diffmem.mitigation import _items
-    from diffmem.reextraction import reextract
-    from diffmem.sampling import image_size
-
-    items = _items(pipe, rows, "memorized", image_size(pipe, call.get("height"), call.get("width")))
+    items = load_rows(rows, image_size(pipe, call.get("height"), call.get("width"))).items("memorized")
     with apply_edit(pipe, edit):
         res = reextract(pipe, items, dc_replace(attack, call_kwargs=call), scorer, progress=progress)
     return torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)])

@@ -1,0 +1,161 @@
+"""Settings and result of :func:`~diffmem.mitigation.mitigate`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..crossfit import SAMPLER_NAMES
+from ..edits import Edit
+from ..errors import ConfigError
+from ..localization import list_locators
+from ..reextraction import ReextractConfig
+
+__all__ = ["MitigateConfig", "MitigationResult", "DEFAULT_RATIOS", "DEFAULT_RANKS", "ROBUST"]
+
+DEFAULT_RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+ROBUST = ("none", "prune", "finetune")
+
+
+@dataclass
+class MitigateConfig:
+    """Settings of :func:`mitigate`.
+
+    Args:
+        method: Locate method: ``wanda``, ``neuron`` or ``directions``.
+        ratio: Edit strength (the ratio; for ``directions`` the rank); ``None`` chooses it (``--ratio auto``).
+        strengths: Strengths tried by the automatic choice, ascending.
+        target: Largest acceptable ``locate`` replication (and, with ``robust``, attack rate).
+        robust: ``none``, ``prune`` or ``finetune``.
+        max_rounds: Rounds of the robust step.
+        record_steps: Leading sampler steps recorded and used to locate (tau).
+        sweep_seeds: Seeds per prompt when choosing the strength.
+        attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``).
+        robust_score: How a robust pruning round locates again: ``"saliency"`` (default) scores every denoiser
+            weight by how much zeroing it raises the training loss toward the memorized images under the adversarial
+            conditionings, minus ``robust_lambda`` times how much it changes the loss of the ``nonmem`` rows;
+            ``"activations"`` records FFN statistics under the adversarial conditionings and reruns ``method``.
+        robust_fraction: Share of the denoiser's weights a saliency round may add.
+        robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
+            normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
+            at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's
+            subspace, located under attack).
+        robust_share: Fraction of terms that must agree with ``robust_aggregate="shared"``.
+        attack_inits: Starts of the robust loop's attack (``prompt``, ``random``): conditionings from every start
+            enter the saliency round.
+        robust_samplers: Sampler settings (names of :data:`diffmem.crossfit.SAMPLER_NAMES`) the robust loop's
+            attack is sampled at; a round stops only when the rate is at most ``target`` at all of them.
+        folds: Cross-fitting folds over the ``locate`` rows (0 turns it off): the strength is chosen on
+            out-of-fold replication, and the whole fit is repeated leaving each fold out, to estimate the rates on
+            memorized images that were not given.
+        estimate_seeds: Generations per row and setting when measuring a left-out fold.
+        robust_lambda: Weight of the non-memorized loss change in the saliency score.
+        finetune_steps: Optimiser steps per robust fine-tuning round.
+        finetune_lr: Learning rate of the fine-tuning.
+        finetune_batch: Noise draws per fine-tuning step and loss term.
+        seed: First seed.
+    """
+
+    method: str = "wanda"
+    ratio: float | None = None
+    strengths: tuple[float, ...] = DEFAULT_RATIOS
+    target: float = 0.05
+    robust: str = "none"
+    max_rounds: int = 3
+    robust_score: str = "saliency"
+    robust_fraction: float = 0.001
+    robust_aggregate: str = "sum"
+    robust_share: float = 0.5
+    attack_inits: tuple[str, ...] = ("prompt", "random")
+    robust_samplers: tuple[str, ...] = ("model", "diffusers-default")
+    folds: int = 3
+    estimate_seeds: int = 2
+    robust_lambda: float = 5.0
+    record_steps: int = 10
+    sweep_seeds: int = 2
+    attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(), num_seeds=2))
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-4
+    finetune_batch: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in list_locators():
+            raise ConfigError(f"method={self.method!r} is invalid: choose one of {', '.join(list_locators())}")
+        if self.robust not in ROBUST:
+            raise ConfigError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
+        if self.robust == "prune" and self.method == "directions":
+            raise ConfigError("robust='prune' merges masks: use method wanda or neuron")
+        if self.robust_score not in ("saliency", "activations"):
+            raise ConfigError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
+        if self.robust_aggregate not in ("sum", "shared"):
+            raise ConfigError(f"robust_aggregate={self.robust_aggregate!r} is invalid: choose sum or shared")
+        if not 0 < self.robust_share <= 1:
+            raise ConfigError(f"robust_share={self.robust_share!r} is invalid: must be in (0, 1]")
+        if not self.attack_inits or any(i not in ("prompt", "random") for i in self.attack_inits):
+            raise ConfigError(f"attack_inits={self.attack_inits!r} is invalid: give prompt and/or random")
+        if not self.robust_samplers or any(n not in SAMPLER_NAMES for n in self.robust_samplers):
+            raise ConfigError(f"robust_samplers={self.robust_samplers!r} is invalid: give names from "
+                              f"{', '.join(SAMPLER_NAMES)}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds={self.folds!r} is invalid: 0 (off) or >= 2")
+        if self.estimate_seeds < 1:
+            raise ConfigError(f"estimate_seeds={self.estimate_seeds!r} is invalid: must be >= 1")
+        if not 0 < self.robust_fraction <= 0.1:
+            raise ConfigError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
+        if self.robust_lambda < 0:
+            raise ConfigError(f"robust_lambda={self.robust_lambda!r} is invalid: must be >= 0")
+        if self.ratio is not None and not (0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1)):
+            raise ConfigError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
+        if not self.strengths or list(self.strengths) != sorted(self.strengths):
+            raise ConfigError(f"strengths={self.strengths!r} is invalid: give ascending values")
+        if not 0 <= self.target <= 1:
+            raise ConfigError(f"target={self.target!r} is invalid: must be in [0, 1]")
+        for name in ("max_rounds", "record_steps", "sweep_seeds", "finetune_steps", "finetune_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_lr={self.finetune_lr!r} is invalid: must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attack"] = self.attack.to_dict()
+        d["strengths"] = list(self.strengths)
+        d["attack_inits"] = list(self.attack_inits)
+        d["robust_samplers"] = list(self.robust_samplers)
+        return d
+
+
+@dataclass
+class MitigationResult:
+    """What :func:`mitigate` found: the edit, how its strength was chosen and what each robust round did.
+
+    ``plain_edit`` is the located edit before any robust round; ``first_adversarial`` the conditionings the first
+    robust round's attack found against it (``[P, L, D]``, one per ``locate`` row), or ``None``.
+    """
+
+    edit: Edit
+    strength: float
+    sweep: list[dict[str, Any]]
+    rounds: list[dict[str, Any]]
+    locality: dict[str, Any]
+    timings_s: dict[str, float]
+    plain_edit: Edit | None = None
+    first_adversarial: torch.Tensor | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "estimate": self.estimate,
+            "kind": self.edit.kind,
+            "strength": self.strength,
+            "parameters_changed": self.edit.num_params_changed(),
+            "fraction_changed": self.edit.fraction_changed(),
+            "sweep": self.sweep,
+            "rounds": self.rounds,
+            "locality": self.locality,
+            "timings_s": self.timings_s,
+        }

@@ -1,0 +1,156 @@
+"""The verb: :func:`mitigate` locates an edit on the given rows, chooses its strength out of fold, hardens it
+against re-extraction and estimates, by cross-fitting, what it does on memorized images it was not given."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RecordConfig
+from ..crossfit import make_folds, measure_rows, sampler_variants, summarise_rows
+from ..data import ManifestEntry
+from ..errors import DiffmemError
+from ..localization import locate
+from ..recording import record
+from ..sampling import image_size
+from .config import MitigateConfig, MitigationResult
+from .robust import harden
+from .rows import Rows, load_rows
+from .strength import choose_strength, locate_config, merged_stats
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["mitigate"]
+
+
+def _split(entries: list[ManifestEntry], name: str) -> list[ManifestEntry]:
+    return [e for e in entries if e.split == name]
+
+
+def mitigate(
+    pipe: Any,
+    entries: list[ManifestEntry],
+    config: MitigateConfig,
+    scorer: Any,
+    *,
+    base_prompts: list[str] | None = None,
+    call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> MitigationResult:
+    """Locate an edit on the ``locate`` rows, choose its strength, and (optionally) harden it against re-extraction.
+
+    Args:
+        pipe: The pipeline to mitigate (left unchanged: every edit is applied reversibly).
+        entries: Manifest entries; only ``locate`` and ``nonmem`` rows are used (``heldout`` rows are never read).
+        config: Mitigation settings.
+        scorer: Similarity scorer for replication (and its threshold).
+        base_prompts: Base prompts recorded against the memorized ones (default: the empty prompt and the
+            ``nonmem`` prompts).
+        call_kwargs: Sampler settings (``num_inference_steps``, ``guidance_scale``, ``guidance_rescale``, size).
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`MitigationResult`.
+    """
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 2)
+
+    call = dict(call_kwargs or {})
+    locate_rows, nonmem = _split(entries, "locate"), _split(entries, "nonmem")
+    if not locate_rows:
+        raise DiffmemError("the manifest has no 'locate' rows: mitigation needs memorized prompts to locate on")
+    base = base_prompts if base_prompts is not None else [""] + [e.prompt for e in nonmem]
+    rcfg = RecordConfig(
+        num_inference_steps=int(call.get("num_inference_steps", 50)), record_steps=config.record_steps,
+        guidance_scale=float(call.get("guidance_scale", 7.5)), height=call.get("height"), width=call.get("width"),
+        seed=config.seed, batch_size=16, signatures=config.method == "directions",
+    )
+    extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
+    folds = make_folds(locate_rows, config.folds, config.seed) if 2 <= config.folds <= len(locate_rows) else []
+    if config.folds and not folds:
+        logger.warning("%d locate rows are too few for %d folds: no out-of-fold estimate", len(locate_rows),
+                       config.folds)
+    # the rows' training images, loaded once (the attack's targets; what a saliency round or fine-tuning keeps)
+    rows = nonmem_rows = None
+    if config.robust != "none" or folds:
+        size = image_size(pipe, call.get("height"), call.get("width"))
+        rows = load_rows(locate_rows, size)
+        if config.robust != "none" and (config.robust == "finetune" or config.robust_score == "saliency"):
+            what = "robust fine-tuning" if config.robust == "finetune" else "robust pruning"
+            keep = "the utility data" if config.robust == "finetune" else "what must be kept"
+            if not nonmem or any(e.reference is None for e in nonmem):
+                raise DiffmemError(f"{what} needs 'nonmem' rows with reference images ({keep})")
+            nonmem_rows = load_rows(nonmem, size, purpose=what)
+    # statistics per fold, so that every "all folds but one" fit reuses them
+    parts = folds or [list(range(len(locate_rows)))]
+    stats_parts = [record(pipe, [locate_rows[i].prompt for i in f], rcfg, progress=progress, pipe_kwargs=extra)
+                   for f in parts]
+    stats_mem = merged_stats(stats_parts)
+    stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
+    lap("record")
+
+    choice = choose_strength(pipe, locate_rows, nonmem, stats_mem, stats_parts, stats_base, folds, config, call,
+                             scorer, progress)
+    strength, edit = choice.strength, choice.edit
+    plain = edit
+    lap("strength")
+
+    rounds: list[dict[str, Any]] = []
+    first_adversarial: torch.Tensor | None = None
+    if config.robust != "none":
+        edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, extra, strength, config,
+                                                 call, scorer, progress)
+        lap("robust")
+    estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
+                                "memorized_kid_unedited": choice.unedited_kid}
+    if folds:
+        estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
+                                             extra, strength, config, call, scorer, progress)
+        lap("estimate")
+    given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(call, pipe=pipe), attack=None,
+                         num_seeds=config.estimate_seeds, seed=40_000 + config.seed, progress=False)
+    estimate["in_sample"] = summarise_rows(given)
+    if rounds:
+        estimate["in_sample"]["attack"] = rounds[-1].get("attack_rate_by_sampler")
+    estimate["in_sample"]["note"] = "measured on the rows the edit was fitted on"
+    edit.meta = {**edit.meta, "mitigation": config.to_dict(), "strength": strength}
+    return MitigationResult(edit=edit, strength=strength, sweep=choice.sweep, rounds=rounds, locality={},
+                            timings_s=timings, plain_edit=plain, first_adversarial=first_adversarial,
+                            estimate=estimate)
+
+
+def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
+               stats_base: Any, base: list[str], rcfg: RecordConfig, extra: dict | None, strength: float,
+               config: MitigateConfig, call: dict[str, Any], scorer: Any, progress: bool) -> dict[str, Any]:
+    """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds), measure the one left
+    out with the prompt and under attack, at every reported sampler; rates over all rows and their spread."""
+    samplers = sampler_variants(call, pipe=pipe)
+    measured: list[dict[str, Any]] = [{} for _ in range(len(rows))]
+    for k, fold in enumerate(tqdm(folds, desc="cross-fit", disable=not progress)):
+        train = rows.subset([i for j, f in enumerate(folds) if j != k for i in f])
+        others = merged_stats([p for j, p in enumerate(stats_parts) if j != k])
+        edit = locate(pipe, others, stats_base, locate_config(config.method, strength, config.record_steps))
+        if config.robust != "none":
+            edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, extra, strength, config, call, scorer,
+                                progress=False)
+        attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
+        left_out = rows.subset(fold)
+        out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,
+                           attack=attack if config.robust != "none" else None, inits=tuple(config.attack_inits),
+                           attack_samplers=tuple(config.robust_samplers), num_seeds=config.estimate_seeds,
+                           seed=40_000 + config.seed, progress=False, references=left_out.pixels)
+        for i, o in zip(fold, out):
+            measured[i] = o
+        logger.info("cross-fit fold %d/%d: %s", k + 1, len(folds), summarise_rows(out)["prompt"])
+    summary = summarise_rows(measured, folds)
+    summary["note"] = ("each fold's rows measured under an edit fitted without them (same strength and robust "
+                       "rounds); expected on memorized images not given")
+    return summary

@@ -1,0 +1,162 @@
+"""Choosing the edit's strength: each strength located, judged out of fold, on drift and on what the memorized
+prompts become (plausible images, not noise)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import LocateConfig
+from ..data import ManifestEntry
+from ..edits import Edit, apply_edit
+from ..errors import DiffmemError
+from ..evaluation import EvalConfig, EvalResult, evaluate
+from ..localization import locate
+from ..quality import memorized_becomes
+from .config import MitigateConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StrengthChoice", "choose_strength", "locate_config", "merged_stats"]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+def locate_config(method: str, strength: float, record_steps: int) -> LocateConfig:
+    """The locate settings of one strength (a ratio, or a rank for ``directions``)."""
+    if method == "directions":
+        return LocateConfig(method="directions", rank=int(strength), record_steps=record_steps)
+    return LocateConfig(method=method, ratio=float(strength), record_steps=record_steps)
+
+def merged_stats(parts: list[Any]) -> Any:
+    """The union of several :class:`~diffmem.stats.ActivationStats` (the inputs are left unchanged)."""
+    out = copy.deepcopy(parts[0])
+    for other in parts[1:]:
+        out.merge_(other)
+    return out
+
+def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry],
+                    nonmem_before: EvalResult | None, ecfg: EvalConfig, scorer: Any) -> dict[str, Any]:
+    with apply_edit(pipe, edit), torch.no_grad():
+        loc = evaluate(pipe, locate_rows, ecfg, scorer, progress=False, desc="sweep")
+        row: dict[str, Any] = {
+            "parameters_changed": edit.num_params_changed(),
+            "fraction": edit.fraction_changed(),
+            "locate_replication": _mean([r["replication_rate"] for r in loc.rows if "replication_rate" in r]),
+        }
+        if nonmem_before is not None and loc.images is not None and nonmem_before.images is not None:
+            row["memorized_becomes"] = _becomes(loc.images, nonmem_before.images)
+        if nonmem_before is not None:
+            after = evaluate(pipe, nonmem, ecfg, scorer, baseline=nonmem_before, progress=False, desc="sweep drift")
+            row["drift_similarity"] = _mean([r["drift_similarity"] for r in after.rows])
+            row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in after.rows])
+            row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows])
+    return row
+
+def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | None:
+    """What the memorized prompts render under the edit: KID to the unedited model's ordinary generations (and the
+    KID between two halves of those, as the yardstick); ``None`` when no feature extractor is available."""
+    try:
+        res = memorized_becomes(list(memorized.reshape(-1, *memorized.shape[-3:])),
+                                list(ordinary.reshape(-1, *ordinary.shape[-3:])), subsets=50)
+    except (DiffmemError, ImportError, OSError) as err:  # optional: a missing extractor must not stop mitigation
+        logger.info("memorized-prompt quality not measured: %s", str(err).splitlines()[0])
+        return None
+    return {k: res.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
+
+def _plausible(row: dict[str, Any], unedited_kid: float | None) -> bool:
+    """The memorized prompts render no further from ordinary generations (KID) than the memorized images themselves
+    did before the edit, up to the KID estimate's own noise (two standard deviations over its subsets): they became
+    something image-like, not e.g. dark noise (true when not measured).
+
+    A strict ``kid <= unedited_kid`` would judge noise: where the memorized images resemble ordinary ones (the
+    overlap member) the unedited KID is near zero and any edit's estimate scatters around it."""
+    becomes = row.get("memorized_becomes") or {}
+    kid = becomes.get("kid_mean")
+    if kid is None or unedited_kid is None:
+        return True
+    return kid <= unedited_kid + 2.0 * float(becomes.get("kid_std") or 0.0)
+
+def _acceptable(row: dict[str, Any], target: float, unedited_kid: float | None = None) -> bool:
+    rep = _judged(row)
+    spread = row.get("drift_within_spread")
+    return (rep is not None and rep <= target and (spread is None or spread >= 0.5)
+            and _plausible(row, unedited_kid))
+
+def _judged(row: dict[str, Any]) -> float | None:
+    """The replication a strength is judged by: out of fold when measured, else on the locate rows."""
+    return row.get("out_of_fold_replication", row["locate_replication"])
+
+def _out_of_fold_replication(pipe: Any, rows: list[ManifestEntry], folds: list[list[int]], stats_parts: list[Any],
+                             stats_base: Any, lcfg: LocateConfig, ecfg: EvalConfig, scorer: Any) -> float | None:
+    """Replication of each fold's rows under the edit located on the other folds, averaged over all rows."""
+    rates: list[float] = []
+    for k, fold in enumerate(folds):
+        others = merged_stats([p for j, p in enumerate(stats_parts) if j != k])
+        edit = locate(pipe, others, stats_base, lcfg)
+        with apply_edit(pipe, edit), torch.no_grad():
+            res = evaluate(pipe, [rows[i] for i in fold], ecfg, scorer, progress=False)
+        rates += [r["replication_rate"] for r in res.rows if "replication_rate" in r]
+    return _mean(rates)
+
+
+@dataclass
+class StrengthChoice:
+    """The chosen strength, its edit, every strength's row and the unedited memorized images' KID to ordinary ones."""
+
+    strength: float
+    edit: Edit
+    sweep: list[dict[str, Any]]
+    unedited_kid: float | None
+
+
+def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry], stats_mem: Any,
+                    stats_parts: list[Any], stats_base: Any, folds: list[list[int]], config: MitigateConfig,
+                    call: dict[str, Any], scorer: Any, progress: bool = True) -> StrengthChoice:
+    """The strength given, or the smallest acceptable one; with folds, judged on the rows each edit was not fitted on.
+
+    A strength is acceptable when its replication is at most ``config.target``, the non-memorized drift stays within
+    the seed-to-seed spread for at least half of the ordinary prompts, and the memorized prompts still render
+    image-like (:func:`_plausible`). When none is, the choice prefers plausible renderings, then lower replication.
+    """
+    ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
+    strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
+    nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
+    unedited_kid = None
+    if nonmem_before is not None and nonmem_before.images is not None:
+        with torch.no_grad():
+            mem_before = evaluate(pipe, locate_rows, ecfg, scorer, progress=False)
+        unedited = _becomes(mem_before.images, nonmem_before.images) if mem_before.images is not None else None
+        unedited_kid = (unedited or {}).get("kid_mean")
+    sweep: list[dict[str, Any]] = []
+    chosen: tuple[float, Edit] | None = None
+    best = (True, float("inf"))
+    for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
+        lcfg = locate_config(config.method, strength, config.record_steps)
+        edit = locate(pipe, stats_mem, stats_base, lcfg)
+        row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
+        if folds and len(strengths) > 1:
+            row["out_of_fold_replication"] = _out_of_fold_replication(pipe, locate_rows, folds, stats_parts,
+                                                                      stats_base, lcfg, ecfg, scorer)
+        sweep.append(row)
+        logger.info("strength %g: %d weights changed, locate replication %s (out of fold %s), drift within spread %s",
+                    strength, row["parameters_changed"], row["locate_replication"],
+                    row.get("out_of_fold_replication"), row.get("drift_within_spread"))
+        row["plausible"] = _plausible(row, unedited_kid)
+        if _acceptable(row, config.target, unedited_kid):
+            chosen = (strength, edit)
+            break
+        rep = _judged(row)
+        key = (not row["plausible"], rep if rep is not None else float("inf"))
+        if chosen is None or key < best:
+            chosen, best = (strength, edit), key
+    if chosen is None:
+        raise DiffmemError("no strength was tried: give strengths or a ratio")
+    return StrengthChoice(chosen[0], chosen[1], sweep, unedited_kid)
