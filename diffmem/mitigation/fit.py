@@ -110,7 +110,8 @@ def mitigate(
                                                  call, scorer, progress)
         lap("robust")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
-                                "memorized_kid_unedited": choice.unedited_kid}
+                                "memorized_kid_unedited": choice.unedited_kid,
+                                "memorized_replication_unedited": choice.unedited_replication}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
                                              extra, strength, config, call, scorer, progress)

@@ -29,11 +29,13 @@ __all__ = ["StrengthChoice", "choose_strength", "locate_config", "merged_stats"]
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
+
 def locate_config(method: str, strength: float, record_steps: int) -> LocateConfig:
     """The locate settings of one strength (a ratio, or a rank for ``directions``)."""
     if method == "directions":
         return LocateConfig(method="directions", rank=int(strength), record_steps=record_steps)
     return LocateConfig(method=method, ratio=float(strength), record_steps=record_steps)
+
 
 def merged_stats(parts: list[Any]) -> Any:
     """The union of several :class:`~diffmem.stats.ActivationStats` (the inputs are left unchanged)."""
@@ -41,6 +43,7 @@ def merged_stats(parts: list[Any]) -> Any:
     for other in parts[1:]:
         out.merge_(other)
     return out
+
 
 def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry],
                     nonmem_before: EvalResult | None, ecfg: EvalConfig, scorer: Any) -> dict[str, Any]:
@@ -50,6 +53,7 @@ def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], non
             "parameters_changed": edit.num_params_changed(),
             "fraction": edit.fraction_changed(),
             "locate_replication": _mean([r["replication_rate"] for r in loc.rows if "replication_rate" in r]),
+            "locate_similarity": _mean([r["mean_similarity"] for r in loc.rows if "mean_similarity" in r]),
         }
         if nonmem_before is not None and loc.images is not None and nonmem_before.images is not None:
             row["memorized_becomes"] = _becomes(loc.images, nonmem_before.images)
@@ -59,6 +63,7 @@ def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], non
             row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in after.rows])
             row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows])
     return row
+
 
 def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | None:
     """What the memorized prompts render under the edit: KID to the unedited model's ordinary generations (and the
@@ -70,6 +75,7 @@ def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | No
         logger.info("memorized-prompt quality not measured: %s", str(err).splitlines()[0])
         return None
     return {k: res.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
+
 
 def _plausible(row: dict[str, Any], unedited_kid: float | None) -> bool:
     """The memorized prompts render no further from ordinary generations (KID) than the memorized images themselves
@@ -84,37 +90,52 @@ def _plausible(row: dict[str, Any], unedited_kid: float | None) -> bool:
         return True
     return kid <= unedited_kid + 2.0 * float(becomes.get("kid_std") or 0.0)
 
-def _acceptable(row: dict[str, Any], target: float, unedited_kid: float | None = None) -> bool:
-    rep = _judged(row)
+
+def _acceptable(row: dict[str, Any], target: float, unedited_kid: float | None = None,
+                similarity_floor: float | None = None) -> bool:
+    """Replication at most ``target`` (or, with ``similarity_floor``, mean similarity at most that floor), drift
+    within the seed spread for at least half of the ordinary prompts, and a plausible rendering."""
+    rep = _judged(row, similarity_floor is not None)
+    limit = target if similarity_floor is None else similarity_floor
     spread = row.get("drift_within_spread")
-    return (rep is not None and rep <= target and (spread is None or spread >= 0.5)
+    return (rep is not None and rep <= limit and (spread is None or spread >= 0.5)
             and _plausible(row, unedited_kid))
 
-def _judged(row: dict[str, Any]) -> float | None:
-    """The replication a strength is judged by: out of fold when measured, else on the locate rows."""
+
+def _judged(row: dict[str, Any], by_similarity: bool = False) -> float | None:
+    """The figure a strength is judged by: replication (or mean similarity to the references), out of fold when
+    measured, else on the locate rows."""
+    if by_similarity:
+        return row.get("out_of_fold_similarity", row.get("locate_similarity"))
     return row.get("out_of_fold_replication", row["locate_replication"])
 
-def _out_of_fold_replication(pipe: Any, rows: list[ManifestEntry], folds: list[list[int]], stats_parts: list[Any],
-                             stats_base: Any, lcfg: LocateConfig, ecfg: EvalConfig, scorer: Any) -> float | None:
-    """Replication of each fold's rows under the edit located on the other folds, averaged over all rows."""
+
+def _out_of_fold(pipe: Any, rows: list[ManifestEntry], folds: list[list[int]], stats_parts: list[Any],
+                 stats_base: Any, lcfg: LocateConfig, ecfg: EvalConfig, scorer: Any) -> dict[str, float | None]:
+    """Replication and mean similarity of each fold's rows under the edit located on the other folds, averaged over
+    all rows."""
     rates: list[float] = []
+    sims: list[float] = []
     for k, fold in enumerate(folds):
         others = merged_stats([p for j, p in enumerate(stats_parts) if j != k])
         edit = locate(pipe, others, stats_base, lcfg)
         with apply_edit(pipe, edit), torch.no_grad():
             res = evaluate(pipe, [rows[i] for i in fold], ecfg, scorer, progress=False)
         rates += [r["replication_rate"] for r in res.rows if "replication_rate" in r]
-    return _mean(rates)
+        sims += [r["mean_similarity"] for r in res.rows if "mean_similarity" in r]
+    return {"out_of_fold_replication": _mean(rates), "out_of_fold_similarity": _mean(sims)}
 
 
 @dataclass
 class StrengthChoice:
-    """The chosen strength, its edit, every strength's row and the unedited memorized images' KID to ordinary ones."""
+    """The chosen strength, its edit, every strength's row, and the unedited memorized images' KID to ordinary
+    generations and replication at the sweep's seeds."""
 
     strength: float
     edit: Edit
     sweep: list[dict[str, Any]]
     unedited_kid: float | None
+    unedited_replication: float | None = None
 
 
 def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry], stats_mem: Any,
@@ -125,16 +146,27 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     A strength is acceptable when its replication is at most ``config.target``, the non-memorized drift stays within
     the seed-to-seed spread for at least half of the ordinary prompts, and the memorized prompts still render
     image-like (:func:`_plausible`). When none is, the choice prefers plausible renderings, then lower replication.
+
+    When the given rows do not replicate on the unedited model at the sweep's seeds (rate at most the target), a
+    replication count cannot tell strengths apart: they are then judged by the mean similarity of the memorized
+    rows to their training images, which must fall to the ordinary (``nonmem``) rows' similarity to theirs, the
+    level of an image the model saw once.
     """
     ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
     strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
     nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
-    unedited_kid = None
-    if nonmem_before is not None and nonmem_before.images is not None:
-        with torch.no_grad():
-            mem_before = evaluate(pipe, locate_rows, ecfg, scorer, progress=False)
-        unedited = _becomes(mem_before.images, nonmem_before.images) if mem_before.images is not None else None
-        unedited_kid = (unedited or {}).get("kid_mean")
+    with torch.no_grad():
+        mem_before = evaluate(pipe, locate_rows, ecfg, scorer, progress=False)
+    unedited_kid = floor = None
+    if nonmem_before is not None and nonmem_before.images is not None and mem_before.images is not None:
+        unedited_kid = (_becomes(mem_before.images, nonmem_before.images) or {}).get("kid_mean")
+    unedited_rep = _mean([r["replication_rate"] for r in mem_before.rows if "replication_rate" in r])
+    if config.ratio is None and nonmem_before is not None and unedited_rep is not None and unedited_rep <= config.target:
+        floor = _mean([r["mean_similarity"] for r in nonmem_before.rows if "mean_similarity" in r])
+        if floor is not None:
+            logger.warning("the given memorized rows replicate at rate %.3f on the unedited model at the sweep's "
+                           "seeds (target %.3f): strengths are judged by their mean similarity to the training "
+                           "images, against the ordinary rows' own (%.3f)", unedited_rep, config.target, floor)
     sweep: list[dict[str, Any]] = []
     chosen: tuple[float, Edit] | None = None
     best = (True, float("inf"))
@@ -143,20 +175,21 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
         edit = locate(pipe, stats_mem, stats_base, lcfg)
         row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
         if folds and len(strengths) > 1:
-            row["out_of_fold_replication"] = _out_of_fold_replication(pipe, locate_rows, folds, stats_parts,
-                                                                      stats_base, lcfg, ecfg, scorer)
+            row.update(_out_of_fold(pipe, locate_rows, folds, stats_parts, stats_base, lcfg, ecfg, scorer))
+        if floor is not None:
+            row["judged_by"], row["similarity_floor"] = "similarity", floor
         sweep.append(row)
         logger.info("strength %g: %d weights changed, locate replication %s (out of fold %s), drift within spread %s",
                     strength, row["parameters_changed"], row["locate_replication"],
                     row.get("out_of_fold_replication"), row.get("drift_within_spread"))
         row["plausible"] = _plausible(row, unedited_kid)
-        if _acceptable(row, config.target, unedited_kid):
+        if _acceptable(row, config.target, unedited_kid, floor):
             chosen = (strength, edit)
             break
-        rep = _judged(row)
-        key = (not row["plausible"], rep if rep is not None else float("inf"))
+        judged = _judged(row, floor is not None)
+        key = (not row["plausible"], judged if judged is not None else float("inf"))
         if chosen is None or key < best:
             chosen, best = (strength, edit), key
     if chosen is None:
         raise DiffmemError("no strength was tried: give strengths or a ratio")
-    return StrengthChoice(chosen[0], chosen[1], sweep, unedited_kid)
+    return StrengthChoice(chosen[0], chosen[1], sweep, unedited_kid, unedited_rep)

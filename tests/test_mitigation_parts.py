@@ -1,0 +1,95 @@
+"""The parts of :mod:`diffmem.mitigation` on the tiny pipeline: rows loaded once, the strength rule, the adversarial
+fine-tuning, the locality evidence and a cross-fitted ``mitigate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmem.data import ManifestEntry
+from diffmem.edits import Mask, WeightDelta
+from diffmem.errors import DiffmemError
+from diffmem.mitigation import MitigateConfig, finetune_against, load_rows, locality_evidence, mitigate
+from diffmem.mitigation.strength import _acceptable, _judged
+from diffmem.reextraction import ReextractConfig
+from diffmem.sampling import generate_images
+from diffmem.score import get_scorer
+from diffmem.targets import get_denoiser
+
+CALL = {"num_inference_steps": 3, "guidance_scale": 3.0, "height": 16, "width": 16}
+PROMPTS = ["a red cat", "a blue dog on the sky", "a green bird", "a red dog", "a blue cat", "the sky"]
+
+
+@pytest.fixture
+def rows(tiny_pipe, tmp_path):
+    """Six rows whose references are the tiny pipeline's own seed-0 generations: four ``locate``, two ``nonmem``."""
+    images = generate_images(tiny_pipe, PROMPTS, num_seeds=1, seed=0, **CALL)
+    out = []
+    for i, p in enumerate(PROMPTS):
+        path = tmp_path / f"ref{i}.png"
+        Image.fromarray(images[i, 0]).save(path)
+        split = "locate" if i < 4 else "nonmem"
+        out.append(ManifestEntry(prompt=p, memorized=split == "locate", duplicates=8 if i < 4 else 1,
+                                 reference=path, split=split))
+    return out
+
+
+def test_load_rows_loads_each_image_once_and_keeps_its_latents(tiny_pipe, rows):
+    loaded = load_rows(rows, (16, 16))
+    assert len(loaded) == 6 and loaded.prompts == PROMPTS
+    assert all(p.shape == (16, 16, 3) and p.dtype == np.uint8 for p in loaded.pixels)
+    lat = loaded.latents(tiny_pipe)
+    assert lat.shape[0] == 6 and loaded.latents(tiny_pipe) is lat  # encoded once
+    sub = loaded.subset([3, 1])
+    assert sub.prompts == [PROMPTS[3], PROMPTS[1]] and torch.equal(sub.latents(tiny_pipe), lat[[3, 1]])
+    assert [it.prompt for it in sub.items()] == sub.prompts and sub.items()[0].kind == "memorized"
+    with pytest.raises(DiffmemError, match="a red cat"):
+        load_rows([ManifestEntry(prompt="a red cat", memorized=True, duplicates=8, reference=None, split="locate")],
+                  (16, 16))
+
+
+def test_strength_is_judged_by_similarity_when_replication_has_no_signal():
+    row = {"locate_replication": 0.0, "out_of_fold_replication": 0.0, "locate_similarity": 0.7,
+           "out_of_fold_similarity": 0.6, "drift_within_spread": 1.0}
+    assert _acceptable(row, target=0.05)  # by replication: already at the target
+    assert _judged(row, by_similarity=True) == 0.6  # out of fold first
+    assert not _acceptable(row, target=0.05, similarity_floor=0.4)  # still more like its image than ordinary rows
+    assert _acceptable({**row, "out_of_fold_similarity": 0.35}, target=0.05, similarity_floor=0.4)
+    assert not _acceptable({**row, "drift_within_spread": 0.25}, target=0.05)  # drift vetoes
+
+
+def test_finetune_against_returns_a_delta_and_leaves_the_model_unchanged(fresh_tiny_pipe, rows):
+    pipe = fresh_tiny_pipe
+    denoiser = get_denoiser(pipe)
+    before = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
+    memorized, nonmem = rows[:2], rows[4:]
+    adversarial = torch.randn(2, *pipe.encode_prompt("x", "cpu", 1, False)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    cfg = MitigateConfig(finetune_steps=2, finetune_batch=2)
+    delta = finetune_against(pipe, Mask({}), memorized, adversarial, nonmem, cfg, CALL, progress=False)
+    assert isinstance(delta, WeightDelta) and delta.num_params_changed() > 0
+    assert all(torch.equal(p, before[n]) for n, p in denoiser.named_parameters())  # restored bit for bit
+    with pytest.raises(DiffmemError, match="nonmem"):
+        finetune_against(pipe, Mask({}), memorized, adversarial, [], cfg, CALL, progress=False)
+
+
+def test_locality_evidence_reports_trigger_distances_and_mask_overlap(tiny_pipe, rows):
+    out = locality_evidence(tiny_pipe, rows[:2], ["", "the sky"], ReextractConfig(opt_steps=2, checkpoints=()),
+                            get_scorer("ssim"), ratio=0.1, record_steps=2, call_kwargs=CALL, progress=False)
+    assert out["rows"] == 2 and len(out["trigger_replication_rate"]) == 2
+    assert out["trigger_distance_rms"] > 0 and out["natural_prompt_distance_rms"] > 0
+    assert 0.0 <= out["trigger_mask_iou"] <= 1.0 and 0.0 <= out["trigger_mask_iou_chance"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in out["trigger_vs_prompt_mask_iou"])
+
+
+def test_mitigate_cross_fits_and_reports_the_estimate_beside_in_sample(tiny_pipe, rows):
+    cfg = MitigateConfig(strengths=(0.02, 0.5), folds=2, sweep_seeds=1, estimate_seeds=1, record_steps=2)
+    res = mitigate(tiny_pipe, rows, cfg, get_scorer("ssim"), call_kwargs=CALL, progress=False)
+    assert res.strength in (0.02, 0.5) and isinstance(res.edit, Mask)
+    assert all("out_of_fold_replication" in r and "locate_similarity" in r for r in res.sweep)
+    est = res.estimate
+    assert sorted(i for f in est["folds"] for i in f) == sorted(e.prompt for e in rows if e.split == "locate")
+    assert est["out_of_fold"]["rows"] == 4 and est["in_sample"]["rows"] == 4
+    assert set(est["out_of_fold"]["prompt"]) == {"model", "diffusers-default", "high-guidance"}
+    assert 0.0 <= est["memorized_replication_unedited"] <= 1.0
