@@ -45,10 +45,12 @@ The first line is the k = 1 row against generate + SSCD, as before. ``detect_con
 
 **Every detector on every model** (``--zoo``): each registered detector variant of ``--detectors`` (Wen et al.'s
 noise norm at k = 5 and k = 1, Jeon et al.'s sharpness with the exact and the finite-difference Hessian-vector
-product, Chen et al.'s Bright Ending with the first and with all end tokens) on the embedded model and on every zoo
-model present on disk (``diffmem.zoo.members.zoo_models``), each at its own sampler defaults, timed side by side
-with generate + scorer as above (rotating order per chunk). Labels are the manifest's ``memorized``; every split
-(``locate``, ``heldout``, ``nonmem``, ``never_seen``) is scored. Result lines::
+product, Chen et al.'s Bright Ending with the first and with all end tokens, Asthana & Belagiannis's anisotropy
+with ``--seeds`` noises, with one noise as their released script, and its alignment term alone) on the embedded
+model and on every zoo model present on disk (``diffmem.zoo.members.zoo_models``), each at its own sampler
+defaults, timed side by side with generate + scorer as above (rotating order per chunk). Labels are the
+manifest's ``memorized``; every split (``locate``, ``heldout``, ``nonmem``, ``never_seen``) is scored. Result
+lines::
 
     detector_row model=<name> detector=<variant> auc=<auc> tpr_at_1fpr=<tpr> cost_ratio=<ratio> cost_ratio_wall=<ratio> denoiser_ratio=<ratio>
     ...
@@ -132,6 +134,9 @@ ZOO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sharpness_finite": ("sharpness", {"num_seeds": "seeds", "hvp": "finite"}),
     "bright_ending": ("bright_ending", {"num_seeds": "be_seeds"}),
     "bright_ending_all_tokens": ("bright_ending", {"num_seeds": "be_seeds", "end_tokens": "all"}),
+    "anisotropy": ("anisotropy", {"num_seeds": "seeds"}),
+    "anisotropy_one_noise": ("anisotropy", {"num_seeds": 1}),
+    "anisotropy_cosine": ("anisotropy", {"num_seeds": "seeds", "score": "cosine"}),
 }
 
 

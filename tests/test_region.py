@@ -177,3 +177,31 @@ def test_demo_grid_shows_the_region_of_memorized_rows_only(tiny_pipe, prompts, t
     assert labels[0][-2:] == ["before, seed 0: memorized region", "before, seed 1: memorized region"]
     assert not any("region" in label for label in labels[1])  # the ordinary prompt: no region shown
     assert "memorized region in red" in grid["caption"]
+
+
+@needs_model
+def test_cli_evaluate_region_bright_ending(tmp_path, capsys):
+    import json
+    import shutil
+
+    from diffmem.cli import main
+    from diffmem.detectors.region import REGIONS
+
+    rows = [json.loads(line) for line in (MODEL / "memorization.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "locate"][:1] + [r for r in rows if r["split"] == "nonmem"][:1]
+    for r in rows:  # the training images beside the manifest
+        (tmp_path / r["reference"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(MODEL / r["reference"], tmp_path / r["reference"])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(MODEL), "--prompts", str(manifest), "--out", str(out), "--seeds", "1",
+                 "--scorer", "ssim", "--steps", "4", "--region", "bright-ending"]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["region"] == "bright-ending"
+    assert all(r["region"] == "bright-ending" and 0 < r["mask_fraction"] <= 1 for r in report["rows_before"])
+    assert "region_replication_rate" in report["rows_before"][0]
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(MODEL), "--prompts", str(manifest), "--region", "face"])
+    assert "invalid choice: 'face'" in capsys.readouterr().err
+    assert REGIONS == ("full", "bright-ending")  # the CLI spells the choices out

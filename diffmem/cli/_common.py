@@ -173,6 +173,15 @@ SAMPLER_FLAGS = (("num_inference_steps", "steps"), ("guidance_scale", "guidance"
                  ("scheduler", "scheduler"))
 
 
+def add_region(p: argparse.ArgumentParser) -> None:
+    """``--region``: where replication is also measured (``EvalConfig.region``; the choices are
+    ``diffmem.detectors.region.REGIONS``, spelled out so that building the parser imports no model code)."""
+    p.add_argument("--region", choices=("full", "bright-ending"), default="full",
+                   help="where replication is also measured: full (the whole image only) or bright-ending (each "
+                        "generation's Bright Ending mask, for local or template memorization; the report shows it "
+                        "over the image)")
+
+
 def add_sampling(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
     """The sampler flags shared by every command that generates images (see ``SamplerConfig``)."""
     g = p.add_argument_group("sampler", "a flag given here always wins; otherwise the model's diffmem_defaults.json, "

@@ -15,7 +15,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     extra = {k: v for k, v in (("eval_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
                                ("scorer", args.scorer)) if v is not None}
     cfg = DemoConfig(model=args.model, out=args.out, ratio=args.ratio, quick=args.quick, seed=args.seed,
-                     compare_directions=not args.no_directions, sampler=common.sampler_flags(args), **extra)
+                     compare_directions=not args.no_directions, sampler=common.sampler_flags(args),
+                     region=args.region, **extra)
     report = run_demo(cfg)
     print(report["headline_text"])  # noqa: T201 - the command's output
 
@@ -33,4 +34,5 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="generations per attacked prompt")
     p.add_argument("--scorer", default=None, help="evaluation scorer (default ssim: the embedded model is 32 px)")
     p.add_argument("--seed", type=common.nonneg_int, default=0)
+    common.add_region(p)
     common.add_sampling(p, batch_size=False)

@@ -62,7 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     pipe = common.load(args)
     sampler = common.sample_with(args, pipe)
     cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64,
-                     call_kwargs=sampler.call_kwargs(pipe))
+                     call_kwargs=sampler.call_kwargs(pipe), region=args.region)
     scorer = common.scorer(args.scorer, args)
     clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
     before, after = evaluate_edit(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
@@ -159,6 +159,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="the scorer's weights file (e.g. the official SSCD .pt/.onnx)")
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--clip-pretrained", default=None, help="CLIP weights tag or file for the CLIP score")
+    common.add_region(p)
     common.add_references(p)
 
 

@@ -22,7 +22,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                       scorer_weights=args.scorer_weights, overwrite=args.overwrite,
                       allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
                       opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args), folds=args.folds,
-                      robust_aggregate=args.robust_aggregate)
+                      robust_aggregate=args.robust_aggregate, region=args.region)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -49,6 +49,7 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=common.nonneg_int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diffmem output at --out")
+    common.add_region(p)
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="then upload the exported model (OUT/pruned) to this Hub model repo")
     common.add_sampling(p, batch_size=False)
