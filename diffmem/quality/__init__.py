@@ -17,33 +17,10 @@ The modules: :mod:`.features` (the extractors and their registry), :mod:`.distan
 (CLIP score) and :mod:`.reports` (:func:`quality_report`, :func:`memorized_becomes`).
 """
 
-from .clip import clip_score
-from .distances import default_subset_size, frechet_distance, kernel_inception_distance
-from .features import (
-    FeatureExtractor,
-    ImageFeatures,
-    InceptionFeatures,
-    ScorerFeatures,
-    get_feature_extractor,
-    image_features,
-    list_feature_extractors,
-    register_feature_extractor,
-)
+from . import clip, distances, features, reports
+from .clip import *  # noqa: F403  (each module's __all__ is the package's)
+from .distances import *  # noqa: F403
+from .features import *  # noqa: F403
 from .reports import memorized_becomes, quality_report
 
-__all__ = [
-    "ImageFeatures",
-    "FeatureExtractor",
-    "InceptionFeatures",
-    "ScorerFeatures",
-    "register_feature_extractor",
-    "get_feature_extractor",
-    "list_feature_extractors",
-    "image_features",
-    "frechet_distance",
-    "kernel_inception_distance",
-    "default_subset_size",
-    "clip_score",
-    "quality_report",
-    "memorized_becomes",
-]
+__all__ = [*features.__all__, *distances.__all__, *clip.__all__, "quality_report", "memorized_becomes"]
