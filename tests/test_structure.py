@@ -211,3 +211,56 @@ def test_every_library_module_imports_and_lists_what_it_defines(module: str) -> 
     mod = importlib.import_module(module)
     for name in getattr(mod, "__all__", []):
         assert hasattr(mod, name), f"{module}.__all__ lists {name!r}, which it does not define"
+
+
+# The layers of the library, from the bottom: a module may import its own layer and the layers below it, never one
+# above (imports deferred into functions included). The applications (cli, workflows, zoo) sit on top of all.
+STAGES = (
+    ("diffmem", "diffmem.errors", "diffmem.files", "diffmem.targets", "diffmem.metrics", "diffmem.score",
+     "diffmem.modelcard"),
+    ("diffmem.pipelines", "diffmem.sampling", "diffmem.config", "diffmem.stats", "diffmem.parallel", "diffmem.data",
+     "diffmem.quality", "diffmem.objective"),
+    ("diffmem.recording", "diffmem.edits", "diffmem.detection", "diffmem.detectors", "diffmem.reextraction_result",
+     "diffmem.reextraction"),
+    ("diffmem.localization", "diffmem.evaluation", "diffmem.extraction", "diffmem.resume"),
+    ("diffmem.crossfit",),
+    ("diffmem.mitigation",),
+)
+MAX_LINES = 600
+
+
+def stage_of(module: str) -> int:
+    """The layer of ``module`` (its top-level unit, e.g. ``diffmem.edits`` for ``diffmem.edits.mask``)."""
+    unit = ".".join(module.split(".")[:2])
+    for k, names in enumerate(STAGES):
+        if unit in names:
+            return k
+    return len(STAGES) if is_app(module) else -1
+
+
+def test_every_library_module_has_a_stage() -> None:
+    missing = sorted(m for m in package_modules() if stage_of(m) < 0)
+    assert not missing, "modules without a stage in STAGES: " + ", ".join(missing)
+
+
+def test_no_import_cycle_even_through_deferred_imports() -> None:
+    cycle = find_cycle(import_graph(at_import_time_only=False))
+    assert cycle is None, "import cycle (deferred imports included): " + " -> ".join(cycle or [])
+
+
+def test_no_module_imports_a_later_stage() -> None:
+    modules = package_modules()
+    known = set(modules)
+    offences = [
+        f"{name}:{imp.line} imports {imp.target}"
+        for name, path in modules.items()
+        for imp in imports_of(name, path, known)
+        if stage_of(imp.target) > stage_of(name)
+    ]
+    assert not offences, "imports of a later stage: " + "; ".join(offences)
+
+
+def test_no_file_is_over_the_size_a_reader_can_hold() -> None:
+    long = {str(p.relative_to(PACKAGE_DIR)): n for p in PACKAGE_DIR.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from diffmem.errors import ConfigError
 from diffmem.zoo.designs import OverlapConfig, PhotosConfig
 from diffmem.zoo.shapes import ShapesConfig
-from diffmem.zoo.train_memorizer import TrainConfig
+from diffmem.zoo.train_config import TrainConfig
 
 __all__ = ["MEMBERS", "member_config", "zoo_model_path", "zoo_models"]
 
