@@ -46,6 +46,19 @@ def test_detect_method_bright_ending_writes_masks(model_dir, tmp_path, capsys):
         assert list(saved["prompts"]) == ["a red cat", "the green tree", "a blue dog on the sky"]  # input order
 
 
+def test_detect_method_anisotropy(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nthe green tree\na blue dog on the sky\n")
+    out = tmp_path / "a.jsonl"
+    code, _ = _run(["detect", model_dir, "--prompts", prompts, "--out", out, "--method", "anisotropy", "--seeds", "1",
+                    *SAMPLING], capsys)
+    assert code == 0
+    assert len(out.read_text().splitlines()) == 3
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["method"] == "anisotropy" and summary["config"]["cosine_weight"] == 2.0
+    assert summary["summary"]["cost"]["denoiser_calls"] == 2  # two passes on pure noise, whatever the schedule
+
+
 def test_detect_method_sharpness_and_the_errors(model_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\nthe green tree\n")
