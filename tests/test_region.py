@@ -147,7 +147,7 @@ def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, 
                                              for j in range(2)]
     plain = [c for c in cells if c["label"] == "before, seed 0"][0]["image"]
     assert regions[0]["image"].shape == plain.shape and not np.array_equal(regions[0]["image"], plain)
-    assert regions[0]["detail"].startswith("region ") and "% of the image, SSIM on it " in regions[0]["detail"]
+    assert regions[0]["detail"].startswith("covers ") and "% of the image, SSIM on it " in regions[0]["detail"]
     assert isinstance(regions[0]["replicated"], bool)
     assert "memorized region in red" in gallery[0]["caption"]
     summary = kept["summary"]

@@ -386,7 +386,7 @@ def region_cells(label: str, images: np.ndarray, masks: np.ndarray, reference: n
             else [None] * len(images))
     cells = []
     for j, (img, mask, sim) in enumerate(zip(images, masks, sims)):
-        detail = f"region {100 * float(mask.mean()):.0f}% of the image"
+        detail = f"covers {100 * float(mask.mean()):.0f}% of the image"
         cell: dict[str, Any] = {"label": f"{label}, seed {j}: memorized region", "image": mask_overlay(img, mask)}
         if sim is not None:
             detail += f", {config.region_metric.upper()} on it {sim:.3f}"
