@@ -73,6 +73,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.zoo:
         return run_zoo(args)
 
+    from diffmem.config import SamplerConfig
     from diffmem.data import read_manifest
     from diffmem.detection import DetectConfig, noise_norm_scores
     from diffmem.metrics import roc_auc, tpr_at_fpr
@@ -249,33 +251,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"{'memorized' if key[0] else 'non-memorized'} D={key[1]}{' ' + key[2] if key[2] else ''}"
         groups[name] = np.array([(e.memorized, e.duplicates, str(e.extra.get("kind", ""))) == key for e in chosen])
     scorer = get_scorer(args.scorer)
-    call: dict[str, Any] = {
-        "num_inference_steps": int(defaults.get("num_inference_steps", 50)),
-        "guidance_scale": float(defaults.get("guidance_scale", 7.5)),
-        "guidance_rescale": float(defaults.get("guidance_rescale", 0.0)),
-        "height": defaults.get("height"),
-        "width": defaults.get("width"),
-    }
-    steps = call["num_inference_steps"]
+    sampler = SamplerConfig(**{k: v for k, v in defaults.items() if v is not None})
+    steps = sampler.num_inference_steps
     ks = parse_ks(args.ks, steps)
     if 1 not in ks:
         ks.insert(0, 1)  # the k = 1 row is the first result line's detector
     common = {"seed": args.seed, "batch_size": args.chunk}
     configs: dict[str, Any] = {
-        k_name(k, steps): DetectConfig(score_steps=k, num_seeds=args.seeds, **common, **call) for k in ks
+        k_name(k, steps): DetectConfig(score_steps=k, num_seeds=args.seeds, sampler=sampler, **common) for k in ks
     }
     if not args.no_presets:
         configs["k1_per_prompt_seeds"] = DetectConfig(
-            score_steps=1, num_seeds=args.seeds, per_prompt_seeds=True, **common, **call
+            score_steps=1, num_seeds=args.seeds, per_prompt_seeds=True, sampler=sampler, **common
         )
-        configs["wen2024"] = DetectConfig.from_preset("wen2024", height=call["height"], width=call["width"], **common)
-        configs["wen2024_model_sampler"] = DetectConfig.from_preset(
-            "wen2024", num_inference_steps=steps, guidance_scale=call["guidance_scale"],
-            guidance_rescale=call["guidance_rescale"], height=call["height"], width=call["width"], **common,
-        )
+        # the preset's own sampler at the model's size, and the preset's procedure at the model's sampler
+        configs["wen2024"] = DetectConfig.from_preset("wen2024", DetectConfig.preset_sampler("wen2024", sampler),
+                                                      **common)
+        configs["wen2024_model_sampler"] = DetectConfig.from_preset("wen2024", sampler, **common)
     logger.info(
         "%d memorized + %d non-memorized prompts, %d seeds, sampler %s, scorer %s, torch threads %d",
-        memorized, nonmem, args.seeds, call, args.scorer, torch.get_num_threads(),
+        memorized, nonmem, args.seeds, sampler.to_dict(), args.scorer, torch.get_num_threads(),
     )
     for name, cfg in configs.items():
         logger.info("detector %s: %s", name, cfg.to_dict())
@@ -302,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run_generate(start: int, chunk: list[str]) -> None:
         images = generate_images(
             pipe, chunk, num_seeds=args.seeds, seed=args.seed, batch_size=len(chunk) * args.seeds,
-            progress=False, **call,
+            progress=False, sampler=sampler,
         )
         wall, cpu = time.perf_counter(), time.process_time()
         embeddings = scorer.embed(images.reshape(-1, *images.shape[2:])).view(len(chunk), args.seeds, -1)
@@ -419,6 +414,7 @@ def bench_model(args: argparse.Namespace, name: str, path: Path) -> tuple[dict[s
     Returns:
         The per-variant rows and the baseline's row.
     """
+    from diffmem.config import SamplerConfig
     from diffmem.data import read_manifest
     from diffmem.detection import detect, detector_config
     from diffmem.metrics import roc_auc, tpr_at_fpr
@@ -436,21 +432,20 @@ def bench_model(args: argparse.Namespace, name: str, path: Path) -> tuple[dict[s
     prompts = [e.prompt for e in chosen]
     labels = np.array([e.memorized for e in chosen])
     scorer = get_scorer(args.scorer, fallback="ssim") if args.scorer == "sscd" else get_scorer(args.scorer)
-    steps = int(defaults.get("num_inference_steps", 50))
-    call = {"num_inference_steps": min(steps, args.steps_cap) if args.steps_cap else steps,
-            "guidance_scale": float(defaults.get("guidance_scale", 7.5)),
-            "guidance_rescale": float(defaults.get("guidance_rescale", 0.0) or 0.0),
-            "height": defaults.get("height"), "width": defaults.get("width")}
+    sampler = SamplerConfig(**{k: v for k, v in defaults.items() if v is not None})
+    if args.steps_cap:
+        sampler = replace(sampler, num_inference_steps=min(sampler.num_inference_steps, args.steps_cap))
     seeds = {"seeds": args.seeds, "be_seeds": args.be_seeds}
     configs = {}
     for variant in args.detectors:
         registry, extra = ZOO_VARIANTS[variant]
         settings = {k: seeds.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
-        if settings.get("score_steps", 1) > call["num_inference_steps"]:
-            settings["score_steps"] = call["num_inference_steps"]
-        configs[variant] = detector_config(registry, seed=args.seed, batch_size=args.chunk, **call, **settings)
+        if settings.get("score_steps", 1) > sampler.num_inference_steps:
+            settings["score_steps"] = sampler.num_inference_steps
+        configs[variant] = detector_config(registry, sampler=sampler, seed=args.seed, batch_size=args.chunk,
+                                           **settings)
     logger.info("%s: %d memorized + %d non-memorized prompts, sampler %s, scorer %s", name, int(labels.sum()),
-                int((~labels).sum()), call, scorer.describe().get("name", args.scorer))
+                int((~labels).sum()), sampler.to_dict(), scorer.describe().get("name", args.scorer))
     for variant, cfg in configs.items():
         logger.info("%s %s: %s", name, variant, cfg.to_dict())
 
@@ -468,7 +463,7 @@ def bench_model(args: argparse.Namespace, name: str, path: Path) -> tuple[dict[s
 
     def run_generate(start: int, chunk: list[str]) -> None:
         images = generate_images(pipe, chunk, num_seeds=args.seeds, seed=args.seed,
-                                 batch_size=len(chunk) * args.seeds, progress=False, **call)
+                                 batch_size=len(chunk) * args.seeds, progress=False, sampler=sampler)
         emb = scorer.embed(images.reshape(-1, *images.shape[2:])).view(len(chunk), args.seeds, -1)
         for i, e in enumerate(emb):
             gen_mean[start + i] = pairwise_agreement(e)[0]

@@ -47,7 +47,7 @@ from test_full_scale import (  # noqa: E402  (the configs live with their tests)
     record_bare,
 )
 
-from diffmem.config import LocateConfig, RecordConfig  # noqa: E402
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig  # noqa: E402
 from diffmem.edits import MANIFEST_NAME, export_edited  # noqa: E402
 from diffmem.recording import ActivationRecorder  # noqa: E402
 from diffmem.localization import locate  # noqa: E402
@@ -79,7 +79,8 @@ def time_forward(model: torch.nn.Module, arch: FullScaleArch, args: argparse.Nam
     """
     inputs = denoiser_inputs(arch, MEM_SEEDS, step=0, num_steps=1, latent=args.latent, text_len=args.text_len)
     recorder = ActivationRecorder(
-        model, RecordConfig(num_inference_steps=1, record_steps=1, guidance_scale=5.0), stop_generation=False
+        model, RecordConfig(sampler=SamplerConfig(num_inference_steps=1, guidance_scale=5.0), record_steps=1),
+        stop_generation=False
     )
 
     def call(recorded: bool) -> tuple[float, float]:

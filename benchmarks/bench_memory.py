@@ -91,7 +91,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from diffmem.config import RecordConfig
+    from diffmem.config import RecordConfig, SamplerConfig
     from diffmem.recording import record
     from diffmem.pipelines import load_pipeline
     from diffmem.zoo import sampling_defaults
@@ -99,22 +99,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    defaults = sampling_defaults(args.model)
-    steps = int(defaults.get("num_inference_steps", 50))
-    config = RecordConfig(
-        num_inference_steps=steps,
-        record_steps=min(args.record_steps, steps),
-        guidance_scale=float(defaults.get("guidance_scale", 7.5)),
-        batch_size=args.batch_size,
-        height=defaults.get("height"),
-        width=defaults.get("width"),
-    )
+    sampler = SamplerConfig(**sampling_defaults(args.model))
+    steps = sampler.num_inference_steps
+    config = RecordConfig(sampler=sampler, record_steps=min(args.record_steps, steps), batch_size=args.batch_size)
     prompts = make_prompts(args.model, args.num_prompts)
-    pipe_kwargs = {"guidance_rescale": float(defaults.get("guidance_rescale", 0.0))}
     gc.collect()
     reset = _reset_peak_rss()
     baseline = _status_kib("VmRSS")
-    stats = record(pipe, prompts, config, progress=not args.no_progress, pipe_kwargs=pipe_kwargs)
+    stats = record(pipe, prompts, config, progress=not args.no_progress)
     if reset:
         peak, method = _status_kib("VmHWM"), "VmHWM after clear_refs"
     else:

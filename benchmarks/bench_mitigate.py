@@ -135,10 +135,10 @@ def _unedited(path: Path, run: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     pipe = load_pipeline(str(path))
     pipe.set_progress_bar_config(disable=True)
-    call = SamplerConfig.resolve(pipe).call_kwargs(pipe)
+    sampler = SamplerConfig.resolve(pipe)
     entries = read_manifest(path / "memorization.jsonl")
-    row, _ = edit_row(pipe, "none", None, entries, get_scorer(args.scorer), call, eval_seeds=args.eval_seeds,
-                      attack=final_attack_config(args.opt_steps, call, 0), seconds=0.0, progress=False)
+    row, _ = edit_row(pipe, "none", None, entries, get_scorer(args.scorer), sampler, eval_seeds=args.eval_seeds,
+                      attack=final_attack_config(args.opt_steps, sampler, 0), seconds=0.0, progress=False)
     return {k: row.get(k) for k in ("heldout_replication_prompt", "heldout_replication_attack",
                                     "heldout_prompt_by_sampler", "heldout_attack_by_sampler", "never_seen_rate",
                                     "control_rate", "attack_advantage")}

@@ -87,16 +87,17 @@ class ModelUnderTest:
     memorized: list[str]
     base: list[str]
 
+    def sampler(self, num_inference_steps: int | None = None) -> Any:
+        """The model's sampler settings (a ``SamplerConfig``), optionally with another number of steps."""
+        from diffmem.config import SamplerConfig
+
+        steps = {"num_inference_steps": int(num_inference_steps)} if num_inference_steps else {}
+        return SamplerConfig(**{**self.defaults, **steps})
+
     def call_kwargs(self, num_inference_steps: int | None = None) -> dict[str, Any]:
-        """Pipeline keyword arguments for a full generation at the model's defaults."""
-        d = self.defaults
-        return {
-            "num_inference_steps": int(num_inference_steps or d.get("num_inference_steps", 50)),
-            "guidance_scale": float(d.get("guidance_scale", 7.5)),
-            "guidance_rescale": float(d.get("guidance_rescale", 0.0)),
-            "height": d.get("height"),
-            "width": d.get("width"),
-        }
+        """Pipeline keyword arguments for a full generation at the model's defaults (for the reference code, which
+        calls the pipeline itself)."""
+        return self.sampler(num_inference_steps).call_kwargs(self.pipe)
 
 
 def load_model(path: Path, limit: int | None = None, base_prompts: Path | None = None) -> ModelUnderTest:
@@ -215,18 +216,12 @@ def hook_overhead(
     from diffmem.recording import ActivationRecorder
     from diffmem.sampling import generate_images
 
-    kwargs = model.call_kwargs()
-    steps = kwargs["num_inference_steps"]
-    config = RecordConfig(
-        num_inference_steps=steps,
-        record_steps=steps,
-        guidance_scale=kwargs["guidance_scale"],
-        height=kwargs["height"],
-        width=kwargs["width"],
-    )
+    sampler = model.sampler()
+    steps = sampler.num_inference_steps
+    config = RecordConfig(sampler=sampler, record_steps=steps)
 
     def plain() -> None:
-        generate_images(model.pipe, prompts, seed=seed, batch_size=len(prompts), progress=False, **kwargs)
+        generate_images(model.pipe, prompts, seed=seed, batch_size=len(prompts), progress=False, sampler=sampler)
 
     last: dict[str, ActivationRecorder] = {}
 
@@ -234,7 +229,7 @@ def hook_overhead(
         recorder = ActivationRecorder(model.pipe, config, stop_generation=False)
         with recorder:
             recorder.start_batch(len(prompts))
-            generate_images(model.pipe, prompts, seed=seed, batch_size=len(prompts), progress=False, **kwargs)
+            generate_images(model.pipe, prompts, seed=seed, batch_size=len(prompts), progress=False, sampler=sampler)
         last["recorder"] = recorder
 
     logger.info("hook overhead: %d prompts per generation, %d steps, %d pairs", len(prompts), steps, pairs)
@@ -474,17 +469,7 @@ def locate_speedup(
     from diffmem.recording import record
     from diffmem.localization import locate
 
-    kwargs = model.call_kwargs(steps)
-    rcfg = RecordConfig(
-        num_inference_steps=steps,
-        record_steps=tau,
-        guidance_scale=kwargs["guidance_scale"],
-        batch_size=batch_size,
-        seed=seed,
-        height=kwargs["height"],
-        width=kwargs["width"],
-    )
-    pipe_kwargs = {"guidance_rescale": kwargs["guidance_rescale"]}
+    rcfg = RecordConfig(sampler=model.sampler(steps), record_steps=tau, batch_size=batch_size, seed=seed)
     modules = dict(model.pipe.unet.named_modules())
     base_prompts = BASE_PRESETS["chavhan2024"]
     assert base_prompts is not None
@@ -498,8 +483,8 @@ def locate_speedup(
         out["norms"] = (norm_mem, norm_base)
 
     def diffmem_side() -> None:
-        stats_mem = record(model.pipe, model.memorized, rcfg, progress=False, pipe_kwargs=pipe_kwargs)
-        stats_empty = record(model.pipe, base_prompts, rcfg, progress=False, pipe_kwargs=pipe_kwargs)
+        stats_mem = record(model.pipe, model.memorized, rcfg, progress=False)
+        stats_empty = record(model.pipe, base_prompts, rcfg, progress=False)
         config = LocateConfig.from_preset("chavhan2024", ratio=ratio, record_steps=tau, min_step_fraction=select_ratio)
         out["preset"] = dict(locate(model.pipe, stats_mem, stats_empty, config).layers)
         out["stats"] = (stats_mem, stats_empty)
@@ -520,7 +505,7 @@ def locate_speedup(
     )
     rec = Recorded(*out["norms"], *out["stats"])
     with torch.no_grad():
-        rec.stats_base = record(model.pipe, model.base, rcfg, progress=False, pipe_kwargs=pipe_kwargs)
+        rec.stats_base = record(model.pipe, model.base, rcfg, progress=False)
     return median_ratio(t_ref, t_dm, clock), iou_preset, rec
 
 

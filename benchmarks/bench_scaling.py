@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
 
-    from diffmem.config import RecordConfig
+    from diffmem.config import RecordConfig, SamplerConfig
     from diffmem.data import read_manifest, read_prompts
     from diffmem.recording import record
     from diffmem.pipelines import load_pipeline
@@ -165,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    defaults = sampling_defaults(args.model)
-    steps = int(defaults.get("num_inference_steps", 50))
+    sampler = SamplerConfig(**sampling_defaults(args.model))
+    steps = sampler.num_inference_steps
     if max(args.tau_grid + [args.tau]) > steps:
         raise SystemExit(f"tau values must be <= the model's {steps} sampler steps")
     pool = [e.prompt for e in read_manifest(args.model / "memorization.jsonl")]
@@ -174,17 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool += read_prompts(args.model / "base_prompts.txt")
     need = max(args.prompts_grid + [args.prompts])
     prompts = [pool[i % len(pool)] for i in range(need)]
-    pipe_kwargs = {"guidance_rescale": float(defaults.get("guidance_rescale", 0.0))}
 
     def config(tau: int) -> Any:
-        return RecordConfig(
-            num_inference_steps=steps,
-            record_steps=tau,
-            guidance_scale=float(defaults.get("guidance_scale", 7.5)),
-            batch_size=args.batch_size,
-            height=defaults.get("height"),
-            width=defaults.get("width"),
-        )
+        return RecordConfig(sampler=sampler, record_steps=tau, batch_size=args.batch_size)
 
     points = [("prompts", n, n, args.tau) for n in args.prompts_grid]
     points += [("tau", t, args.prompts, t) for t in args.tau_grid]
@@ -194,14 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompts_grid, args.tau, args.tau_grid, args.prompts, max(args.tau_grid), steps, args.batch_size,
         args.repeats, torch.get_num_threads(),
     )
-    record(pipe, prompts[:1], config(1), progress=False, pipe_kwargs=pipe_kwargs)  # warm-up, not timed
+    record(pipe, prompts[:1], config(1), progress=False)  # warm-up, not timed
     rng = random.Random(args.seed)
     schedule = []
     for _ in range(args.repeats):
         schedule += rng.sample(points, len(points))
     for kind, x, n_prompts, tau in tqdm(schedule, desc="scaling", unit="run", disable=args.no_progress):
         start = time.perf_counter()
-        record(pipe, prompts[:n_prompts], config(tau), progress=False, pipe_kwargs=pipe_kwargs)
+        record(pipe, prompts[:n_prompts], config(tau), progress=False)
         times[(kind, x)].append(time.perf_counter() - start)
 
     sweeps: dict[str, tuple[list[int], list[list[float]], LineFit]] = {}

@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ __all__ = [
     "LocateConfig",
     "SamplerConfig",
     "scheduler_names",
+    "pipeline_call_defaults",
     "LOCATE_PRESETS",
     "BASE_PRESETS",
 ]
@@ -82,16 +83,30 @@ def _rebuilt(hint: Any, value: Any) -> Any:
     return value
 
 
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (empty where one names a type imported only for type checking)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
 class DiffmemConfig:
     """Base of diffmem's config dataclasses: each checks its values on creation and round-trips through JSON.
 
     A subclass is a ``@dataclass`` that overrides :meth:`check` (called by ``__post_init__``) and raises through
     :func:`require`, so that every invalid value reads ``field=value is invalid: why``. Settings of another stage
-    nest as a field of its config type (``sampler: SamplerConfig``); :meth:`to_dict` and :meth:`from_dict` follow
-    them.
+    nest as a field of its config type (``sampler: SamplerConfig``): ``__post_init__`` checks that such a field
+    holds one, and :meth:`to_dict` and :meth:`from_dict` follow it.
     """
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            kind = _field_types(type(self)).get(f.name)
+            if isinstance(kind, type) and issubclass(kind, DiffmemConfig):
+                value = getattr(self, f.name)
+                require(isinstance(value, kind), f.name, value, f"must be a {kind.__name__}")
         self.check()
 
     def check(self) -> None:
@@ -124,62 +139,8 @@ class DiffmemConfig:
                 value.
         """
         cls.check_keys(data)
-        try:
-            hints = typing.get_type_hints(cls)
-        except (NameError, TypeError):  # an annotation naming a type the module imports only for type checking
-            hints = {}
+        hints = _field_types(cls)
         return cls(**{k: _rebuilt(hints.get(k), v) for k, v in data.items()})
-
-
-@dataclass
-class RecordConfig(DiffmemConfig):
-    """How to record FFN activation statistics.
-
-    Args:
-        num_inference_steps: Denoising steps of the sampler schedule.
-        record_steps: Number of leading steps to record (tau); the generation stops right after them.
-        guidance_scale: Classifier-free guidance scale; > 1 runs the ``[uncond; cond]`` batch.
-        num_seeds: Generations per prompt, with seeds ``seed, seed + 1, ...``.
-        seed: First seed.
-        batch_size: Prompts per pipeline call.
-        height: Image height in pixels (pipeline default when ``None``).
-        width: Image width in pixels (pipeline default when ``None``).
-        target: Regex or name suffix overriding the default FFN targets.
-        signatures: Also keep each prompt's mean activation per layer (memory grows with prompts).
-        negative_prompt: Negative prompt for the unconditional half.
-    """
-
-    num_inference_steps: int = 50
-    record_steps: int = 10
-    guidance_scale: float = 7.5
-    num_seeds: int = 1
-    seed: int = 0
-    batch_size: int = 8
-    height: int | None = None
-    width: int | None = None
-    target: str | None = None
-    signatures: bool = False
-    negative_prompt: str | None = None
-
-    def check(self) -> None:
-        require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "must be >= 1")
-        require(
-            1 <= self.record_steps <= self.num_inference_steps,
-            "record_steps",
-            self.record_steps,
-            f"must be in [1, num_inference_steps={self.num_inference_steps}]",
-        )
-        require(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "must be >= 0")
-        require(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            require(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
-
-    @property
-    def do_cfg(self) -> bool:
-        """Whether the pipeline runs classifier-free guidance (an ``[uncond; cond]`` batch)."""
-        return self.guidance_scale > 1.0
 
 
 @cache
@@ -198,6 +159,18 @@ def _call_parameters(pipeline_class: type | None) -> dict[str, inspect.Parameter
         return dict(inspect.signature(pipeline_class.__call__).parameters)
     except (TypeError, ValueError):
         return {}
+
+
+def pipeline_call_defaults(pipeline_class: type | None) -> dict[str, Any]:
+    """The ``num_inference_steps`` and ``guidance_scale`` defaults of a pipeline class's ``__call__`` (those it has;
+    Stable Diffusion: 50 and 7.5)."""
+    params = _call_parameters(pipeline_class)
+    out: dict[str, Any] = {}
+    for key in ("num_inference_steps", "guidance_scale"):
+        default = params[key].default if key in params else None
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = default
+    return out
 
 
 def _local_folder(source: Any) -> Path | None:
@@ -294,11 +267,7 @@ class SamplerConfig(DiffmemConfig):
         folder = _local_folder(model)
         pipeline_class = type(model) if is_pipe else _class_in_folder(folder, "model_index.json")
         params = _call_parameters(pipeline_class)
-        values: dict[str, Any] = {}
-        for key in ("num_inference_steps", "guidance_scale"):
-            default = params[key].default if key in params else None
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                values[key] = default
+        values = pipeline_call_defaults(pipeline_class)
         values.update(sampling_defaults(folder) if folder is not None else {})
         values.update(given)
         if values.get("guidance_rescale") and params and "guidance_rescale" not in params:
@@ -395,6 +364,44 @@ class SamplerConfig(DiffmemConfig):
             yield pipe.scheduler
         finally:
             pipe.scheduler = old
+
+
+@dataclass
+class RecordConfig(DiffmemConfig):
+    """How to record FFN activation statistics.
+
+    Args:
+        sampler: The sampler (steps, guidance, size, ...); guidance > 1 runs the ``[uncond; cond]`` batch.
+        record_steps: Number of leading steps to record (tau), at most ``sampler.num_inference_steps``; the
+            generation stops right after them.
+        num_seeds: Generations per prompt, with seeds ``seed, seed + 1, ...``.
+        seed: First seed.
+        batch_size: Prompts per pipeline call.
+        target: Regex or name suffix overriding the default FFN targets.
+        signatures: Also keep each prompt's mean activation per layer (memory grows with prompts).
+        negative_prompt: Negative prompt for the unconditional half.
+    """
+
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    record_steps: int = 10
+    num_seeds: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    target: str | None = None
+    signatures: bool = False
+    negative_prompt: str | None = None
+
+    def check(self) -> None:
+        steps = self.sampler.num_inference_steps
+        require(1 <= self.record_steps <= steps, "record_steps", self.record_steps,
+                f"must be in [1, sampler.num_inference_steps={steps}]")
+        require(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+    @property
+    def do_cfg(self) -> bool:
+        """Whether the pipeline runs classifier-free guidance (an ``[uncond; cond]`` batch)."""
+        return self.sampler.guidance_scale > 1.0
 
 
 LOCATE_METHODS = ("wanda", "neuron", "directions")  # built in; diffmem.localization.register_locator adds more

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import SamplerConfig, pipeline_call_defaults
 from .data import ManifestEntry, load_reference
 from .edits import Edit, apply_edit
 from .evaluation import EvalConfig, evaluate
@@ -33,41 +34,28 @@ SAMPLER_NAMES = ("model", "diffusers-default", "high-guidance")
 no rescale) and the model's own with twice the guidance."""
 
 
-def _pipeline_defaults(pipe: Any) -> dict[str, Any]:
-    """The pipeline's own ``num_inference_steps`` and ``guidance_scale`` defaults (50 and 7.5 for Stable Diffusion)."""
-    import inspect
-
-    out = {"num_inference_steps": 50, "guidance_scale": 7.5}
-    if pipe is not None:
-        params = inspect.signature(type(pipe).__call__).parameters
-        for key in out:
-            default = params[key].default if key in params else inspect.Parameter.empty
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                out[key] = default
-    return out
-
-
-def sampler_variants(call: dict[str, Any], names: tuple[str, ...] = SAMPLER_NAMES,
-                     pipe: Any = None) -> dict[str, dict[str, Any]]:
-    """Sampler settings by name, derived from the model's own ``call`` (size kept in all of them).
+def sampler_variants(sampler: SamplerConfig, names: tuple[str, ...] = SAMPLER_NAMES,
+                     pipe: Any = None) -> dict[str, SamplerConfig]:
+    """Sampler settings by name, derived from the model's own ``sampler`` (size and scheduler kept in all of them).
 
     Args:
-        call: The model's sampler settings (``num_inference_steps``, ``guidance_scale``, ...).
+        sampler: The model's sampler settings.
         names: Which variants to return, from :data:`SAMPLER_NAMES`.
         pipe: The pipeline, whose own defaults ``diffusers-default`` uses (else Stable Diffusion's 50 and 7.5).
 
     Returns:
-        ``{name: call_kwargs}`` in the order of ``names``.
+        ``{name: sampler}`` in the order of ``names``.
     """
-    size = {k: call[k] for k in ("height", "width") if call.get(k)}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, SamplerConfig] = {}
     for name in names:
         if name == "model":
-            out[name] = dict(call)
+            out[name] = sampler
         elif name == "diffusers-default":
-            out[name] = {**size, **_pipeline_defaults(pipe)}
+            own = {"num_inference_steps": 50, "guidance_scale": 7.5,
+                   **(pipeline_call_defaults(type(pipe)) if pipe is not None else {})}
+            out[name] = replace(sampler, guidance_rescale=0.0, **own)
         elif name == "high-guidance":
-            out[name] = {**call, "guidance_scale": 2.0 * float(call.get("guidance_scale", 7.5))}
+            out[name] = replace(sampler, guidance_scale=2.0 * sampler.guidance_scale)
         else:
             raise ValueError(f"sampler {name!r} is unknown: expected one of {', '.join(SAMPLER_NAMES)}")
     return out
@@ -110,7 +98,7 @@ def attack_from_starts(
     edit: Edit | None,
     items: list[ReextractItem],
     configs: dict[str, ReextractConfig],
-    samplers: dict[str, dict[str, Any]],
+    samplers: dict[str, SamplerConfig],
     scorer: Any,
     *,
     progress: bool = False,
@@ -125,8 +113,8 @@ def attack_from_starts(
         pipe: The pipeline (unchanged on return).
         edit: The edit applied during the attack, or ``None``.
         items: The attacked images (with their reference pixels).
-        configs: ``{start: attack settings}``; each start's ``call_kwargs`` should be the first sampler's.
-        samplers: ``{name: call_kwargs}``, the attack's own sampler first.
+        configs: ``{start: attack settings}``; each start's ``sampler`` should be the first sampler.
+        samplers: ``{name: sampler}``, the attack's own sampler first.
         scorer: Similarity scorer (the attack's ``threshold``, else the scorer's, decides success).
         progress: Show progress bars.
         summaries: When given, receives each start's attack summary.
@@ -149,7 +137,7 @@ def attack_from_starts(
             for name in names[1:]:
                 with torch.no_grad():
                     gens = generate_images(pipe, prompt_embeds=embeds, num_seeds=cfg.num_seeds, seed=cfg.sample_seed,
-                                           progress=False, **samplers[name])
+                                           progress=False, sampler=samplers[name])
                 per_sampler[name] = _success(scorer, gens, refs, threshold)
         success[init], found[init] = per_sampler, embeds
     return success, found
@@ -170,7 +158,7 @@ def measure_rows(
     edit: Edit | None,
     rows: list[ManifestEntry],
     scorer: Any,
-    samplers: dict[str, dict[str, Any]],
+    samplers: dict[str, SamplerConfig],
     *,
     attack: ReextractConfig | None,
     inits: tuple[str, ...] = ("prompt", "random"),
@@ -191,7 +179,7 @@ def measure_rows(
         edit: The edit to measure, or ``None`` for the unedited model.
         rows: Rows with reference images.
         scorer: Similarity scorer (its threshold decides replication).
-        samplers: ``{name: call_kwargs}`` (see :func:`sampler_variants`).
+        samplers: ``{name: sampler}`` (see :func:`sampler_variants`).
         attack: Attack settings, or ``None`` to measure with the prompt only.
         inits: Starts of the attack.
         attack_samplers: Sampler names the attack's result is sampled at.
@@ -210,13 +198,13 @@ def measure_rows(
     if not rows:
         return []
     first = next(iter(samplers.values()))
-    size = image_size(pipe, first.get("height"), first.get("width"))
+    size = image_size(pipe, first.height, first.width)
     refs = references if references is not None else [load_reference(e.reference, size, row=e) for e in rows]
     out = [{"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "prompt_rate": {}, "attack_rate": {},
             "attack_worst": {}} for e in rows]
     with apply_edit(pipe, edit), torch.no_grad():
-        for name, call in samplers.items():
-            res = evaluate(pipe, rows, EvalConfig(num_seeds=num_seeds, seed=seed, call_kwargs=call), scorer,
+        for name, sampler in samplers.items():
+            res = evaluate(pipe, rows, EvalConfig(num_seeds=num_seeds, seed=seed, sampler=sampler), scorer,
                            progress=False)
             for o, r in zip(out, res.rows):
                 o["prompt_rate"][name] = r["replication_rate"]
@@ -224,7 +212,7 @@ def measure_rows(
         return out
     names = tuple(attack_samplers or samplers)
     items = [ReextractItem(e.prompt, ref, "memorized") for e, ref in zip(rows, refs)]
-    configs = {init: replace(attack, init=init, num_seeds=num_seeds, call_kwargs=samplers[names[0]]) for init in inits}
+    configs = {init: replace(attack, init=init, num_seeds=num_seeds, sampler=samplers[names[0]]) for init in inits}
     success, _ = attack_from_starts(pipe, edit, items, configs, {n: samplers[n] for n in names}, scorer,
                                     progress=progress, summaries=summaries)
     for init, per_sampler in success.items():

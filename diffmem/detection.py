@@ -20,7 +20,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -28,18 +28,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import DiffmemConfig, require
+from .config import DiffmemConfig, SamplerConfig, require
 from .errors import ConfigError, DiffmemError
 from .metrics import roc_auc, threshold_mean_std, tpr_at_fpr
 from .parallel import shard_map
 from .recording.clock import SamplerClock, batch_rows, call_pipeline
-from .sampling import image_size, initial_latents, latent_shape, pipeline_extras
+from .sampling import image_size, initial_latents, latent_shape
 from .targets import get_denoiser
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DetectConfig",
+    "DetectorConfig",
     "DETECT_PRESETS",
     "noise_norm_scores",
     "detect",
@@ -52,29 +53,56 @@ __all__ = [
     "list_detectors",
     "detector_config",
     "DEFAULT_DETECTOR",
-    "check_sampler_settings",
+    "check_score_steps",
 ]
 
 
 @dataclass
-class DetectConfig(DiffmemConfig):
-    """How to compute the Wen et al. score.
+class DetectorConfig(DiffmemConfig):
+    """The settings every detector shares; each detector's config subclasses it (and may change the defaults).
 
     Args:
-        score_steps: Leading denoiser evaluations to average over (k). The default 5 was chosen by measurement
+        num_seeds: Initial noises per prompt (n); noise ``j`` of every prompt uses seed ``seed + j``, whatever the
+            batching.
+        seed: First seed.
+        sampler: The sampler the pipeline runs with (the scored steps are taken from its schedule). Its guidance
+            must be > 1: detectors compare the conditional and unconditional predictions.
+        batch_size: Prompts per pipeline call (each call holds ``2 * batch_size * num_seeds`` rows).
+    """
+
+    num_seeds: int = 4
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    batch_size: int = 8
+
+    def check(self) -> None:
+        require(self.num_seeds >= 1, "num_seeds", self.num_seeds, "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.sampler.guidance_scale > 1, "sampler.guidance_scale", self.sampler.guidance_scale,
+                "detection needs > 1 (CFG)")
+
+    def image_size(self, pipe: Any) -> tuple[int, int]:
+        """``(height, width)`` of the generations: the sampler's, else the pipeline's default."""
+        return image_size(pipe, self.sampler.height, self.sampler.width)
+
+    def call_kwargs(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
+        """Arguments of the detector's pipeline calls besides the prompts and noise: the sampler's, the size, the
+        ``num_seeds`` generations per prompt, and latents out (nothing is decoded)."""
+        return {**self.sampler.call_kwargs(pipe), "height": height, "width": width,
+                "num_images_per_prompt": self.num_seeds, "output_type": "latent"}
+
+
+@dataclass
+class DetectConfig(DetectorConfig):
+    """How to compute the Wen et al. score (and the settings of :class:`DetectorConfig`).
+
+    Args:
+        score_steps: Leading denoiser evaluations to average over (k), at most ``sampler.num_inference_steps``; the
+            sampler's guidance advances the latent between them. The default 5 was chosen by measurement
             (``benchmarks/bench_detect.py``, ``docs/faithfulness.md``): on the embedded memorizer AUC 0.999 at k = 5
             against 0.885 at k = 1, still 6x cheaper than generating and scoring images; 1 is the cheapest mode.
-        num_seeds: Initial noises per prompt (n).
-        seed: First seed; noise ``j`` of every prompt uses ``seed + j`` (independent of batching), or with
-            ``per_prompt_seeds`` prompt ``i`` draws its ``n`` noises from one generator seeded ``seed + i``.
-        per_prompt_seeds: Seed each prompt with its own index, as Wen et al.'s code does.
-        num_inference_steps: Length of the sampler schedule the leading steps are taken from.
-        guidance_scale: Guidance used to advance the latent between the ``k`` steps; must be > 1 (the score
-            needs the conditional and unconditional predictions).
-        guidance_rescale: Guidance rescale (Lin et al. 2023) used to advance the latent.
-        batch_size: Prompts per pipeline call (each call holds ``2 * batch_size * num_seeds`` rows).
-        height: Image height (pipeline default when ``None``).
-        width: Image width (pipeline default when ``None``).
+        per_prompt_seeds: Seed each prompt with its own index, as Wen et al.'s code does: prompt ``i`` draws its
+            ``num_seeds`` noises from one generator seeded ``seed + i``.
         space: ``"model"`` compares the raw denoiser outputs (epsilon, v or flow velocity, as the model
             predicts); ``"epsilon"`` converts v-predictions to epsilon first. With a zero-terminal-SNR schedule the
             first step's epsilon carries no text signal, so ``"model"`` is the default.
@@ -82,55 +110,54 @@ class DetectConfig(DiffmemConfig):
     """
 
     score_steps: int = 5
-    num_seeds: int = 4
-    seed: int = 0
     per_prompt_seeds: bool = False
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    batch_size: int = 8
-    height: int | None = None
-    width: int | None = None
     space: str = "model"
     preset: str | None = None
 
     def check(self) -> None:
-        check_sampler_settings(self)
-        n = self.num_inference_steps
-        require(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        super().check()
+        check_score_steps(self.score_steps, self.sampler)
         require(self.space in ("model", "epsilon"), "space", self.space, "choose 'model' or 'epsilon'")
 
+    @staticmethod
+    def preset_sampler(name: str, sampler: SamplerConfig | None = None) -> SamplerConfig:
+        """``sampler`` (default: ``SamplerConfig()``) with the sampler settings of preset ``name`` (``wen2024``: 50
+        steps at guidance 7.5, no rescale); its size and scheduler stay."""
+        require(name in DETECT_PRESETS, "preset", name, f"choose one of {', '.join(DETECT_PRESETS)}")
+        return replace(sampler or SamplerConfig(), **DETECT_PRESETS[name].get("sampler", {}))
+
     @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> DetectConfig:
+    def from_preset(cls, name: str, sampler: SamplerConfig | None = None, **overrides: Any) -> DetectConfig:
         """Settings that reproduce a published procedure (``DETECT_PRESETS``), then ``overrides``.
 
         ``wen2024``: the noise-difference norm averaged over every sampler step, 50 DDIM-style steps at guidance
         7.5, and each prompt seeded with its own index.
+
+        Args:
+            name: The preset.
+            sampler: The sampler to run it with (default: :meth:`preset_sampler`); a preset's ``score_steps`` of
+                ``"all"`` follows its number of steps.
+            **overrides: Other fields that replace the preset's.
         """
         require(name in DETECT_PRESETS, "preset", name, f"choose one of {', '.join(DETECT_PRESETS)}")
-        settings = {**DETECT_PRESETS[name], **overrides}
+        sampler = sampler or cls.preset_sampler(name)
+        settings = {k: v for k, v in DETECT_PRESETS[name].items() if k != "sampler"}
+        settings.update(overrides)
         if settings.get("score_steps") == "all":
-            settings["score_steps"] = settings.get("num_inference_steps", 50)
-        return cls(**settings, preset=name)
+            settings["score_steps"] = sampler.num_inference_steps
+        return cls(**settings, sampler=sampler, preset=name)
 
 
-DETECT_PRESETS: dict[str, dict[str, object]] = {
-    "wen2024": {"score_steps": "all", "num_inference_steps": 50, "guidance_scale": 7.5, "per_prompt_seeds": True,
-                "num_seeds": 1},
+DETECT_PRESETS: dict[str, dict[str, Any]] = {
+    "wen2024": {"score_steps": "all", "per_prompt_seeds": True, "num_seeds": 1,
+                "sampler": {"num_inference_steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0}},
 }
 
 
-def check_sampler_settings(config: Any) -> None:
-    """Validate the sampler fields every detector config shares (raises ``ConfigError`` naming the field)."""
-    n = config.num_inference_steps
-    require(n >= 1, "num_inference_steps", n, "must be >= 1")
-    require(config.num_seeds >= 1, "num_seeds", config.num_seeds, "must be >= 1")
-    require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-    require(config.guidance_scale > 1, "guidance_scale", config.guidance_scale, "detection needs > 1 (CFG)")
-    require(0 <= config.guidance_rescale <= 1, "guidance_rescale", config.guidance_rescale, "must be in [0, 1]")
-    for name in ("height", "width"):
-        v = getattr(config, name)
-        require(v is None or (v > 0 and v % 8 == 0), name, v, "must be a positive multiple of 8")
+def check_score_steps(score_steps: int, sampler: SamplerConfig) -> None:
+    """Raise ``ConfigError`` unless ``score_steps`` lies in ``[1, sampler.num_inference_steps]``."""
+    n = sampler.num_inference_steps
+    require(1 <= score_steps <= n, "score_steps", score_steps, f"must be in [1, sampler.num_inference_steps={n}]")
 
 
 def _batch_noise(pipe, prompt_index: list[int], config: Any, height: int, width: int) -> torch.Tensor:
@@ -175,9 +202,7 @@ def score_first_steps(pipe, prompts: list[str], config: Any, score: ScoreFn, *, 
     Args:
         pipe: A text-to-image pipeline with classifier-free guidance.
         prompts: Prompts to score.
-        config: A detector config with ``score_steps``, the sampler fields (``num_inference_steps``,
-            ``guidance_scale``, ``guidance_rescale``, ``height``, ``width``), ``batch_size``, ``num_seeds`` and
-            ``seed`` (and optionally ``per_prompt_seeds``).
+        config: A :class:`DetectorConfig` with ``score_steps`` (and optionally ``per_prompt_seeds``).
         score: The value of one evaluation per generation (:data:`ScoreFn`).
         desc: Label of the progress bar.
         progress: Show a progress bar.
@@ -188,7 +213,7 @@ def score_first_steps(pipe, prompts: list[str], config: Any, score: ScoreFn, *, 
     """
     denoiser = get_denoiser(pipe)
     device, dtype = denoiser.device, denoiser.dtype
-    height, width = image_size(pipe, config.height, config.width)
+    height, width = config.image_size(pipe)
     n = config.num_seeds
     out = np.zeros(len(prompts), dtype=np.float64)
     totals: list[Tensor] = []
@@ -201,12 +226,7 @@ def score_first_steps(pipe, prompts: list[str], config: Any, score: ScoreFn, *, 
             latents = _batch_noise(pipe, index, config, height, width).to(device, dtype)
             totals.clear()
             clock.start_batch(len(batch) * n, cfg=True)
-            kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents, height=height, width=width,
-                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                          output_type="latent", **pipeline_extras(pipe))
-            if config.guidance_rescale > 0:
-                kwargs["guidance_rescale"] = config.guidance_rescale
-            call_pipeline(pipe, kwargs)
+            call_pipeline(pipe, {**config.call_kwargs(pipe, height, width), "prompt": batch, "latents": latents})
             if len(totals) < config.score_steps:
                 raise DiffmemError(f"the pipeline ran {len(totals)} denoiser calls, fewer than score_steps="
                                    f"{config.score_steps}")
@@ -234,8 +254,7 @@ def noise_norm_scores(pipe, prompts: list[str], config: DetectConfig | None = No
         ``float64 [len(prompts)]`` scores, in prompt order.
     """
     config = config or DetectConfig()
-    height, width = image_size(pipe, config.height, config.width)
-    channels = latent_shape(pipe, height, width)[0]
+    channels = latent_shape(pipe, *config.image_size(pipe))[0]
     pred_type = pipe.scheduler.config.get("prediction_type", "epsilon")
 
     def norm(module, args, kwargs, output) -> Tensor:
@@ -423,15 +442,23 @@ def get_detector(name_or_config: str | object) -> DetectorSpec:
     raise ValueError(f"no detector is registered for {type(name_or_config).__name__}; use register_detector")
 
 
-def detector_config(name: str, **settings: Any) -> Any:
+def detector_config(name: str, sampler: SamplerConfig | None = None, **settings: Any) -> Any:
     """Build the config of detector ``name`` from settings shared by all detectors.
 
-    Settings the config has no field for, and ``None`` values, are left out, so one set of sampler settings
-    (``num_inference_steps``, ``guidance_scale``, ``num_seeds``, ``height``, ...) configures any detector.
+    Settings the config has no field for, and ``None`` values, are left out, so one set of settings (``sampler``,
+    ``num_seeds``, ``seed``, ``batch_size``, ``score_steps``, ...) configures any detector.
+
+    Args:
+        name: A registered detector.
+        sampler: The sampler (default: the config's).
+        **settings: Other settings; a sampler setting given here (``num_inference_steps``, ...) is an error.
     """
+    loose = sorted(k for k, v in settings.items() if v is not None and k in {f.name for f in fields(SamplerConfig)})
+    require(not loose, "settings", loose, "sampler settings travel in sampler=SamplerConfig(...)")
     cls = get_detector(name).config_cls
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
+    given = {k: v for k, v in settings.items() if k in names and v is not None}
+    return cls(**given) if sampler is None else cls(**given, sampler=sampler)
 
 
 def _register_wen(pipe, prompts, config, progress=True, first_index=0):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DiffmemConfig, require
+from .config import DiffmemConfig, SamplerConfig, require
 from .data import load_reference
 from .edits import Edit, apply_edit
 from .errors import ConfigError
@@ -38,7 +38,7 @@ class EvalConfig(DiffmemConfig):
         batch_size: Images per pipeline call.
         strict_threshold: A second, stricter replication threshold reported beside the scorer's own
             (0.7 for SSCD, as in the literature); ``None`` skips it.
-        call_kwargs: Pipeline call arguments (``num_inference_steps``, ``guidance_scale``, ...).
+        sampler: The sampler of every generation, before and after.
         region: Where replication is also measured: ``"full"`` (the scorer on the whole image only) or
             ``"bright-ending"``: each generation's Bright Ending mask (Chen et al. 2025; the end-token attention at
             its own last step, :mod:`diffmem.detectors.region`), for template or local memorization. Rows then add
@@ -56,7 +56,7 @@ class EvalConfig(DiffmemConfig):
     seed: int = 0
     batch_size: int = 64
     strict_threshold: float | None = 0.7
-    call_kwargs: dict = field(default_factory=dict)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     region: str = "full"
     mask_threshold: float = 0.5
     end_tokens: str = "first"
@@ -151,11 +151,11 @@ def evaluate(pipe, entries, config: EvalConfig, scorer, *, baseline: EvalResult 
 
         images, maps = generate_with_end_token_maps(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
                                                     batch_size=config.batch_size, end_tokens=config.end_tokens,
-                                                    progress=progress, desc=desc, **config.call_kwargs)
+                                                    progress=progress, desc=desc, sampler=config.sampler)
         masks = maps >= config.mask_threshold
     else:
         images = generate_images(pipe, prompts, num_seeds=config.num_seeds, seed=config.seed,
-                                 batch_size=config.batch_size, progress=progress, desc=desc, **config.call_kwargs)
+                                 batch_size=config.batch_size, progress=progress, desc=desc, sampler=config.sampler)
     h, w = images.shape[2:4]
     thr = float(scorer.threshold)
     strict = config.strict_threshold if scorer.name == "sscd" else None

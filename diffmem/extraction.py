@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import DiffmemConfig, require
+from .config import DiffmemConfig, SamplerConfig, require
 from .errors import ConfigError, DiffmemError
 from .files import atomic_write_text, write_json
 from .metrics import threshold_at_false_flag_rate
@@ -74,6 +74,7 @@ class AttackConfig(DiffmemConfig):
             on non-memorized prompts to ``false_flag_rate``.
         false_flag_rate: Largest fraction of non-memorized prompts the calibrated threshold may flag, in ``[0, 1)``.
         batch_size: Images per pipeline call.
+        sampler: The sampler of the generations.
     """
 
     num_generations: int = 16
@@ -82,6 +83,7 @@ class AttackConfig(DiffmemConfig):
     threshold: float | None = None
     false_flag_rate: float = 0.05
     batch_size: int = 64
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def check(self) -> None:
         n = self.num_generations
@@ -477,14 +479,14 @@ def extraction_attack_images(
     return _finish(outcomes, threshold, calibration, config, scorer, out_dir)
 
 
-def _generations(pipe: Any, prompts: Sequence[str], config: AttackConfig, call_kwargs: dict[str, Any]) -> Iterator[np.ndarray]:
+def _generations(pipe: Any, prompts: Sequence[str], config: AttackConfig) -> Iterator[np.ndarray]:
     """Each prompt's ``[N, H, W, 3]`` generations, made a few prompts per pipeline call while iterating."""
     n = config.num_generations
     per_call = max(1, config.batch_size // n)
     prompts = list(prompts)
     for start in range(0, len(prompts), per_call):
         yield from generate_images(pipe, prompts[start : start + per_call], num_seeds=n, seed=config.seed,
-                                   batch_size=config.batch_size, progress=False, **dict(call_kwargs))
+                                   batch_size=config.batch_size, progress=False, sampler=config.sampler)
 
 
 def extraction_attack(
@@ -495,7 +497,6 @@ def extraction_attack(
     *,
     references: Sequence[Any | None] | None = None,
     calibration_prompts: Sequence[str] | None = None,
-    call_kwargs: dict[str, Any] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> AttackResult:
@@ -513,7 +514,6 @@ def extraction_attack(
         references: One reference image or ``None`` per prompt.
         calibration_prompts: Non-memorized prompts to calibrate the threshold on (required when
             ``config.threshold`` is ``None``); keep them apart from ``prompts``.
-        call_kwargs: Pipeline arguments (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
         out_dir: Output folder, see :func:`extraction_attack_images`.
         progress: Show progress bars.
 
@@ -523,20 +523,19 @@ def extraction_attack(
     prompts = list(prompts)
     calibration_prompts = list(calibration_prompts or [])
     _check_inputs(prompts, config, bool(calibration_prompts), references)
-    kwargs = dict(call_kwargs or {})
     overlap = set(prompts) & set(calibration_prompts)
     if overlap:
         logger.warning("%d calibration prompts are also attacked; calibrate on separate prompts", len(overlap))
-    cal = shard_map(lambda ps: _strengths(_generations(pipe, ps, config, kwargs), config, scorer, False),
+    cal = shard_map(lambda ps: _strengths(_generations(pipe, ps, config), config, scorer, False),
                     calibration_prompts)
     threshold, calibration = _calibrate(cal, config)
 
     def attack(indices: list[int]) -> list:
-        gens = _generations(pipe, [prompts[i] for i in indices], config, kwargs)
+        gens = _generations(pipe, [prompts[i] for i in indices], config)
         bar = tqdm(gens, desc="attack", total=len(indices), disable=not progress)
         return [_attack_prompt(i, prompts[i], imgs, threshold, None if references is None else references[i],
                                config, scorer) for i, imgs in zip(indices, bar)]
 
     outcomes = shard_map(attack, list(range(len(prompts))))
-    sampler = {**kwargs, "scheduler": type(getattr(pipe, "scheduler", None)).__name__}
+    sampler = {**config.sampler.call_kwargs(pipe), "scheduler": type(getattr(pipe, "scheduler", None)).__name__}
     return _finish(outcomes, threshold, calibration, config, scorer, out_dir, sampler=sampler)

@@ -15,7 +15,7 @@ Example::
 
     scorer = get_scorer("ssim")
     items = [ReextractItem(prompt, reference_uint8, "memorized", i) for i, (prompt, reference_uint8) in ...]
-    result = reextract(pipe, items, ReextractConfig(call_kwargs={"num_inference_steps": 25}), scorer)
+    result = reextract(pipe, items, ReextractConfig(sampler=SamplerConfig(num_inference_steps=25)), scorer)
     result.summary()["memorization_rate"]
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import DiffmemConfig, require
+from .config import DiffmemConfig, SamplerConfig, require
 from .errors import DiffmemError
 from .objective import (
     DiffusionObjective,
@@ -75,24 +75,6 @@ DEFAULT_CHECKPOINTS = (0, 10, 25, 50)
 """Steps at which replication is measured by default (the paper's budget is 50 steps)."""
 
 _PROMPT_OF = "prompt-of:"
-# pipeline arguments that generate_images or the attack set themselves
-_RESERVED_CALL_KEYS = frozenset(
-    {
-        "prompt",
-        "prompt_2",
-        "prompt_3",
-        "negative_prompt",
-        "prompt_embeds",
-        "negative_prompt_embeds",
-        "pooled_prompt_embeds",
-        "negative_pooled_prompt_embeds",
-        "latents",
-        "generator",
-        "output_type",
-        "num_images_per_prompt",
-        "return_dict",
-    }
-)
 
 
 def _is_int(value: object) -> bool:
@@ -118,8 +100,7 @@ class ReextractConfig(DiffmemConfig):
             the seeds used anywhere else.
         seed: Seed of the optimisation's noise, timesteps and random start.
         threshold: Replication threshold on the scorer's similarity (``None``: the scorer's own).
-        call_kwargs: Sampler settings passed to the pipeline (``num_inference_steps``, ``guidance_scale``,
-            ``guidance_rescale``, ``height``, ``width``, ...). ``height``/``width`` also fix the optimisation's size.
+        sampler: The sampler of the checkpoints' samples; its ``height``/``width`` also fix the optimisation's size.
         sample_batch_size: Images per pipeline call when sampling.
     """
 
@@ -132,7 +113,7 @@ class ReextractConfig(DiffmemConfig):
     sample_seed: int = 10_000
     seed: int = 0
     threshold: float | None = None
-    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     sample_batch_size: int = 64
 
     def check(self) -> None:
@@ -160,19 +141,10 @@ class ReextractConfig(DiffmemConfig):
             not isinstance(self.threshold, bool) and isinstance(self.threshold, (int, float))
             and math.isfinite(self.threshold)
         ), "threshold", self.threshold, "must be a finite number or None")
-        require(isinstance(self.call_kwargs, dict) and all(isinstance(k, str) for k in self.call_kwargs),
-                "call_kwargs", self.call_kwargs, "must be a dict of pipeline arguments")
-        reserved = sorted(_RESERVED_CALL_KEYS & set(self.call_kwargs))
-        require(not reserved, "call_kwargs", self.call_kwargs, f"{', '.join(reserved)} are set by the attack itself")
-        for key in ("num_inference_steps", "height", "width"):
-            value = self.call_kwargs.get(key)
-            require(value is None or (_is_int(value) and value >= 1), "call_kwargs", self.call_kwargs,
-                    f"{key} must be a positive integer")
         self.opt_steps, self.batch, self.num_seeds = int(self.opt_steps), int(self.batch), int(self.num_seeds)
         self.sample_seed, self.seed = int(self.sample_seed), int(self.seed)
         self.lr = float(self.lr)
         self.threshold = None if self.threshold is None else float(self.threshold)
-        self.call_kwargs = dict(self.call_kwargs)
 
     @property
     def init_prompt(self) -> str | None:
@@ -398,7 +370,6 @@ def _attack_rows(
     config: ReextractConfig, scorer: Scorer, threshold: float, keep_images: bool, progress: bool,
 ) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, np.ndarray | None]]:
     """Optimise, sample and score some rows (one process's shard): ``(row, final, final pooled, images)`` each."""
-    call_kwargs = dict(config.call_kwargs)
     steps = list(config.checkpoints)
     out: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, np.ndarray | None]] = []
 
@@ -419,7 +390,7 @@ def _attack_rows(
     gens = generate_images(
         pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_seeds=config.num_seeds,
         seed=config.sample_seed, batch_size=config.sample_batch_size, progress=progress,
-        desc="re-extract: sample", **call_kwargs,
+        desc="re-extract: sample", sampler=config.sampler,
     )
     gens = gens.reshape(len(items), len(steps), config.num_seeds, *gens.shape[2:])
 
@@ -489,15 +460,14 @@ def reextract(
     start = time.perf_counter()
     items = list(items)
     threshold = float(scorer.threshold if config.threshold is None else config.threshold)
-    call_kwargs = dict(config.call_kwargs)
-    height, width = image_size(pipe, call_kwargs.get("height"), call_kwargs.get("width"))
+    height, width = image_size(pipe, config.sampler.height, config.sampler.width)
     for item in items:
         if not isinstance(item, ReextractItem):
             raise DiffmemError(f"reextract takes ReextractItem rows, got {type(item).__name__}")
         if item.reference.shape[:2] != (height, width):
             raise DiffmemError(
                 f"reference of {item.prompt!r} is {item.reference.shape[1]}x{item.reference.shape[0]} px; the "
-                f"pipeline generates {width}x{height} (resize it, or set call_kwargs height/width)"
+                f"pipeline generates {width}x{height} (resize it, or set the sampler's height/width)"
             )
     result = ReextractResult(rows=[], config=config, scorer=scorer.describe(), threshold=threshold)
     if not items:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .targets import get_denoiser
+
+if TYPE_CHECKING:
+    from .config import SamplerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def generate_images(
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    **call_kwargs: Any,
+    sampler: SamplerConfig | None = None,
 ) -> np.ndarray:
     """Generate ``num_seeds`` images for each prompt (or each conditioning); image ``j`` uses seed ``seed + j``.
 
@@ -141,7 +144,8 @@ def generate_images(
         negative_prompt_embeds: ``[1, L, D]`` or ``[P, L, D]`` conditioning of the unconditional half, instead of
             the empty prompt's.
         negative_pooled_prompt_embeds: ``[1, D']`` or ``[P, D']`` pooled embeddings of the unconditional half.
-        **call_kwargs: Passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ...).
+        sampler: The sampler settings (its ``call_kwargs(pipe)`` go to the pipeline); ``None``: the pipeline's
+            own defaults.
 
     Returns:
         ``uint8 [P, num_seeds, H, W, 3]``.
@@ -164,6 +168,7 @@ def generate_images(
         allowed = (count,) if name == "pooled_prompt_embeds" else (1, count)
         if value is not None and int(value.shape[0]) not in allowed:
             raise ConfigError(f"{name} has {int(value.shape[0])} rows; expected {' or '.join(map(str, allowed))}")
+    call_kwargs = sampler.call_kwargs(pipe) if sampler is not None else pipeline_extras(pipe)
     height, width = image_size(pipe, call_kwargs.pop("height", None), call_kwargs.pop("width", None))
     jobs = [(i, seed + j) for i in range(count) for j in range(num_seeds)]
     out: list[np.ndarray] = []
@@ -191,8 +196,7 @@ def generate_images(
             elif pooled_prompt_embeds is None and not masked and call_kwargs.get("guidance_scale", 7.5) > 1:
                 empty = pipe.encode_prompt([""], device, 1, False)[0]
                 cond["negative_prompt_embeds"] = empty.expand(len(index), -1, -1).to(dtype)
-        extras = {**pipeline_extras(pipe), **call_kwargs}
-        res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **extras).images
+        res = pipe(**cond, latents=lat, height=height, width=width, output_type="np", **call_kwargs).images
         out.append(to_uint8(res))
     imgs = np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)
     return imgs.reshape(count, num_seeds, *imgs.shape[1:])

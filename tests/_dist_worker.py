@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CALL = {"num_inference_steps": 2, "height": 16, "width": 16}
+SAMPLER = {"num_inference_steps": 2, "height": 16, "width": 16}  # SamplerConfig fields of every job
 """Sampler settings of every job (the tiny pipeline's 16 px images: 8x8 latents)."""
 
 
@@ -48,9 +48,9 @@ def slow_down_recording(delay: float) -> None:
 
 def record_config(job: dict[str, Any]):
     """The :class:`~diffmem.config.RecordConfig` of a record job: one prompt per pipeline call, 2 steps recorded."""
-    from diffmem.config import RecordConfig
+    from diffmem.config import RecordConfig, SamplerConfig
 
-    return RecordConfig(num_inference_steps=2, record_steps=2, batch_size=1, height=16, width=16,
+    return RecordConfig(sampler=SamplerConfig(**SAMPLER), record_steps=2, batch_size=1,
                         signatures=bool(job.get("signatures", False)))
 
 
@@ -91,6 +91,7 @@ def run_job(pipe, model: str, job: dict[str, Any]) -> str:
                                checkpoint_every=int(job.get("checkpoint_every", 0)), progress=False)
         return _stats_digest(stats)
 
+    from diffmem.config import SamplerConfig
     from diffmem.data import load_reference, read_manifest
     from diffmem.score import get_scorer
 
@@ -99,7 +100,7 @@ def run_job(pipe, model: str, job: dict[str, Any]) -> str:
     if kind == "detect":
         from diffmem.detection import DetectConfig, detect
 
-        config = DetectConfig(score_steps=2, num_seeds=2, batch_size=1, guidance_scale=7.5, **CALL)
+        config = DetectConfig(sampler=SamplerConfig(**SAMPLER), score_steps=2, num_seeds=2, batch_size=1)
         res = detect(pipe, prompts, config, labels=[e.memorized for e in entries],
                      calibration_prompts=job["calibration"], progress=False)
         result = {"prompts": res.prompts, "scores": [float(s) for s in res.scores],
@@ -108,17 +109,17 @@ def run_job(pipe, model: str, job: dict[str, Any]) -> str:
         from diffmem.edits import load_edit
         from diffmem.evaluation import EvalConfig, evaluate_edit
 
-        config = EvalConfig(num_seeds=2, batch_size=1, call_kwargs=dict(CALL))
+        config = EvalConfig(sampler=SamplerConfig(**SAMPLER), num_seeds=2, batch_size=1)
         before, after = evaluate_edit(pipe, entries, config, get_scorer("ssim"), load_edit(job["edit"]),
                                       progress=False)
         result = {"rows_before": before.rows, "rows_after": after.rows, "summary_after": after.summary()}
     elif kind == "attack":
         from diffmem.extraction import AttackConfig, extraction_attack
 
-        config = AttackConfig(num_generations=3, clique_size=2, batch_size=3)
+        config = AttackConfig(num_generations=3, clique_size=2, batch_size=3, sampler=SamplerConfig(**SAMPLER))
         references = [None if e.reference is None else load_reference(e.reference, (16, 16)) for e in entries]
         res = extraction_attack(pipe, prompts, config, get_scorer("ssim"), references=references,
-                                calibration_prompts=job["calibration"], call_kwargs=dict(CALL), out_dir=out,
+                                calibration_prompts=job["calibration"], out_dir=out,
                                 progress=False)
         return _digest(res.to_dict())
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffmem.config import SamplerConfig
 from diffmem.crossfit import SAMPLER_NAMES, make_folds, measure_rows, sampler_variants, summarise_rows
 from diffmem.data import ManifestEntry
 from diffmem.errors import ConfigError
@@ -42,15 +44,15 @@ def test_folds_out_of_range(k):
 
 
 def test_sampler_variants_from_the_model_and_the_pipeline(tiny_pipe):
-    call = {"num_inference_steps": 25, "guidance_scale": 4.0, "guidance_rescale": 0.7, "height": 16, "width": 16}
-    v = sampler_variants(call, pipe=tiny_pipe)
+    model = SamplerConfig(num_inference_steps=25, guidance_scale=4.0, guidance_rescale=0.7, height=16, width=16)
+    v = sampler_variants(model, pipe=tiny_pipe)
     assert list(v) == list(SAMPLER_NAMES)
-    assert v["model"] == call
+    assert v["model"] == model
     # diffusers' own defaults of StableDiffusionPipeline.__call__, at the model's size, without rescale
-    assert v["diffusers-default"] == {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 16, "width": 16}
-    assert v["high-guidance"]["guidance_scale"] == 8.0 and v["high-guidance"]["num_inference_steps"] == 25
+    assert v["diffusers-default"] == SamplerConfig(num_inference_steps=50, guidance_scale=7.5, height=16, width=16)
+    assert v["high-guidance"].guidance_scale == 8.0 and v["high-guidance"].num_inference_steps == 25
     with pytest.raises(ValueError, match="unknown"):
-        sampler_variants(call, ("model", "fast"))
+        sampler_variants(model, ("model", "fast"))
 
 
 def test_summarise_rows_means_and_fold_spread():
@@ -68,27 +70,28 @@ def test_summarise_rows_means_and_fold_spread():
 @pytest.fixture
 def own_rows(tiny_pipe, tmp_path):
     """Two rows whose references are the tiny pipeline's own seed-0 generations at the model's sampler."""
-    call = {"num_inference_steps": 3, "guidance_scale": 3.0, "height": 16, "width": 16}
+    sampler = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, height=16, width=16)
     prompts = ["a red cat", "a blue dog on the sky"]
-    images = generate_images(tiny_pipe, prompts, num_seeds=1, seed=0, **call)
+    images = generate_images(tiny_pipe, prompts, num_seeds=1, seed=0, sampler=sampler)
     rows = []
     for i, p in enumerate(prompts):
         path = tmp_path / f"ref{i}.png"
         Image.fromarray(images[i, 0]).save(path)
         rows.append(ManifestEntry(prompt=p, memorized=True, duplicates=8, reference=path, split="heldout"))
-    return rows, call
+    return rows, sampler
 
 
 def test_measure_rows_prompt_replication_is_exact_on_own_generations(tiny_pipe, own_rows):
-    rows, call = own_rows
-    out = measure_rows(tiny_pipe, None, rows, get_scorer("ssim"), {"model": call}, attack=None, num_seeds=1, seed=0)
+    rows, sampler = own_rows
+    out = measure_rows(tiny_pipe, None, rows, get_scorer("ssim"), {"model": sampler}, attack=None, num_seeds=1,
+                       seed=0)
     assert [o["prompt_rate"]["model"] for o in out] == [1.0, 1.0]  # the same seed gives the same image
     assert all(o["attack_rate"] == {} for o in out)
 
 
 def test_measure_rows_attack_worst_case_is_any_start(tiny_pipe, own_rows):
-    rows, call = own_rows
-    samplers = {"model": call, "other": {**call, "guidance_scale": 6.0}}
+    rows, sampler = own_rows
+    samplers = {"model": sampler, "other": dataclasses.replace(sampler, guidance_scale=6.0)}
     summaries: dict = {}
     out = measure_rows(tiny_pipe, None, rows, get_scorer("ssim"), samplers,
                        attack=ReextractConfig(opt_steps=2, checkpoints=(0,), sample_seed=0),

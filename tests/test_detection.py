@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from diffmem.config import SamplerConfig
 from diffmem.detection import DETECT_PRESETS, DetectConfig, detect, flag_calibrated, noise_norm_scores
 from diffmem.zoo import default_model_path
 
@@ -13,10 +16,8 @@ needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), rea
 
 
 def _cfg(**kw) -> DetectConfig:
-    base = dict(score_steps=1, num_seeds=2, num_inference_steps=3, guidance_scale=5.0, height=16, width=16,
-                batch_size=4)
-    base.update(kw)
-    return DetectConfig(**base)
+    sampler = SamplerConfig(num_inference_steps=3, guidance_scale=5.0, height=16, width=16)
+    return DetectConfig(**{"sampler": sampler, "score_steps": 1, "num_seeds": 2, "batch_size": 4, **kw})
 
 
 def test_scores_do_not_depend_on_batching(tiny_pipe, prompts):
@@ -77,21 +78,28 @@ def test_calibrated_flags_hand_case():
 @pytest.mark.parametrize(
     "field,value",
     [("score_steps", 0), ("score_steps", 4), ("num_seeds", 0), ("space", "pixels"), ("batch_size", 0),
-     ("guidance_scale", 1.0), ("guidance_rescale", 1.5), ("height", 12)],
+     ("sampler.guidance_scale", 1.0), ("guidance_rescale", 1.5), ("height", 12)],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"^{field}=") as err:
-        _cfg(**{field: value})
+        if field in ("score_steps", "num_seeds", "space", "batch_size"):
+            _cfg(**{field: value})
+        else:  # a sampler setting: SamplerConfig checks it, or the detector (guidance > 1)
+            _cfg(sampler=SamplerConfig(num_inference_steps=3, **{field.removeprefix("sampler."): value}))
     assert "\n" not in str(err.value)
 
 
 def test_wen2024_preset():
     cfg = DetectConfig.from_preset("wen2024")
-    assert (cfg.score_steps, cfg.num_inference_steps, cfg.guidance_scale) == (50, 50, 7.5)
+    assert (cfg.score_steps, cfg.sampler.num_inference_steps, cfg.sampler.guidance_scale) == (50, 50, 7.5)
     assert cfg.per_prompt_seeds and cfg.num_seeds == 1 and cfg.preset == "wen2024"
     assert DETECT_PRESETS["wen2024"]["score_steps"] == "all"  # the preset itself is left as written
-    shorter = DetectConfig.from_preset("wen2024", num_inference_steps=20, height=16)
-    assert shorter.score_steps == 20 and shorter.height == 16  # "all" follows the schedule's length
+    model = SamplerConfig(num_inference_steps=25, guidance_scale=4.0, guidance_rescale=0.7, height=16, width=16)
+    on_model = DetectConfig.preset_sampler("wen2024", model)  # the preset's steps and guidance, the model's size
+    assert on_model == SamplerConfig(num_inference_steps=50, guidance_scale=7.5, guidance_rescale=0.0, height=16,
+                                     width=16)
+    shorter = DetectConfig.from_preset("wen2024", dataclasses.replace(on_model, num_inference_steps=20))
+    assert shorter.score_steps == 20 and shorter.sampler.height == 16  # "all" follows the schedule's length
     assert DetectConfig.from_preset("wen2024", score_steps=1).score_steps == 1
     with pytest.raises(ValueError, match="preset='nope' is invalid"):
         DetectConfig.from_preset("nope")
@@ -135,9 +143,7 @@ def test_auc_on_the_embedded_memorizer():
     entries = [e for e in read_manifest(MODEL / "memorization.jsonl") if e.split != "never_seen"]  # training prompts
     labels = [e.memorized for e in entries]
     assert sum(labels) >= 24 and len(labels) - sum(labels) >= 24
-    cfg = DetectConfig(score_steps=1, num_seeds=4, num_inference_steps=d["num_inference_steps"],
-                       guidance_scale=d["guidance_scale"], guidance_rescale=d["guidance_rescale"], height=d["height"],
-                       width=d["width"], batch_size=16)
+    cfg = DetectConfig(sampler=SamplerConfig(**d), score_steps=1, num_seeds=4, batch_size=16)
     res = detect(pipe, [e.prompt for e in entries], cfg, labels=labels, progress=False)
     assert res.auc >= 0.8, res.auc
     assert res.tpr_at_1fpr >= 0.3, res.tpr_at_1fpr  # 0.5625: the 18 top scores are all memorized prompts

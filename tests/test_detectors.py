@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffmem.config import SamplerConfig
 from diffmem.detection import (
     DEFAULT_DETECTOR,
     DetectConfig,
@@ -31,7 +32,7 @@ from diffmem.detectors.bright_ending import EndTokenAttention
 from diffmem.errors import ConfigError, DiffmemError
 from diffmem.targets import get_denoiser
 
-SAMPLER = dict(num_inference_steps=3, guidance_scale=5.0, height=16, width=16, batch_size=4)
+SETTINGS = dict(sampler=SamplerConfig(num_inference_steps=3, guidance_scale=5.0, height=16, width=16), batch_size=4)
 
 
 # -- the registry ----------------------------------------------------------------------------------------------------
@@ -49,23 +50,27 @@ def test_registry_lists_the_built_in_detectors_default_first():
 
 
 def test_detector_config_keeps_the_fields_of_its_detector():
-    cfg = detector_config("bright_ending", score_steps=3, num_seeds=2, num_inference_steps=7, height=None)
-    assert isinstance(cfg, BrightEndingConfig) and cfg.num_seeds == 2 and cfg.num_inference_steps == 7
-    assert detector_config("wen", score_steps=3, num_inference_steps=7).score_steps == 3
+    cfg = detector_config("bright_ending", sampler=SamplerConfig(num_inference_steps=7), score_steps=3, num_seeds=2,
+                          height=None)
+    assert isinstance(cfg, BrightEndingConfig) and cfg.num_seeds == 2 and cfg.sampler.num_inference_steps == 7
+    assert detector_config("wen", sampler=SamplerConfig(num_inference_steps=7), score_steps=3).score_steps == 3
     with pytest.raises(ConfigError, match="^hvp='exact' is invalid"):
         detector_config("sharpness", hvp="exact")
+    with pytest.raises(ConfigError, match=r"^settings=\['num_inference_steps'\] is invalid: sampler settings travel"):
+        detector_config("wen", num_inference_steps=7)
     d = SharpnessConfig().to_dict()
     assert d["hvp"] == "jvp" and d["score_steps"] == 1 and d["num_seeds"] == 4
 
 
 @pytest.mark.parametrize("cls,field,value", [
-    (SharpnessConfig, "score_steps", 0), (SharpnessConfig, "fd_eps", 0.0), (SharpnessConfig, "guidance_scale", 1.0),
+    (SharpnessConfig, "score_steps", 0), (SharpnessConfig, "fd_eps", 0.0),
+    (SharpnessConfig, "sampler", SamplerConfig(guidance_scale=1.0)),
     (BrightEndingConfig, "score", "max"), (BrightEndingConfig, "end_tokens", "last"),
     (BrightEndingConfig, "mask_threshold", 1.0), (BrightEndingConfig, "layers", "("),
-    (BrightEndingConfig, "height", 12), (BrightEndingConfig, "num_seeds", 0),
+    (BrightEndingConfig, "sampler", {"height": 16}), (BrightEndingConfig, "num_seeds", 0),
 ])
 def test_configs_reject_bad_values(cls, field, value):
-    with pytest.raises(ConfigError, match=f"^{field}=") as err:
+    with pytest.raises(ConfigError, match=f"^{field}[.=]") as err:
         cls(**{field: value})
     assert "\n" not in str(err.value)
 
@@ -107,7 +112,7 @@ def test_register_detector_adds_a_user_detector(tiny_pipe, prompts):
 
 
 def test_wen_through_the_registry_is_the_noise_norm(tiny_pipe, prompts):
-    cfg = DetectConfig(score_steps=2, num_seeds=2, **SAMPLER)
+    cfg = DetectConfig(score_steps=2, num_seeds=2, **SETTINGS)
     res = detect(tiny_pipe, prompts, cfg, progress=False)
     np.testing.assert_array_equal(res.scores, noise_norm_scores(tiny_pipe, prompts, cfg, progress=False))
     assert res.method == "wen" and res.maps is None and res.masks is None
@@ -120,27 +125,27 @@ def test_wen_through_the_registry_is_the_noise_norm(tiny_pipe, prompts):
 
 
 def test_sharpness_exact_product_matches_the_finite_difference(tiny_pipe, prompts):
-    exact = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, **SAMPLER), progress=False)
-    finite = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, hvp="finite", **SAMPLER), progress=False)
+    exact = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, **SETTINGS), progress=False)
+    finite = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, hvp="finite", **SETTINGS), progress=False)
     assert exact.method == "sharpness" and np.all(exact.scores > 0)
     np.testing.assert_allclose(finite.scores, exact.scores, rtol=2e-2)
     assert len(np.unique(np.round(exact.scores, 7))) == len(prompts)
     # the finite difference adds one [uncond; cond] pass per scored step: 2 calls per batch of 4 prompts
     assert finite.cost["denoiser_calls"] == 2 * 2
-    one = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, **{**SAMPLER, "batch_size": 1}), progress=False)
+    one = detect(tiny_pipe, prompts, SharpnessConfig(num_seeds=2, **{**SETTINGS, "batch_size": 1}), progress=False)
     np.testing.assert_allclose(one.scores, exact.scores, rtol=1e-4)  # batching does not change a score
-    empty = detect(tiny_pipe, [""], SharpnessConfig(num_seeds=1, **SAMPLER), progress=False)
+    empty = detect(tiny_pipe, [""], SharpnessConfig(num_seeds=1, **SETTINGS), progress=False)
     assert empty.scores[0] == pytest.approx(0.0, abs=1e-6)  # no guidance direction: no sharpness difference
 
 
 @pytest.mark.parametrize("fixture", ["tiny_pixart_pipe", "tiny_sd3_pipe"])
 def test_sharpness_on_transformer_pipelines(fixture, prompts, request):
     pipe = request.getfixturevalue(fixture)
-    cfg = SharpnessConfig(num_seeds=1, hvp="finite", **SAMPLER)
+    cfg = SharpnessConfig(num_seeds=1, hvp="finite", **SETTINGS)
     scores = detect(pipe, prompts, cfg, progress=False).scores
     assert np.all(np.isfinite(scores)) and np.all(scores > 0)
     assert len(np.unique(np.round(scores, 7))) == len(prompts)
-    exact = detect(pipe, prompts[:2], SharpnessConfig(num_seeds=1, **SAMPLER), progress=False).scores
+    exact = detect(pipe, prompts[:2], SharpnessConfig(num_seeds=1, **SETTINGS), progress=False).scores
     np.testing.assert_allclose(scores[:2], exact, rtol=2e-2)  # forward-mode AD runs through both transformers
 
 
@@ -160,7 +165,7 @@ def test_end_token_positions(tiny_pipe):
 def test_bright_ending_scores_maps_and_masks(fixture, prompts, request):
     pipe = request.getfixturevalue(fixture)
     processors = {n: m.processor for n, m in get_denoiser(pipe).named_modules() if hasattr(m, "processor")}
-    res = detect(pipe, prompts, BrightEndingConfig(num_seeds=2, **SAMPLER), progress=False)
+    res = detect(pipe, prompts, BrightEndingConfig(num_seeds=2, **SETTINGS), progress=False)
     assert res.method == "bright_ending" and np.all(np.isfinite(res.scores)) and np.all(res.scores > 0)
     assert res.maps.shape == (len(prompts), 16, 16) and res.maps.dtype == np.float32
     assert res.masks.shape == res.maps.shape and res.masks.dtype == bool
@@ -171,7 +176,7 @@ def test_bright_ending_scores_maps_and_masks(fixture, prompts, request):
     # the processors are the original ones again
     assert {n: m.processor for n, m in get_denoiser(pipe).named_modules() if hasattr(m, "processor")} == processors
     for score in ("attention", "contrast", "mean"):
-        other = detect(pipe, prompts[:2], BrightEndingConfig(score=score, num_seeds=2, **SAMPLER), progress=False)
+        other = detect(pipe, prompts[:2], BrightEndingConfig(score=score, num_seeds=2, **SETTINGS), progress=False)
         assert np.all(np.isfinite(other.scores))
         np.testing.assert_allclose(other.maps, res.maps[:2], atol=1e-5)  # the map does not depend on the score
 
@@ -202,7 +207,7 @@ def test_bright_ending_capture_leaves_the_output_unchanged_and_cleans_up(tiny_pi
 
 def test_bright_ending_needs_cross_attention(tiny_sd3_pipe, prompts):
     with pytest.raises(DiffmemError, match="no cross-attention layers"):
-        detect(tiny_sd3_pipe, prompts[:1], BrightEndingConfig(**SAMPLER), progress=False)
+        detect(tiny_sd3_pipe, prompts[:1], BrightEndingConfig(**SETTINGS), progress=False)
 
 
 def test_detector_output_shape_is_checked(tiny_pipe, prompts):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffmem.config import SamplerConfig
 from diffmem.detection import detect, detector_config
 from diffmem.zoo import default_model_path
 
@@ -24,7 +25,7 @@ def memorizer():
 
     pipe = load_pipeline(str(MODEL))
     pipe.set_progress_bar_config(disable=True)
-    sampler = {k: v for k, v in sampling_defaults(MODEL).items() if v is not None}
+    sampler = SamplerConfig(**sampling_defaults(MODEL))
     # the training set's prompts: memorized emblems against ordinary captions (never-seen emblems are the attack's
     # control, not part of this comparison)
     entries = [e for e in read_manifest(MODEL / "memorization.jsonl") if e.split != "never_seen"]
@@ -34,7 +35,7 @@ def memorizer():
 def _run(memorizer, name, **settings):
     pipe, sampler, entries = memorizer
     labels = np.array([e.memorized for e in entries])
-    cfg = detector_config(name, batch_size=16, **{**sampler, **settings})
+    cfg = detector_config(name, sampler=sampler, batch_size=16, **settings)
     res = detect(pipe, [e.prompt for e in entries], cfg, labels=labels, progress=False)
     return res, labels
 
@@ -71,7 +72,7 @@ def test_audit_screening_finds_the_memorized_prompts_in_a_pool(memorizer):
     pool = [e.prompt for e in entries] + (MODEL / "base_prompts.txt").read_text().split("\n")
     pool = [p for p in dict.fromkeys(pool) if p]
     memorized = {e.prompt for e in entries if e.memorized}
-    cfg = detector_config("wen", score_steps=5, num_seeds=2, batch_size=32, **sampler)
+    cfg = detector_config("wen", sampler=sampler, score_steps=5, num_seeds=2, batch_size=32)
     screen = screen_candidates(pipe, pool, cfg, flag_top=16, progress=False)
     hits = sum(pool[i] in memorized for i in screen.flagged)
     assert len(screen.flagged) == 16 and hits >= 14, [pool[i] for i in screen.flagged]

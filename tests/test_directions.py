@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import diffmem
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.data import ManifestEntry
 from diffmem.edits import MANIFEST_NAME, DirectionBasis, Mask, apply_edit, export_edited, subspace_overlap
 from diffmem.errors import DiffmemError, EditMismatchError, ExportError
@@ -128,7 +128,7 @@ def test_locate_dispatches_to_directions(tiny_pipe) -> None:
 
 
 def test_signatures_do_not_depend_on_batching(tiny_pipe, prompts) -> None:
-    config = dict(num_inference_steps=2, record_steps=2, height=16, width=16, signatures=True)
+    config = dict(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2, signatures=True)
     one = record(tiny_pipe, prompts[:4], RecordConfig(batch_size=1, **config), progress=False)
     eight = record(tiny_pipe, prompts[:4], RecordConfig(batch_size=8, **config), progress=False)
     base = record(tiny_pipe, prompts[4:], RecordConfig(batch_size=8, **config), progress=False)
@@ -332,7 +332,8 @@ def sd3_inputs(rows: int, seed: int) -> dict:
 
 
 def recorded(model: torch.nn.Module, make_inputs, seed: int, prompts: int = 4) -> ActivationStats:
-    config = RecordConfig(num_inference_steps=1, record_steps=1, guidance_scale=1.0, signatures=True)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=1, guidance_scale=1.0), record_steps=1,
+                          signatures=True)
     recorder = ActivationRecorder(model, config, num_prompts=prompts, stop_generation=False)
     with torch.no_grad(), recorder:
         recorder.start_batch(prompts, prompt_index=list(range(prompts)))
@@ -388,14 +389,15 @@ def test_mask_and_projection_evaluated_on_one_pipeline(tiny_pipe, prompts, tmp_p
         ManifestEntry(prompts[2], True, 8, "heldout", refs[2]),
         ManifestEntry(prompts[3], False, 0, "nonmem", refs[3]),
     ]
-    rcfg = RecordConfig(num_inference_steps=2, record_steps=2, height=16, width=16, signatures=True)
+    rcfg = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2,
+                        signatures=True)
     stats_mem = record(pipe, prompts[:2], rcfg, progress=False)
     stats_base = record(pipe, ["", prompts[4], prompts[5]], rcfg, progress=False)
     mask = locate(pipe, stats_mem, stats_base, LocateConfig(ratio=0.05, record_steps=2))
     basis = locate(pipe, stats_mem, stats_base, LocateConfig(method="directions", rank=1))
     assert isinstance(mask, Mask) and isinstance(basis, DirectionBasis)
     assert set(basis.layers) == set(mask.layers) and basis.ranks() == dict.fromkeys(mask.layers, 1)
-    ecfg = EvalConfig(num_seeds=2, call_kwargs={"num_inference_steps": 2, "height": 16, "width": 16})
+    ecfg = EvalConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), num_seeds=2)
     scorer = get_scorer("ssim")
     weights_before = snapshot(pipe.unet)
 

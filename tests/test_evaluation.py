@@ -6,13 +6,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffmem.config import SamplerConfig
 from diffmem.data import ManifestEntry
 from diffmem.edits import Mask, apply_edit, export_edited
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
 from diffmem.score import get_scorer
 from diffmem.targets import find_targets
 
-CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=16, width=16)
+SAMPLER = SamplerConfig(num_inference_steps=2, guidance_scale=4.0, height=16, width=16)
 
 
 def _entries(tmp_path, prompts):
@@ -36,7 +37,7 @@ def test_edit_changes_images_and_is_reversible(fresh_tiny_pipe, prompts, tmp_pat
     pipe = fresh_tiny_pipe
     entries = _entries(tmp_path, prompts[:3])
     before_w = {n: m.weight.clone() for n, m in find_targets(pipe.unet).items()}
-    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL)
+    cfg = EvalConfig(sampler=SAMPLER, num_seeds=2)
     before, after = evaluate_edit(pipe, entries, cfg, get_scorer("ssim"), _random_mask(pipe), progress=False)
     assert before.images.shape == after.images.shape == (3, 2, 16, 16, 3)
     assert not np.array_equal(before.images, after.images)
@@ -51,7 +52,7 @@ def test_edit_changes_images_and_is_reversible(fresh_tiny_pipe, prompts, tmp_pat
 
 def test_no_edit_means_no_drift(tiny_pipe, prompts, tmp_path):
     entries = _entries(tmp_path, prompts[:2])
-    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL)
+    cfg = EvalConfig(sampler=SAMPLER, num_seeds=2)
     scorer = get_scorer("ssim")
     before, none = evaluate_edit(tiny_pipe, entries, cfg, scorer, None, progress=False)
     assert none is None  # without an edit there is no "after"
@@ -69,7 +70,7 @@ def test_pruned_export_gives_the_same_numbers_as_the_reversible_mask(fresh_tiny_
     out = export_edited(pipe, mask, tmp_path / "pruned")
     exported = StableDiffusionPipeline.from_pretrained(out)
     exported.set_progress_bar_config(disable=True)
-    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL)
+    cfg = EvalConfig(sampler=SAMPLER, num_seeds=2)
     scorer = get_scorer("ssim")
     _, masked = evaluate_edit(pipe, entries, cfg, scorer, mask, progress=False)
     plain = evaluate(exported, entries, cfg, scorer, progress=False)
@@ -90,7 +91,7 @@ def test_embedding_scorer_path(tiny_pipe, prompts, tmp_path):
     except ScorerUnavailableError as err:
         pytest.skip(f"SSCD unavailable: {err}")
     entries = _entries(tmp_path, prompts[:2])
-    res = evaluate(tiny_pipe, entries, EvalConfig(num_seeds=3, call_kwargs=CALL), scorer, progress=False)
+    res = evaluate(tiny_pipe, entries, EvalConfig(sampler=SAMPLER, num_seeds=3), scorer, progress=False)
     assert res.embeddings.shape[:2] == (2, 3)
     from diffmem.data import load_reference
 
@@ -106,7 +107,7 @@ def test_apply_edit_rejects_unknown_edits(tiny_pipe, prompts, tmp_path):
         with apply_edit(tiny_pipe, object()):
             pass
     with pytest.raises(ValueError, match="entries is empty"):
-        evaluate_edit(tiny_pipe, [], EvalConfig(num_seeds=1, call_kwargs=CALL), get_scorer("ssim"), None)
+        evaluate_edit(tiny_pipe, [], EvalConfig(sampler=SAMPLER, num_seeds=1), get_scorer("ssim"), None)
 
 
 def test_config_rejects_bad_values():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffmem.config import SamplerConfig
 from diffmem.errors import DiffmemError
 from diffmem.extraction import (
     EXTRACTIONS_DIR,
@@ -203,7 +204,8 @@ def test_attack_input_errors(ssim):
 
 
 def test_extraction_attack_tiny_pipeline(tiny_pipe, tmp_path, ssim):
-    config = AttackConfig(num_generations=4, clique_size=2, false_flag_rate=0.0, batch_size=8)
+    config = AttackConfig(num_generations=4, clique_size=2, false_flag_rate=0.0, batch_size=8,
+                          sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0))
     reference = np.zeros((16, 16, 3), dtype=np.uint8)
     prompts = ["a red cat", "the green tree", "a blue dog"]
     with pytest.raises(DiffmemError, match="calibration"):
@@ -215,7 +217,6 @@ def test_extraction_attack_tiny_pipeline(tiny_pipe, tmp_path, ssim):
         ssim,
         references=[reference, None, reference],
         calibration_prompts=["a photo of a yellow star", "an orange circle"],
-        call_kwargs={"num_inference_steps": 2, "guidance_scale": 1.0},
         out_dir=tmp_path,
         progress=False,
     )

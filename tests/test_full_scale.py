@@ -27,7 +27,7 @@ import torch
 from test_targets import SD15_UNET_CONFIG
 from torch import Tensor, nn
 
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.edits import MANIFEST_NAME, Mask, export_edited
 from diffmem.recording import ActivationRecorder, record
 from diffmem.localization import locate
@@ -336,7 +336,7 @@ def record_bare(
     Returns:
         The statistics, both CFG halves.
     """
-    config = RecordConfig(num_inference_steps=steps, record_steps=steps, guidance_scale=5.0)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=steps, guidance_scale=5.0), record_steps=steps)
     recorder = ActivationRecorder(model, config, num_prompts=len(prompt_seeds))
     with torch.no_grad(), recorder:
         recorder.start_batch(len(prompt_seeds), cfg=True)
@@ -505,7 +505,8 @@ def test_sd15_full_unet_record_locate_prune_export(tmp_path: Path, prompts: list
 
     pipe = build_sd15_pipeline(tmp_path / "tokenizer")
     assert pipe.vae_scale_factor == 8
-    config = RecordConfig(num_inference_steps=2, record_steps=2, height=64, width=64, batch_size=2)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=64, width=64), record_steps=2,
+                          batch_size=2)
     stats_mem = record(pipe, prompts[:2], config, progress=False)
     stats_base = record(pipe, prompts[2:4], config, progress=False)
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from diffmem.config import SamplerConfig
 from diffmem.data import read_manifest
 from diffmem.edits import Mask
 from diffmem.mitigation import MitigateConfig, mitigate
@@ -43,10 +44,10 @@ def test_robust_prune_round_changes_the_edit_and_never_reads_heldout(pipe, tmp_p
     # held-out rows whose training images do not exist: mitigation must never need them
     entries = [replace(e, reference=tmp_path / "missing.png") if e.split == "heldout" else e for e in entries]
     assert any(e.split == "heldout" for e in entries)
-    call = {k: v for k, v in sampling_defaults(MODEL).items() if v}
-    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, target=0.0, sweep_seeds=1,
+    sampler = SamplerConfig(**{k: v for k, v in sampling_defaults(MODEL).items() if v})
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, target=0.0, sweep_seeds=1, sampler=sampler,
                          attack=ReextractConfig(opt_steps=10, checkpoints=(), num_seeds=2))
-    result = mitigate(pipe, entries, cfg, get_scorer("ssim"), call_kwargs=call, progress=False)
+    result = mitigate(pipe, entries, cfg, get_scorer("ssim"), progress=False)
     assert isinstance(result.edit, Mask) and isinstance(result.plain_edit, Mask)
     first = result.rounds[0]
     assert 0.0 <= first["attack_rate_before_round"] <= 1.0  # a rate of real generations, per seed

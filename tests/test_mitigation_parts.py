@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffmem.config import SamplerConfig
 from diffmem.data import ManifestEntry
 from diffmem.edits import Mask, WeightDelta
 from diffmem.errors import DiffmemError
@@ -18,14 +19,14 @@ from diffmem.sampling import generate_images
 from diffmem.score import get_scorer
 from diffmem.targets import get_denoiser
 
-CALL = {"num_inference_steps": 3, "guidance_scale": 3.0, "height": 16, "width": 16}
+SAMPLER = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, height=16, width=16)
 PROMPTS = ["a red cat", "a blue dog on the sky", "a green bird", "a red dog", "a blue cat", "the sky"]
 
 
 @pytest.fixture
 def rows(tiny_pipe, tmp_path):
     """Six rows whose references are the tiny pipeline's own seed-0 generations: four ``locate``, two ``nonmem``."""
-    images = generate_images(tiny_pipe, PROMPTS, num_seeds=1, seed=0, **CALL)
+    images = generate_images(tiny_pipe, PROMPTS, num_seeds=1, seed=0, sampler=SAMPLER)
     out = []
     for i, p in enumerate(PROMPTS):
         path = tmp_path / f"ref{i}.png"
@@ -66,17 +67,18 @@ def test_finetune_against_returns_a_delta_and_leaves_the_model_unchanged(fresh_t
     before = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
     memorized, nonmem = rows[:2], rows[4:]
     adversarial = torch.randn(2, *pipe.encode_prompt("x", "cpu", 1, False)[0].shape[1:], generator=torch.Generator().manual_seed(0))
-    cfg = MitigateConfig(finetune_steps=2, finetune_batch=2)
-    delta = finetune_against(pipe, Mask({}), memorized, adversarial, nonmem, cfg, CALL, progress=False)
+    cfg = MitigateConfig(finetune_steps=2, finetune_batch=2, sampler=SAMPLER)
+    delta = finetune_against(pipe, Mask({}), memorized, adversarial, nonmem, cfg, progress=False)
     assert isinstance(delta, WeightDelta) and delta.num_params_changed() > 0
     assert all(torch.equal(p, before[n]) for n, p in denoiser.named_parameters())  # restored bit for bit
     with pytest.raises(DiffmemError, match="nonmem"):
-        finetune_against(pipe, Mask({}), memorized, adversarial, [], cfg, CALL, progress=False)
+        finetune_against(pipe, Mask({}), memorized, adversarial, [], cfg, progress=False)
 
 
 def test_locality_evidence_reports_trigger_distances_and_mask_overlap(tiny_pipe, rows):
-    out = locality_evidence(tiny_pipe, rows[:2], ["", "the sky"], ReextractConfig(opt_steps=2, checkpoints=()),
-                            get_scorer("ssim"), ratio=0.1, record_steps=2, call_kwargs=CALL, progress=False)
+    attack = ReextractConfig(opt_steps=2, checkpoints=(), sampler=SAMPLER)
+    out = locality_evidence(tiny_pipe, rows[:2], ["", "the sky"], attack, get_scorer("ssim"), ratio=0.1,
+                            record_steps=2, progress=False)
     assert out["rows"] == 2 and len(out["trigger_replication_rate"]) == 2
     assert out["trigger_distance_rms"] > 0 and out["natural_prompt_distance_rms"] > 0
     assert 0.0 <= out["trigger_mask_iou"] <= 1.0 and 0.0 <= out["trigger_mask_iou_chance"] <= 1.0
@@ -84,8 +86,9 @@ def test_locality_evidence_reports_trigger_distances_and_mask_overlap(tiny_pipe,
 
 
 def test_mitigate_cross_fits_and_reports_the_estimate_beside_in_sample(tiny_pipe, rows):
-    cfg = MitigateConfig(strengths=(0.02, 0.5), folds=2, sweep_seeds=1, estimate_seeds=1, record_steps=2)
-    res = mitigate(tiny_pipe, rows, cfg, get_scorer("ssim"), call_kwargs=CALL, progress=False)
+    cfg = MitigateConfig(strengths=(0.02, 0.5), folds=2, sweep_seeds=1, estimate_seeds=1, record_steps=2,
+                         sampler=SAMPLER)
+    res = mitigate(tiny_pipe, rows, cfg, get_scorer("ssim"), progress=False)
     assert res.strength in (0.02, 0.5) and isinstance(res.edit, Mask)
     assert all("out_of_fold_replication" in r and "locate_similarity" in r for r in res.sweep)
     est = res.estimate

@@ -39,7 +39,7 @@ import pytest
 import torch
 from _dist_worker import record_config, run_jobs
 
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.edits import Mask
 from diffmem.errors import DiffmemError
 from diffmem.recording import record
@@ -494,7 +494,8 @@ def test_record_resumes_after_sigkill(work, caplog):
 
 
 def test_record_ignores_checkpoint_of_other_inputs(tiny_pipe, prompts, tmp_path, caplog):
-    config = RecordConfig(num_inference_steps=2, record_steps=2, batch_size=1, height=16, width=16)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2,
+                          batch_size=1)
     folder = checkpoint_dir(tmp_path / "stats")
     folder.mkdir()
     (folder / "progress.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "key": "other", "done": [3],
@@ -514,7 +515,7 @@ def test_record_ignores_checkpoint_of_other_inputs(tiny_pipe, prompts, tmp_path,
 
 
 def test_resumable_recording_rejects_bad_inputs(tiny_pipe):
-    config = RecordConfig(num_inference_steps=2, record_steps=2, height=16, width=16)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2)
     with pytest.raises(ValueError, match="non-empty list of strings"):
         record_resumable(tiny_pipe, [], config, progress=False)
     with pytest.raises(ValueError, match="checkpoint_every=-1"):
@@ -527,7 +528,8 @@ def test_resumable_recording_rejects_bad_inputs(tiny_pipe):
 
 def test_bfloat16_model_records_fp32_statistics(tiny_pipe, prompts):
     # a bf16 model is another model (8 bits of mantissa), not a reordering: the tolerance is bf16's, loosely
-    config = RecordConfig(num_inference_steps=2, record_steps=2, batch_size=3, height=16, width=16)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2,
+                          batch_size=3)
     full = record_resumable(tiny_pipe, prompts[:3], config, progress=False)
     half = record_resumable(copy.deepcopy(tiny_pipe).to(torch.bfloat16), prompts[:3], config, progress=False)
     for name in full.layers:
@@ -548,7 +550,8 @@ def test_nonfinite_activation_names_layer_and_step(fresh_tiny_pipe, prompts):
         return (torch.where(torch.arange(args[0].shape[-1]) == 3, float("inf"), args[0]),) if len(calls) == 2 else None
 
     layer.register_forward_pre_hook(poison)
-    config = RecordConfig(num_inference_steps=3, record_steps=3, batch_size=2, height=16, width=16)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=3, height=16, width=16), record_steps=3,
+                          batch_size=2)
     with pytest.raises(DiffmemError, match=rf"non-finite .* layer {FIRST_FFN}\.net\.2 at step 1"):
         record_resumable(fresh_tiny_pipe, prompts[:2], config, progress=False)
 
@@ -557,7 +560,8 @@ def test_nonfinite_weight_is_a_one_line_error_and_writes_nothing(fresh_tiny_pipe
     with torch.no_grad():
         fresh_tiny_pipe.unet.get_submodule(f"{FIRST_FFN}.net.0.proj").weight[0, 0] = float("inf")
     pipe = fresh_tiny_pipe.to(torch.bfloat16)
-    config = RecordConfig(num_inference_steps=2, record_steps=2, batch_size=2, height=16, width=16)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, height=16, width=16), record_steps=2,
+                          batch_size=2)
     with pytest.raises(DiffmemError) as err:
         record_to_file(pipe, prompts[:1], config, out=tmp_path / "stats", progress=False)
     message = str(err.value)

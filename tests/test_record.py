@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffmem.config import RecordConfig
+from diffmem.config import RecordConfig, SamplerConfig
 from diffmem.errors import DiffmemError
 from diffmem.recording import ActivationRecorder, record
 from diffmem.targets import find_targets
@@ -17,12 +17,9 @@ MID = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
 TINY_DOWN = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
 
 
-def small_config(**overrides) -> RecordConfig:
-    values = dict(
-        num_inference_steps=4, record_steps=2, guidance_scale=7.5, batch_size=8, height=16, width=16, seed=0
-    )
-    values.update(overrides)
-    return RecordConfig(**values)
+def small_config(num_inference_steps: int = 4, guidance_scale: float = 7.5, **overrides) -> RecordConfig:
+    sampler = SamplerConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=16, width=16)
+    return RecordConfig(**{"sampler": sampler, "record_steps": 2, "batch_size": 8, "seed": 0, **overrides})
 
 
 def assert_stats_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> None:
@@ -123,9 +120,10 @@ def test_cfg_halves_are_kept_apart(tiny_pipe, prompts):
     assert not torch.allclose(cond.sum, uncond.sum, rtol=1e-3)
 
     # step 0 sees the same latents with or without CFG: each half must equal a plain run of its own prompt
-    no_cfg = record(tiny_pipe, prompts[:2], dataclasses.replace(config, guidance_scale=1.0), progress=False)
+    plain = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, guidance_scale=1.0))
+    no_cfg = record(tiny_pipe, prompts[:2], plain, progress=False)
     assert list(no_cfg.halves) == ["cond"]
-    empty = record(tiny_pipe, ["", ""], dataclasses.replace(config, guidance_scale=1.0), progress=False)
+    empty = record(tiny_pipe, ["", ""], plain, progress=False)
     for name in with_cfg.layers:
         torch.testing.assert_close(with_cfg.halves["cond"][name].sum, no_cfg.halves["cond"][name].sum)
         torch.testing.assert_close(with_cfg.halves["uncond"][name].sum, empty.halves["cond"][name].sum)
@@ -217,7 +215,7 @@ def pixart_inputs(rows: int) -> dict:
 
 
 def test_record_pixart_transformer_directly(tiny_pixart):
-    config = RecordConfig(num_inference_steps=2, record_steps=2, guidance_scale=1.0)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0), record_steps=2)
     recorder = ActivationRecorder(tiny_pixart, config)
     with torch.no_grad(), recorder:
         recorder.start_batch(2)
@@ -231,7 +229,7 @@ def test_record_pixart_transformer_directly(tiny_pixart):
 
 
 def test_record_pixart_with_cfg_and_manual_steps(tiny_pixart):
-    config = RecordConfig(num_inference_steps=3, record_steps=3, guidance_scale=4.0)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=3, guidance_scale=4.0), record_steps=3)
     recorder = ActivationRecorder(tiny_pixart, config, stop_generation=False)
     with torch.no_grad(), recorder:
         recorder.start_batch(2, cfg=True)
@@ -249,7 +247,7 @@ def test_record_pixart_with_cfg_and_manual_steps(tiny_pixart):
 
 def test_record_bfloat16_accumulates_in_fp32(tiny_pixart):
     model = tiny_pixart.to(torch.bfloat16)
-    config = RecordConfig(num_inference_steps=1, record_steps=1, guidance_scale=1.0)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=1, guidance_scale=1.0), record_steps=1)
     recorder = ActivationRecorder(model, config)
     inputs = pixart_inputs(2)
     inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
@@ -261,7 +259,8 @@ def test_record_bfloat16_accumulates_in_fp32(tiny_pixart):
 
 
 def test_record_sd3_transformer_directly(tiny_sd3):
-    config = RecordConfig(num_inference_steps=2, record_steps=1, guidance_scale=1.0, signatures=True)
+    config = RecordConfig(sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0), record_steps=1,
+                          signatures=True)
     recorder = ActivationRecorder(tiny_sd3, config, num_prompts=2)
     g = torch.Generator().manual_seed(0)
     inputs = dict(

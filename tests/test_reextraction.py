@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffmem.config import SamplerConfig
 from diffmem.errors import DiffmemError
 from diffmem.objective import DiffusionObjective, conditioning_loss, encode_conditioning
 from diffmem.reextraction import ReextractConfig, ReextractItem, optimize_conditioning, reextract
@@ -31,8 +33,8 @@ def memorizer():
 
 
 @pytest.fixture(scope="module")
-def defaults() -> dict:
-    return json.loads((MODEL / "diffmem_defaults.json").read_text())
+def defaults() -> SamplerConfig:
+    return SamplerConfig(**json.loads((MODEL / "diffmem_defaults.json").read_text()))
 
 
 def manifest_item(prompt: str) -> ReextractItem:
@@ -106,8 +108,7 @@ def test_objective_and_result_names_are_re_exported():
         ("sample_seed", -1),
         ("seed", True),
         ("threshold", float("inf")),
-        ("call_kwargs", {"latents": None}),
-        ("call_kwargs", {"num_inference_steps": 0}),
+        ("sampler", {"num_inference_steps": 2}),
         ("sample_batch_size", 0),
     ],
 )
@@ -180,8 +181,8 @@ def test_weights_bit_identical_and_flags_restored(memorizer):
     probe.requires_grad_(True)
     flags = {id(p): p.requires_grad for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()}
     before = weights(pipe)
-    config = ReextractConfig(opt_steps=3, batch=2, checkpoints=(0,), num_seeds=1,
-                             call_kwargs={"num_inference_steps": 2, "guidance_scale": 2.0})
+    config = ReextractConfig(sampler=SamplerConfig(num_inference_steps=2, guidance_scale=2.0), opt_steps=3, batch=2,
+                             checkpoints=(0,), num_seeds=1)
     ref = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     result = reextract(pipe, [ReextractItem(GENERIC, ref, "memorized", 0)], config, get_scorer("ssim"),
                        progress=False)
@@ -216,7 +217,7 @@ def test_loss_toward_the_reference_falls(memorizer):
 @pytest.mark.slow
 def test_attack_restores_replication_from_a_foreign_start(memorizer, defaults, tmp_path):
     item = manifest_item("the nepete emblem")  # held-out memorized prompt (64 duplicates)
-    config = ReextractConfig(init=f"prompt-of:{GENERIC}", checkpoints=(0,), num_seeds=2, call_kwargs=defaults)
+    config = ReextractConfig(sampler=defaults, init=f"prompt-of:{GENERIC}", checkpoints=(0,), num_seeds=2)
     result = reextract(memorizer, [item], config, get_scorer("ssim"), progress=False)
     row = result.rows[0]
     assert row["rate_at_steps"] == {0: 0.0, 50: 1.0}  # the generic start draws no emblem; 50 steps draw the copy
@@ -230,7 +231,7 @@ def test_attack_restores_replication_from_a_foreign_start(memorizer, defaults, t
     assert list(saved["rows"][0]) == sorted(saved["rows"][0])
     # the adversarial conditioning is a valid prompt_embeds for the pipeline and still replicates
     gens = generate_images(memorizer, prompt_embeds=result.adversarial_embeds[0], num_seeds=1,
-                           seed=config.sample_seed, progress=False, **defaults)
+                           seed=config.sample_seed, progress=False, sampler=defaults)
     assert float(get_scorer("ssim").similarity(gens[0], [item.reference])[0, 0]) >= 0.6
 
 
@@ -238,7 +239,7 @@ def test_attack_restores_replication_from_a_foreign_start(memorizer, defaults, t
 def test_control_stays_low_on_nonmem_rows(memorizer, defaults):
     items = [manifest_item("a black circle on blue"), manifest_item("a black circle on yellow")]  # first two nonmem
     assert all(it.kind == "control" for it in items)
-    config = ReextractConfig(checkpoints=(0,), num_seeds=2, call_kwargs=defaults)
+    config = ReextractConfig(sampler=defaults, checkpoints=(0,), num_seeds=2)
     result = reextract(memorizer, items, config, get_scorer("ssim"), progress=False)
     summary = result.summary()
     assert summary["memorization_rate"] is None
@@ -249,9 +250,9 @@ def test_generate_images_embeds_match_prompts(memorizer, defaults):
     prompt = ["the nepete emblem"]
     embeds, pooled = encode_conditioning(memorizer, prompt)
     assert pooled is None
-    kwargs = {**defaults, "num_inference_steps": 5}
-    by_prompt = generate_images(memorizer, prompt, num_seeds=2, progress=False, **kwargs)
-    by_embeds = generate_images(memorizer, prompt_embeds=embeds, num_seeds=2, progress=False, **kwargs)
+    sampler = dataclasses.replace(defaults, num_inference_steps=5)
+    by_prompt = generate_images(memorizer, prompt, num_seeds=2, progress=False, sampler=sampler)
+    by_embeds = generate_images(memorizer, prompt_embeds=embeds, num_seeds=2, progress=False, sampler=sampler)
     assert np.array_equal(by_prompt, by_embeds)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         generate_images(memorizer, prompt, pooled_prompt_embeds=torch.zeros(1, 4), progress=False)
@@ -276,5 +277,5 @@ def test_sd3_flow_matching_step_with_pooled(tiny_sd3):
     with pytest.raises(DiffmemError, match="pooled"):
         optimize_conditioning(pipe, ref, embeds, config)
     gens = generate_images(pipe, prompt_embeds=trace.embeds[2], pooled_prompt_embeds=trace.pooled[2], num_seeds=2,
-                           progress=False, num_inference_steps=2, guidance_scale=1.0)
+                           progress=False, sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0))
     assert gens.shape == (1, 2, 16, 16, 3)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffmem.config import SamplerConfig
 from diffmem.data import ManifestEntry
 from diffmem.detection import detect
 from diffmem.detectors import BrightEndingConfig, masked_similarity
@@ -17,7 +18,7 @@ from diffmem.sampling import generate_images
 from diffmem.score import get_scorer
 from diffmem.zoo import default_model_path
 
-CALL = dict(num_inference_steps=3, guidance_scale=5.0, height=16, width=16)
+SAMPLER = SamplerConfig(num_inference_steps=3, guidance_scale=5.0, height=16, width=16)
 MODEL = default_model_path()
 needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="embedded checkpoint missing")
 
@@ -37,20 +38,20 @@ def _entries(tmp_path, prompts):
 def test_maps_come_with_the_very_images_of_generate_images(fixture, prompts, request):
     pipe = request.getfixturevalue(fixture)
     images, maps = generate_with_end_token_maps(pipe, prompts[:3], num_seeds=2, seed=5, batch_size=3,
-                                                progress=False, **CALL)
-    plain = generate_images(pipe, prompts[:3], num_seeds=2, seed=5, batch_size=4, progress=False, **CALL)
+                                                progress=False, sampler=SAMPLER)
+    plain = generate_images(pipe, prompts[:3], num_seeds=2, seed=5, batch_size=4, progress=False, sampler=SAMPLER)
     np.testing.assert_array_equal(images, plain)  # the capture changes nothing, whatever the batching
     assert maps.shape == (3, 2, 16, 16) and maps.dtype == np.float32
     assert maps.min() >= 0 and np.allclose(maps.max(axis=(2, 3)), 1.0)  # normalised per generation
     # with one seed, the map is the Bright Ending detector's map of the same generation
-    _, one = generate_with_end_token_maps(pipe, prompts[:3], num_seeds=1, seed=0, progress=False, **CALL)
-    be = detect(pipe, prompts[:3], BrightEndingConfig(num_seeds=1, batch_size=2, **CALL), progress=False)
+    _, one = generate_with_end_token_maps(pipe, prompts[:3], num_seeds=1, seed=0, progress=False, sampler=SAMPLER)
+    be = detect(pipe, prompts[:3], BrightEndingConfig(num_seeds=1, batch_size=2, sampler=SAMPLER), progress=False)
     np.testing.assert_allclose(one[:, 0], be.maps, atol=1e-5)
 
 
 def test_maps_need_cross_attention(tiny_sd3_pipe, prompts):
     with pytest.raises(DiffmemError, match="has no cross-attention layers"):
-        generate_with_end_token_maps(tiny_sd3_pipe, prompts[:1], progress=False, **CALL)
+        generate_with_end_token_maps(tiny_sd3_pipe, prompts[:1], progress=False, sampler=SAMPLER)
 
 
 def test_region_similarities_and_the_copy_rule():
@@ -91,8 +92,8 @@ def test_region_defaults():
 def test_evaluate_on_the_bright_ending_region(tiny_pipe, prompts, tmp_path):
     entries = _entries(tmp_path, prompts[:3])
     scorer = get_scorer("ssim")
-    full = evaluate(tiny_pipe, entries, EvalConfig(num_seeds=2, call_kwargs=CALL), scorer, progress=False)
-    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL, region="bright-ending", region_threshold=-1.0)
+    full = evaluate(tiny_pipe, entries, EvalConfig(num_seeds=2, sampler=SAMPLER), scorer, progress=False)
+    cfg = EvalConfig(num_seeds=2, sampler=SAMPLER, region="bright-ending", region_threshold=-1.0)
     local = evaluate(tiny_pipe, entries, cfg, scorer, progress=False)
     np.testing.assert_array_equal(local.images, full.images)
     assert full.masks is None and "region" not in full.rows[0]
@@ -121,10 +122,10 @@ def test_memorized_regions_are_closer_to_their_training_images():
 
     pipe = load_pipeline(str(MODEL))
     pipe.set_progress_bar_config(disable=True)
-    call = {k: v for k, v in sampling_defaults(MODEL).items() if v is not None}
+    sampler = SamplerConfig(**sampling_defaults(MODEL))
     entries = read_manifest(MODEL / "memorization.jsonl")
     rows = [e for e in entries if e.split == "locate"][:3] + [e for e in entries if e.split == "nonmem"][:3]
-    res = evaluate(pipe, rows, EvalConfig(num_seeds=2, call_kwargs=call, region="bright-ending"),
+    res = evaluate(pipe, rows, EvalConfig(num_seeds=2, sampler=sampler, region="bright-ending"),
                    get_scorer("ssim"), progress=False)
     mem = [r for r in res.rows if r["memorized"]]
     other = [r for r in res.rows if not r["memorized"]]
@@ -140,7 +141,7 @@ def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, 
     entries = _entries(tmp_path, prompts[:2])  # one locate row with its training image, one nonmem row
     scorer = get_scorer("ssim")
     kwargs = dict(opt_steps=1, seed=0, rows=2, attacked=0, seeds=2)
-    gallery, kept = report_images(tiny_pipe, None, entries, scorer, CALL, region="bright-ending", **kwargs)
+    gallery, kept = report_images(tiny_pipe, None, entries, scorer, SAMPLER, region="bright-ending", **kwargs)
     cells = gallery[0]["rows"][0]["cells"]
     regions = [c for c in cells if c["label"].endswith("memorized region")]
     assert [c["label"] for c in regions] == [f"{s}, seed {j}: memorized region" for s in ("before", "after")
@@ -155,11 +156,11 @@ def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, 
     assert summary["locate_region_replication_before"] == summary["locate_region_replication_after"]  # no edit
     # the overlay is the mask of that very generation painted over it
     _, maps = generate_with_end_token_maps(tiny_pipe, [entries[0].prompt], num_seeds=2, seed=0, progress=False,
-                                           **CALL)
+                                           sampler=SAMPLER)
     np.testing.assert_array_equal(regions[0]["image"], mask_overlay(plain, maps[0, 0] >= 0.5))
     page = render_html({"title": "region"}, gallery)
     assert page.count(": memorized region") >= 4 and "SSIM on it" in page
-    full, _ = report_images(tiny_pipe, None, entries, scorer, CALL, **kwargs)
+    full, _ = report_images(tiny_pipe, None, entries, scorer, SAMPLER, **kwargs)
     assert not any("memorized region" in c["label"] for c in full[0]["rows"][0]["cells"])
 
 
@@ -170,7 +171,7 @@ def test_demo_grid_shows_the_region_of_memorized_rows_only(tiny_pipe, prompts, t
         DemoConfig(region="mask")
     assert DemoConfig(region="bright-ending").to_dict()["region"] == "bright-ending"
     entries = _entries(tmp_path, prompts[:2])
-    cfg = EvalConfig(num_seeds=2, call_kwargs=CALL, region="bright-ending")
+    cfg = EvalConfig(num_seeds=2, sampler=SAMPLER, region="bright-ending")
     before = evaluate(tiny_pipe, entries, cfg, get_scorer("ssim"), progress=False)
     grid = _gallery(entries, before, None, get_scorer("ssim"), (16, 16), cfg)[0]
     labels = [[c["label"] for c in row["cells"]] for row in grid["rows"]]

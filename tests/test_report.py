@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from diffmem.config import SamplerConfig
 from diffmem.errors import ExportError
 from diffmem.score import get_scorer
 from diffmem.workflows.report import render_html, short_layer_name, to_json_safe, write_report
@@ -462,9 +463,10 @@ def real_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
     def generate(seeds: int, embeds: Any = None, which: list[int] | None = None) -> np.ndarray:
         if embeds is not None:
-            return generate_images(pipe, prompt_embeds=embeds, num_seeds=seeds, progress=False, **CALL)
+            return generate_images(pipe, prompt_embeds=embeds, num_seeds=seeds, progress=False,
+                                   sampler=SamplerConfig(**CALL))
         return generate_images(pipe, [prompts[i] for i in which or range(len(prompts))], num_seeds=seeds,
-                               progress=False, **CALL)
+                               progress=False, sampler=SamplerConfig(**CALL))
 
     def ref_sims(images: np.ndarray, idx: list[int]) -> list[np.ndarray]:
         return [scorer.similarity(list(images[k]), [refs[i]]).numpy()[:, 0] for k, i in enumerate(idx)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -89,18 +90,18 @@ def test_scheduler_swap_changes_the_output_and_keeps_the_model_settings():
     from diffmem.zoo.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(zero_snr=True)
-    kwargs = {"num_inference_steps": 3, "guidance_scale": 4.0, "height": 16, "width": 16}
-    before = generate_images(pipe, ["a red cat"], progress=False, **kwargs)
-    sampler = SamplerConfig(scheduler="EulerDiscreteScheduler", **kwargs)
+    plain = SamplerConfig(num_inference_steps=3, guidance_scale=4.0, height=16, width=16)
+    before = generate_images(pipe, ["a red cat"], progress=False, sampler=plain)
+    sampler = dataclasses.replace(plain, scheduler="EulerDiscreteScheduler")
     with sampler.use_scheduler(pipe) as scheduler:
         assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler" and pipe.scheduler is scheduler
         config = pipe.scheduler.config
         assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
             "v_prediction", True, "trailing")
-        swapped = generate_images(pipe, ["a red cat"], progress=False, **kwargs)
+        swapped = generate_images(pipe, ["a red cat"], progress=False, sampler=plain)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert not np.array_equal(before, swapped)
-    assert np.array_equal(before, generate_images(pipe, ["a red cat"], progress=False, **kwargs))
+    assert np.array_equal(before, generate_images(pipe, ["a red cat"], progress=False, sampler=plain))
 
 
 def test_a_setting_the_new_scheduler_cannot_keep_is_named(fresh_tiny_pipe, caplog):
@@ -123,7 +124,8 @@ def test_record_stores_the_scheduler_it_used(model_dir, tmp_path, capsys):
                     "--scheduler", "EulerDiscreteScheduler"], capsys)
     assert code == 0
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
-    assert meta["scheduler"] == "EulerDiscreteScheduler" and meta["record_config"]["num_inference_steps"] == 3
+    assert meta["scheduler"] == "EulerDiscreteScheduler"
+    assert meta["record_config"]["sampler"]["num_inference_steps"] == 3
 
 
 def test_a_bad_scheduler_name_is_one_line_naming_the_choices(model_dir, tmp_path, capsys):
@@ -151,9 +153,9 @@ def test_detect_preset_keeps_the_flags_given(model_dir, tmp_path, capsys):
                     "--height", "16", "--width", "16", "--scheduler", "EulerDiscreteScheduler"], capsys)
     assert code == 0
     summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert summary["sampler"]["num_inference_steps"] == 7 and summary["config"]["num_inference_steps"] == 7
+    assert summary["sampler"]["num_inference_steps"] == 7 and summary["config"]["sampler"]["num_inference_steps"] == 7
     assert summary["config"]["score_steps"] == 7  # the preset averages over every step of the schedule given
-    assert summary["config"]["guidance_scale"] == 7.5  # not given: the preset's
+    assert summary["config"]["sampler"]["guidance_scale"] == 7.5  # not given: the preset's
     assert summary["sampler"]["scheduler"] == "EulerDiscreteScheduler"
 
 

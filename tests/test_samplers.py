@@ -23,7 +23,7 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from torch import Tensor, nn
 
-from diffmem.config import RecordConfig
+from diffmem.config import RecordConfig, SamplerConfig
 from diffmem.errors import DiffmemError
 from diffmem.recording import ActivationRecorder, record
 from diffmem.sampling import initial_latents
@@ -43,10 +43,9 @@ SCHEDULERS = {
 }
 
 
-def small_config(**overrides) -> RecordConfig:
-    values = dict(num_inference_steps=4, record_steps=2, guidance_scale=7.5, batch_size=8, height=16, width=16, seed=0)
-    values.update(overrides)
-    return RecordConfig(**values)
+def small_config(num_inference_steps: int = 4, **overrides) -> RecordConfig:
+    sampler = SamplerConfig(num_inference_steps=num_inference_steps, guidance_scale=7.5, height=16, width=16)
+    return RecordConfig(**{"sampler": sampler, "record_steps": 2, "batch_size": 8, "seed": 0, **overrides})
 
 
 def with_scheduler(pipe, name: str, pipeline_class=StableDiffusionPipeline):

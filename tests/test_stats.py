@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from diffmem.config import RecordConfig
+from diffmem.config import RecordConfig, SamplerConfig
 from diffmem.errors import DiffmemError
 from diffmem.recording import record
 from diffmem.files import pair_paths
@@ -24,11 +24,8 @@ from diffmem.stats import (
 
 
 def small_config(**overrides) -> RecordConfig:
-    values = dict(
-        num_inference_steps=3, record_steps=2, guidance_scale=7.5, batch_size=4, height=16, width=16, signatures=True
-    )
-    values.update(overrides)
-    return RecordConfig(**values)
+    sampler = SamplerConfig(num_inference_steps=3, guidance_scale=7.5, height=16, width=16)
+    return RecordConfig(**{"sampler": sampler, "record_steps": 2, "batch_size": 4, "signatures": True, **overrides})
 
 
 def assert_same_tensors(a: ActivationStats, b: ActivationStats, exact: bool = True) -> None:
@@ -186,7 +183,8 @@ def test_merge_refuses_mismatches(tiny_pipe, prompts):
     other_steps = record(tiny_pipe, prompts[:1], dataclasses.replace(config, record_steps=2), progress=False)
     with pytest.raises(DiffmemError, match="1 and 2 recorded steps"):
         base.merge_(other_steps)
-    no_cfg = record(tiny_pipe, prompts[:1], dataclasses.replace(config, guidance_scale=1.0), progress=False)
+    plain = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, guidance_scale=1.0))
+    no_cfg = record(tiny_pipe, prompts[:1], plain, progress=False)
     with pytest.raises(DiffmemError, match="halves"):
         base.merge_(no_cfg)
     with_sig = record(tiny_pipe, prompts[:1], dataclasses.replace(config, signatures=True), progress=False)

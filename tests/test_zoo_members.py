@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
 from diffmem.data import read_manifest
 from diffmem.edits import WeightDelta, apply_edit, export_edited, load_edit
 from diffmem.recording import record
@@ -59,7 +59,8 @@ def test_plain_diffusers_loads_and_generates_at_the_model_sampler(name):
     pipe.set_progress_bar_config(disable=True)
     d = sampling_defaults(path)
     first = read_manifest(path / "memorization.jsonl")[0]
-    images = generate_images(pipe, [first.prompt], num_seeds=1, **{**d, "num_inference_steps": 4})
+    images = generate_images(pipe, [first.prompt], num_seeds=1,
+                             sampler=SamplerConfig(**{**d, "num_inference_steps": 4}))
     assert images.shape == (1, 1, d["height"], d["width"], 3) and images.std() > 0
 
 
@@ -72,19 +73,18 @@ def test_every_stage_on_the_dit_memorizer(tmp_path):
     entries = read_manifest(path / "memorization.jsonl")
     mem = [e.prompt for e in entries if e.split == "locate"][:3]
     base = [""] + [e.prompt for e in entries if e.split == "nonmem"][:3]
-    rcfg = RecordConfig(num_inference_steps=6, record_steps=2, guidance_scale=d["guidance_scale"],
-                        height=d["height"], width=d["width"], signatures=True)
+    sampler = SamplerConfig(**{**d, "num_inference_steps": 6})
+    rcfg = RecordConfig(sampler=sampler, record_steps=2, signatures=True)
     stats_mem, stats_base = record(pipe, mem, rcfg, progress=False), record(pipe, base, rcfg, progress=False)
     assert all(".ff.net.2" in name for name in stats_mem.layers)  # the DiT blocks' feed-forward outputs
     denoiser = get_denoiser(pipe)
     before = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
-    call = {**d, "num_inference_steps": 6}
-    plain = generate_images(pipe, mem[:1], num_seeds=1, **call)
+    plain = generate_images(pipe, mem[:1], num_seeds=1, sampler=sampler)
     for method, kw in (("wanda", {"ratio": 0.05}), ("neuron", {"ratio": 0.05}), ("directions", {"rank": 2})):
         edit = locate(pipe, stats_mem, stats_base, LocateConfig(method=method, record_steps=2, **kw))
         assert edit.num_params_changed() > 0
         with apply_edit(pipe, edit):
-            edited = generate_images(pipe, mem[:1], num_seeds=1, **call)
+            edited = generate_images(pipe, mem[:1], num_seeds=1, sampler=sampler)
         assert not np.array_equal(edited, plain)  # the edit changes the generation ...
         assert all(torch.equal(before[n], p) for n, p in denoiser.named_parameters())  # ... and is undone
         edit.save(tmp_path / method)
@@ -97,13 +97,13 @@ def test_every_stage_on_the_dit_memorizer(tmp_path):
     again = DiffusionPipeline.from_pretrained(out)
     again.set_progress_bar_config(disable=True)
     with apply_edit(pipe, edit):
-        expected = generate_images(pipe, mem[:1], num_seeds=1, **call)
-    np.testing.assert_array_equal(generate_images(again, mem[:1], num_seeds=1, **call), expected)
+        expected = generate_images(pipe, mem[:1], num_seeds=1, sampler=sampler)
+    np.testing.assert_array_equal(generate_images(again, mem[:1], num_seeds=1, sampler=sampler), expected)
     row = next(e for e in entries if e.split == "locate")
     from diffmem.data import load_reference
 
     item = ReextractItem(row.prompt, load_reference(row.reference, (d["height"], d["width"]), row=row), "memorized")
-    res = reextract(pipe, [item], ReextractConfig(opt_steps=2, num_seeds=1, checkpoints=(), call_kwargs=call),
+    res = reextract(pipe, [item], ReextractConfig(sampler=sampler, opt_steps=2, num_seeds=1, checkpoints=()),
                     get_scorer("ssim"), progress=False)
     embeds = res.adversarial_embeds[0]
     assert len(res.rows[0]["loss_curve"]) == 2 and torch.isfinite(embeds).all()

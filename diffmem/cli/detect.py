@@ -30,21 +30,14 @@ def _detect_config(args: argparse.Namespace, sampler: Any) -> tuple[Any, Any]:
     if args.preset and method != "wen":
         raise ConfigError(f"--preset {args.preset} is a preset of the wen detector, not of --method {method}")
     if method != "wen":
-        cfg = detector_config(method, score_steps=args.k, num_inference_steps=sampler.num_inference_steps,
-                              guidance_scale=sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale,
-                              height=sampler.height, width=sampler.width, **given)
+        cfg = detector_config(method, sampler=sampler, score_steps=args.k, **given)
     elif args.preset:
-        explicit = {k: v for k, v in common.sampler_flags(args).items() if k != "scheduler"}
-        if args.k is not None:
-            explicit["score_steps"] = args.k
-        cfg = DetectConfig.from_preset(args.preset, **{"height": sampler.height, "width": sampler.width, **given,
-                                                        **explicit})
-        sampler = replace(sampler, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                          guidance_rescale=cfg.guidance_rescale)
+        # the preset's steps and guidance over the model's, then the flags given
+        sampler = replace(DetectConfig.preset_sampler(args.preset, sampler), **common.sampler_flags(args))
+        steps = {} if args.k is None else {"score_steps": args.k}
+        cfg = DetectConfig.from_preset(args.preset, sampler, **given, **steps)
     else:
-        cfg = DetectConfig(score_steps=args.k or min(5, sampler.num_inference_steps),
-                           num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale,
-                           guidance_rescale=sampler.guidance_rescale, height=sampler.height, width=sampler.width,
+        cfg = DetectConfig(sampler=sampler, score_steps=args.k or min(5, sampler.num_inference_steps),
                            **{"num_seeds": 4, **given})
     return cfg, sampler
 

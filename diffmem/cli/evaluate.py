@@ -16,6 +16,8 @@ __all__ = ["cmd_attack", "cmd_evaluate", "cmd_reextract", "add_attack", "add_eva
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from diffmem.data import load_reference, read_prompts, resolve_references
     from diffmem.edits import apply_edit, load_edit
     from diffmem.extraction import AttackConfig, extraction_attack
@@ -29,15 +31,15 @@ def cmd_attack(args: argparse.Namespace) -> None:
     sampler = common.sampler(args)
     size = (sampler.height, sampler.width) if sampler.height else None
     cfg = AttackConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
-                       threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64)
+                       threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64,
+                       sampler=sampler)
     pipe = common.load(args)
-    sampler = common.sample_with(args, pipe)
+    cfg = replace(cfg, sampler=common.sample_with(args, pipe))
     scorer = common.scorer(args.scorer, args)
     ref_imgs = [None if r is None else load_reference(r, size, row=e) for r, e in zip(refs, entries)]
     with apply_edit(pipe, edit):
         res = extraction_attack(pipe, [e.prompt for e in entries], cfg, scorer, references=ref_imgs,
-                                calibration_prompts=calib, call_kwargs=sampler.call_kwargs(pipe),
-                                out_dir=Path(args.out))
+                                calibration_prompts=calib, out_dir=Path(args.out))
     logger.info("attack: %s", json.dumps(res.summary(), sort_keys=True))
 
 
@@ -61,8 +63,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     common.sampler(args)  # checks the flags before the model loads
     pipe = common.load(args)
     sampler = common.sample_with(args, pipe)
-    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64,
-                     call_kwargs=sampler.call_kwargs(pipe), region=args.region)
+    cfg = EvalConfig(num_seeds=args.seeds, seed=args.seed, batch_size=args.batch_size or 64, sampler=sampler,
+                     region=args.region)
     scorer = common.scorer(args.scorer, args)
     clip = get_scorer("clip", model_name=args.clip_model, pretrained=args.clip_pretrained) if args.clip_pretrained else None
     before, after = evaluate_edit(pipe, entries, cfg, scorer, edit, clip_scorer=clip)
@@ -100,7 +102,7 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     sampler = common.sampler(args)
     batch_size = {"sample_batch_size": args.batch_size} if args.batch_size else {}
     cfg = ReextractConfig(opt_steps=args.opt_steps, lr=args.lr, batch=args.batch, init=args.init,
-                          num_seeds=args.seeds, call_kwargs=sampler.call_kwargs(), seed=args.seed,
+                          num_seeds=args.seeds, sampler=sampler, seed=args.seed,
                           checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= args.opt_steps), **batch_size)
     from diffmem.data import load_reference
 
@@ -108,7 +110,7 @@ def cmd_reextract(args: argparse.Namespace) -> None:
     refs = [load_reference(e, size, row=e) for e in rows] if size else None
     pipe = common.load(args)
     sampler = common.sample_with(args, pipe)
-    cfg = replace(cfg, call_kwargs=sampler.call_kwargs(pipe))
+    cfg = replace(cfg, sampler=sampler)
     if refs is None:
         refs = [load_reference(e, image_size(pipe), row=e) for e in rows]
     items = [ReextractItem(e.prompt, r, "memorized" if e.split == args.split else "control", i)

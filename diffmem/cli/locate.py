@@ -31,19 +31,11 @@ def cmd_record(args: argparse.Namespace) -> None:
         if args.add_empty_prompt:
             prompts = [""] + prompts
     args._prompts = prompts
-    sampler = common.sampler(args)
-    cfg = RecordConfig(
-        num_inference_steps=sampler.num_inference_steps, record_steps=args.record_steps,
-        guidance_scale=sampler.guidance_scale, num_seeds=args.seeds, seed=args.seed,
-        batch_size=args.batch_size or 8, height=sampler.height, width=sampler.width, target=args.target,
-        signatures=args.signatures,
-    )
+    cfg = RecordConfig(sampler=common.sampler(args), record_steps=args.record_steps, num_seeds=args.seeds,
+                       seed=args.seed, batch_size=args.batch_size or 8, target=args.target, signatures=args.signatures)
     pipe = common.load(args)
-    sampler = common.sample_with(args, pipe)
-    cfg = replace(cfg, num_inference_steps=sampler.num_inference_steps, guidance_scale=sampler.guidance_scale)
-    extra = {k: v for k, v in sampler.call_kwargs(pipe).items() if k not in ("num_inference_steps", "guidance_scale",
-                                                                             "height", "width")} or None
-    stats = record_to_file(pipe, prompts, cfg, out=args.out, model_id=str(args.model), pipe_kwargs=extra,
+    cfg = replace(cfg, sampler=common.sample_with(args, pipe))
+    stats = record_to_file(pipe, prompts, cfg, out=args.out, model_id=str(args.model),
                            checkpoint_every=args.checkpoint_every)
     logger.info("wrote %s (%d layers, %d steps, %d prompts)", args.out, len(stats.layers), stats.steps, len(prompts))
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import DiffmemConfig, require
-from ..detection import check_sampler_settings, denoiser_prediction, register_detector, score_first_steps
+from ..config import require
+from ..detection import DetectorConfig, denoiser_prediction, register_detector, score_first_steps
 from ..errors import DiffmemError
-from ..sampling import image_size, latent_shape
+from ..sampling import latent_shape
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ ALIGNMENTS = ("uncond-guidance", "uncond-cond", "cond-guidance")
 
 
 @dataclass
-class AnisotropyConfig(DiffmemConfig):
-    """Settings of the anisotropy detector (Asthana & Belagiannis, ICLR 2026).
+class AnisotropyConfig(DetectorConfig):
+    """Settings of the anisotropy detector (Asthana & Belagiannis, ICLR 2026), besides those of
+    :class:`~diffmem.detection.DetectorConfig`.
 
     Args:
+        num_seeds: Pure-noise inputs per prompt (the released script's ``gen_num``: 1, with 4 as its other setting).
+        sampler: The schedule the two timesteps come from (50 steps, as the paper). No step is taken, so its
+            guidance (> 1, so that the pipeline evaluates both halves) and rescale do not change the score.
         score: ``"combined"``: ``norm_weight * norm + cosine_weight * alignment`` (the paper's metric);
             ``"norm"`` or ``"cosine"``: one term alone (diagnostics).
         norm_weight: Weight of the first-step norm (the released code's ``gamma_1``: 1 for SD 1 and SD 2).
@@ -56,34 +60,17 @@ class AnisotropyConfig(DiffmemConfig):
             (``pred_u`` and ``pred_c - pred_u``, the paper's), ``"uncond-cond"`` or ``"cond-guidance"``.
         low_noise_index: Position in the sampler's schedule of the low-noise timestep the alignment is read at
             (``-3``: the third from last timestep, as the released code).
-        num_seeds: Pure-noise inputs per prompt (the released script's ``gen_num``: 1, with 4 as its other setting).
-            Noise ``j`` uses seed ``seed + j`` for every prompt.
-        seed: First seed.
-        num_inference_steps: Length of the sampler schedule the two timesteps come from (50, as the paper).
-        guidance_scale: The pipeline's guidance; must be > 1 so that it evaluates both halves. No step is taken,
-            so its value does not change the score.
-        guidance_rescale: Accepted for the shared sampler settings; no step is taken.
-        batch_size: Prompts per pipeline call.
-        height: Image height (pipeline default when ``None``).
-        width: Image width (pipeline default when ``None``).
     """
 
+    num_seeds: int = 1
     score: str = "combined"
     norm_weight: float = 1.0
     cosine_weight: float = 2.0
     alignment: str = "uncond-guidance"
     low_noise_index: int = -3
-    num_seeds: int = 1
-    seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    batch_size: int = 8
-    height: int | None = None
-    width: int | None = None
 
     def check(self) -> None:
-        check_sampler_settings(self)
+        super().check()
         require(self.score in ANISOTROPY_SCORES, "score", self.score, f"choose one of {', '.join(ANISOTROPY_SCORES)}")
         require(self.alignment in ALIGNMENTS, "alignment", self.alignment, f"choose one of {', '.join(ALIGNMENTS)}")
         for name in ("norm_weight", "cosine_weight"):
@@ -91,7 +78,7 @@ class AnisotropyConfig(DiffmemConfig):
             require(v >= 0 and np.isfinite(v), name, v, "must be finite and >= 0")
         require(self.norm_weight > 0 or self.cosine_weight > 0, "cosine_weight", self.cosine_weight,
                 "and norm_weight cannot both be 0")
-        n = self.num_inference_steps
+        n = self.sampler.num_inference_steps
         require(-n <= self.low_noise_index < n, "low_noise_index", self.low_noise_index,
                 f"must index the {n}-step schedule (in [-{n}, {n - 1}])")
 
@@ -146,8 +133,7 @@ def anisotropy_scores(pipe, prompts: list[str], config: AnisotropyConfig | None 
     """
     del first_index
     config = config or AnisotropyConfig()
-    height, width = image_size(pipe, config.height, config.width)
-    channels = latent_shape(pipe, height, width)[0]
+    channels = latent_shape(pipe, *config.image_size(pipe))[0]
     if config.score == "combined":
         weights = (config.norm_weight, config.cosine_weight)
     else:

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import DiffmemConfig, require
-from ..detection import DetectorOutput, check_sampler_settings, denoiser_prediction, register_detector
+from ..config import require
+from ..detection import DetectorConfig, DetectorOutput, denoiser_prediction, register_detector
 from ..errors import DiffmemError
-from ..sampling import image_size, initial_latents, latent_shape, pipeline_extras
+from ..sampling import initial_latents, latent_shape
 from ..targets import get_denoiser
 
 logger = logging.getLogger(__name__)
@@ -46,42 +46,30 @@ BRIGHT_ENDING_SCORES = ("local_noise_norm", "attention", "contrast", "mean")
 
 
 @dataclass
-class BrightEndingConfig(DiffmemConfig):
-    """Settings of the Bright Ending detector.
+class BrightEndingConfig(DetectorConfig):
+    """Settings of the Bright Ending detector, besides those of :class:`~diffmem.detection.DetectorConfig`.
 
     Args:
+        num_seeds: Initial noises per prompt; scores and maps are averaged over them.
+        sampler: The generation's sampler (the whole schedule runs; guidance > 1).
         score: How a prompt's map becomes its score (see the module docstring): ``"local_noise_norm"``,
             ``"attention"``, ``"contrast"`` or ``"mean"``.
         end_tokens: ``"first"``: the end token right after the prompt (the paper's); ``"all"``: it and every
             padding position after it.
         mask_threshold: A pixel is in the mask where the min-max normalised map reaches this value.
         layers: Regex on the names of the cross-attention modules to average (``None``: all of them).
-        num_seeds: Initial noises per prompt; scores and maps are averaged over them.
-        seed: First seed; noise ``j`` of every prompt uses ``seed + j``.
-        num_inference_steps: Sampler steps (the whole schedule runs).
-        guidance_scale: Guidance of the generation; must be > 1.
-        guidance_rescale: Guidance rescale of the generation.
-        batch_size: Prompts per pipeline call.
-        height: Image height (pipeline default when ``None``).
-        width: Image width (pipeline default when ``None``).
     """
 
+    num_seeds: int = 1
     score: str = "local_noise_norm"
     end_tokens: str = "first"
     mask_threshold: float = 0.5
     layers: str | None = None
-    num_seeds: int = 1
-    seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    batch_size: int = 8
-    height: int | None = None
-    width: int | None = None
 
     def check(self) -> None:
-        check_sampler_settings(self)
-        require(self.score in BRIGHT_ENDING_SCORES, "score", self.score, f"choose one of {', '.join(BRIGHT_ENDING_SCORES)}")
+        super().check()
+        require(self.score in BRIGHT_ENDING_SCORES, "score", self.score,
+                f"choose one of {', '.join(BRIGHT_ENDING_SCORES)}")
         require(self.end_tokens in ("first", "all"), "end_tokens", self.end_tokens, "choose 'first' or 'all'")
         require(0 < self.mask_threshold < 1, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
         if self.layers is not None:
@@ -89,6 +77,7 @@ class BrightEndingConfig(DiffmemConfig):
                 re.compile(self.layers)
             except re.error as err:
                 require(False, "layers", self.layers, f"is not a regex ({err})")
+
 
 def _sequence_length(pipe) -> int:
     """Length of the token sequence the pipeline encodes: its ``max_sequence_length`` default (PixArt: 120), else
@@ -264,7 +253,7 @@ def bright_ending_scores(pipe, prompts: list[str], config: BrightEndingConfig | 
     config = config or BrightEndingConfig()
     denoiser = get_denoiser(pipe)
     device, dtype = denoiser.device, denoiser.dtype
-    height, width = image_size(pipe, config.height, config.width)
+    height, width = config.image_size(pipe)
     channels, lh, lw = latent_shape(pipe, height, width)
     n = config.num_seeds
     scores = np.zeros(len(prompts), dtype=np.float64)
@@ -296,12 +285,7 @@ def bright_ending_scores(pipe, prompts: list[str], config: BrightEndingConfig | 
                 latents = initial_latents(pipe, [config.seed + j for _ in batch for j in range(n)], height, width)
                 diffs.clear()
                 capture.maps.clear()
-                kwargs = dict(prompt=batch, num_images_per_prompt=n, latents=latents.to(device, dtype),
-                              height=height, width=width, num_inference_steps=config.num_inference_steps,
-                              guidance_scale=config.guidance_scale, output_type="latent", **pipeline_extras(pipe))
-                if config.guidance_rescale > 0:
-                    kwargs["guidance_rescale"] = config.guidance_rescale
-                pipe(**kwargs)
+                pipe(**config.call_kwargs(pipe, height, width), prompt=batch, latents=latents.to(device, dtype))
                 if not capture.maps:
                     raise DiffmemError("the last denoising step was not seen (the scheduler's last timestep was not "
                                        "called)")

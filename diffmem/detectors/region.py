@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import SamplerConfig
 from ..errors import ConfigError, DiffmemError
 from ..sampling import generate_images, image_size, latent_shape
 from ..targets import get_denoiser
@@ -41,7 +42,7 @@ REGIONS = ("full", "bright-ending")
 def generate_with_end_token_maps(pipe: Any, prompts: Sequence[str], *, num_seeds: int = 1, seed: int = 0,
                                  batch_size: int = 64, end_tokens: str = "first", layers: str | None = None,
                                  progress: bool = True, desc: str = "generate",
-                                 **call_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+                                 sampler: SamplerConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``num_seeds`` images per prompt and each generation's end-token attention map at its last step.
 
     The images are those of :func:`~diffmem.sampling.generate_images` with the same arguments (image ``j`` of every
@@ -59,7 +60,7 @@ def generate_with_end_token_maps(pipe: Any, prompts: Sequence[str], *, num_seeds
         layers: Regex on the names of the cross-attention modules to average (``None``: all).
         progress: Show a progress bar.
         desc: Progress bar label.
-        **call_kwargs: Pipeline call arguments (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+        sampler: The sampler settings (``None``: the pipeline's own defaults).
 
     Returns:
         ``(images, maps)``: ``uint8 [P, num_seeds, H, W, 3]`` and ``float32 [P, num_seeds, H, W]`` in [0, 1].
@@ -69,7 +70,7 @@ def generate_with_end_token_maps(pipe: Any, prompts: Sequence[str], *, num_seeds
     """
     prompts = list(prompts)
     denoiser = get_denoiser(pipe)
-    height, width = image_size(pipe, call_kwargs.get("height"), call_kwargs.get("width"))
+    height, width = image_size(pipe, *((sampler.height, sampler.width) if sampler is not None else (None, None)))
     _, lh, lw = latent_shape(pipe, height, width)
     positions = end_token_positions(pipe, prompts, end_tokens)
     capture = EndTokenAttention(denoiser, layers)
@@ -91,7 +92,7 @@ def generate_with_end_token_maps(pipe: Any, prompts: Sequence[str], *, num_seeds
                 capture.positions = [p for p in positions[start : start + per_call] for _ in range(num_seeds)]
                 capture.maps.clear()
                 images.append(generate_images(pipe, group, num_seeds=num_seeds, seed=seed,
-                                              batch_size=len(group) * num_seeds, progress=False, **call_kwargs))
+                                              batch_size=len(group) * num_seeds, progress=False, sampler=sampler))
                 if not capture.maps:
                     raise DiffmemError("the last denoising step was not seen (the scheduler's last timestep was not "
                                        "called)")

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config import DiffmemConfig, require
-from ..detection import check_sampler_settings, denoiser_prediction, register_detector, score_first_steps
+from ..config import require
+from ..detection import DetectorConfig, check_score_steps, denoiser_prediction, register_detector, score_first_steps
 from ..errors import DiffmemError
-from ..sampling import image_size, latent_shape
+from ..sampling import latent_shape
 
 logger = logging.getLogger(__name__)
 
@@ -38,44 +38,31 @@ __all__ = ["SharpnessConfig", "sharpness_scores"]
 
 
 @dataclass
-class SharpnessConfig(DiffmemConfig):
-    """Settings of the sharpness detector (Jeon et al. 2025).
+class SharpnessConfig(DetectorConfig):
+    """Settings of the sharpness detector (Jeon et al. 2025), besides those of
+    :class:`~diffmem.detection.DetectorConfig`.
 
     Args:
+        num_seeds: Initial noises per prompt (the paper's ``gen_num``; 4 in its detection runs); every prompt uses
+            the same seeds, as the paper seeds each prompt alike.
+        sampler: The sampler whose guidance (> 1) advances the latent between scored steps.
         score_steps: Leading sampler steps whose Hessian-score products are averaged (the paper's
             ``hvp_sampling_num``; 1: the first step only, the published setting).
-        num_seeds: Initial noises per prompt (the paper's ``gen_num``; 4 in its detection runs). Noise ``j`` uses
-            seed ``seed + j`` for every prompt, as the paper seeds each prompt alike.
-        seed: First seed.
         hvp: ``"jvp"``: the exact Hessian-vector product by forward-mode AD, as the paper; ``"finite"``: a forward
             difference along the guidance direction, one more ``[uncond; cond]`` pass per step.
         fd_eps: Size of the finite-difference step relative to the norm of the latent (``hvp="finite"``).
-        num_inference_steps: Length of the sampler schedule.
-        guidance_scale: Guidance used to advance the latent between scored steps; must be > 1.
-        guidance_rescale: Guidance rescale used to advance the latent.
-        batch_size: Prompts per pipeline call.
-        height: Image height (pipeline default when ``None``).
-        width: Image width (pipeline default when ``None``).
     """
 
     score_steps: int = 1
-    num_seeds: int = 4
-    seed: int = 0
     hvp: str = "jvp"
     fd_eps: float = 1e-3
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    batch_size: int = 8
-    height: int | None = None
-    width: int | None = None
 
     def check(self) -> None:
-        check_sampler_settings(self)
-        n = self.num_inference_steps
-        require(1 <= self.score_steps <= n, "score_steps", self.score_steps, f"must be in [1, num_inference_steps={n}]")
+        super().check()
+        check_score_steps(self.score_steps, self.sampler)
         require(self.hvp in ("jvp", "finite"), "hvp", self.hvp, "choose 'jvp' or 'finite'")
         require(0 < self.fd_eps < 1, "fd_eps", self.fd_eps, "must be in (0, 1)")
+
 
 def _sample_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
     """The denoiser's noisy input and where it sits (position 0 or a keyword)."""
@@ -109,8 +96,7 @@ def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = 
     """
     del first_index
     config = config or SharpnessConfig()
-    height, width = image_size(pipe, config.height, config.width)
-    channels = latent_shape(pipe, height, width)[0]
+    channels = latent_shape(pipe, *config.image_size(pipe))[0]
 
     def hessian_score(module, args, kwargs, output) -> torch.Tensor:
         x, where = _sample_arg(args, kwargs)

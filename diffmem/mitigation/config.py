@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..config import DiffmemConfig, SamplerConfig, require
 from ..crossfit import SAMPLER_NAMES
 from ..edits import Edit
-from ..errors import ConfigError
 from ..localization import list_locators
 from ..reextraction import ReextractConfig
 
@@ -21,7 +21,7 @@ ROBUST = ("none", "prune", "finetune")
 
 
 @dataclass
-class MitigateConfig:
+class MitigateConfig(DiffmemConfig):
     """Settings of :func:`mitigate`.
 
     Args:
@@ -33,7 +33,10 @@ class MitigateConfig:
         max_rounds: Rounds of the robust step.
         record_steps: Leading sampler steps recorded and used to locate (tau).
         sweep_seeds: Seeds per prompt when choosing the strength.
-        attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``).
+        sampler: The model's sampler: the recording, the strength sweep and the measurements use it, and the robust
+            loop's attack samples at it and its :data:`~diffmem.crossfit.SAMPLER_NAMES` variants.
+        attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``); its sampler is set
+            to each of ``robust_samplers`` in turn.
         robust_score: How a robust pruning round locates again: ``"saliency"`` (default) scores every denoiser
             weight by how much zeroing it raises the training loss toward the memorized images under the adversarial
             conditionings, minus ``robust_lambda`` times how much it changes the loss of the ``nonmem`` rows;
@@ -76,57 +79,38 @@ class MitigateConfig:
     robust_lambda: float = 5.0
     record_steps: int = 10
     sweep_seeds: int = 2
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(), num_seeds=2))
     finetune_steps: int = 100
     finetune_lr: float = 1e-4
     finetune_batch: int = 8
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.method not in list_locators():
-            raise ConfigError(f"method={self.method!r} is invalid: choose one of {', '.join(list_locators())}")
-        if self.robust not in ROBUST:
-            raise ConfigError(f"robust={self.robust!r} is invalid: choose one of {', '.join(ROBUST)}")
-        if self.robust == "prune" and self.method == "directions":
-            raise ConfigError("robust='prune' merges masks: use method wanda or neuron")
-        if self.robust_score not in ("saliency", "activations"):
-            raise ConfigError(f"robust_score={self.robust_score!r} is invalid: choose saliency or activations")
-        if self.robust_aggregate not in ("sum", "shared"):
-            raise ConfigError(f"robust_aggregate={self.robust_aggregate!r} is invalid: choose sum or shared")
-        if not 0 < self.robust_share <= 1:
-            raise ConfigError(f"robust_share={self.robust_share!r} is invalid: must be in (0, 1]")
-        if not self.attack_inits or any(i not in ("prompt", "random") for i in self.attack_inits):
-            raise ConfigError(f"attack_inits={self.attack_inits!r} is invalid: give prompt and/or random")
-        if not self.robust_samplers or any(n not in SAMPLER_NAMES for n in self.robust_samplers):
-            raise ConfigError(f"robust_samplers={self.robust_samplers!r} is invalid: give names from "
-                              f"{', '.join(SAMPLER_NAMES)}")
-        if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"folds={self.folds!r} is invalid: 0 (off) or >= 2")
-        if self.estimate_seeds < 1:
-            raise ConfigError(f"estimate_seeds={self.estimate_seeds!r} is invalid: must be >= 1")
-        if not 0 < self.robust_fraction <= 0.1:
-            raise ConfigError(f"robust_fraction={self.robust_fraction!r} is invalid: must be in (0, 0.1]")
-        if self.robust_lambda < 0:
-            raise ConfigError(f"robust_lambda={self.robust_lambda!r} is invalid: must be >= 0")
-        if self.ratio is not None and not (0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1)):
-            raise ConfigError(f"ratio={self.ratio!r} is invalid: must be in (0, 1] (a rank >= 1 for directions)")
-        if not self.strengths or list(self.strengths) != sorted(self.strengths):
-            raise ConfigError(f"strengths={self.strengths!r} is invalid: give ascending values")
-        if not 0 <= self.target <= 1:
-            raise ConfigError(f"target={self.target!r} is invalid: must be in [0, 1]")
-        for name in ("max_rounds", "record_steps", "sweep_seeds", "finetune_steps", "finetune_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
-        if not self.finetune_lr > 0:
-            raise ConfigError(f"finetune_lr={self.finetune_lr!r} is invalid: must be > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["attack"] = self.attack.to_dict()
-        d["strengths"] = list(self.strengths)
-        d["attack_inits"] = list(self.attack_inits)
-        d["robust_samplers"] = list(self.robust_samplers)
-        return d
+    def check(self) -> None:
+        require(self.method in list_locators(), "method", self.method, f"choose one of {', '.join(list_locators())}")
+        require(self.robust in ROBUST, "robust", self.robust, f"choose one of {', '.join(ROBUST)}")
+        require(not (self.robust == "prune" and self.method == "directions"), "robust", self.robust,
+                "'prune' merges masks: use method wanda or neuron")
+        require(self.robust_score in ("saliency", "activations"), "robust_score", self.robust_score,
+                "choose saliency or activations")
+        require(self.robust_aggregate in ("sum", "shared"), "robust_aggregate", self.robust_aggregate,
+                "choose sum or shared")
+        require(0 < self.robust_share <= 1, "robust_share", self.robust_share, "must be in (0, 1]")
+        require(bool(self.attack_inits) and all(i in ("prompt", "random") for i in self.attack_inits),
+                "attack_inits", self.attack_inits, "give prompt and/or random")
+        require(bool(self.robust_samplers) and all(n in SAMPLER_NAMES for n in self.robust_samplers),
+                "robust_samplers", self.robust_samplers, f"give names from {', '.join(SAMPLER_NAMES)}")
+        require(self.folds == 0 or self.folds >= 2, "folds", self.folds, "0 (off) or >= 2")
+        require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
+        require(self.robust_lambda >= 0, "robust_lambda", self.robust_lambda, "must be >= 0")
+        require(self.ratio is None or 0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1),
+                "ratio", self.ratio, "must be in (0, 1] (a rank >= 1 for directions)")
+        require(bool(self.strengths) and list(self.strengths) == sorted(self.strengths), "strengths", self.strengths,
+                "give ascending values")
+        require(0 <= self.target <= 1, "target", self.target, "must be in [0, 1]")
+        for name in ("max_rounds", "record_steps", "sweep_seeds", "estimate_seeds", "finetune_steps", "finetune_batch"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.finetune_lr > 0, "finetune_lr", self.finetune_lr, "must be > 0")
 
 
 @dataclass

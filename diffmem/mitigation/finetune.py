@@ -41,7 +41,6 @@ def finetune_against(
     adversarial: torch.Tensor,
     nonmem: Rows | Sequence[ManifestEntry] | None,
     config: MitigateConfig,
-    call: dict[str, Any],
     *,
     progress: bool = True,
 ) -> WeightDelta:
@@ -55,11 +54,11 @@ def finetune_against(
         memorized: The memorized rows, one per adversarial conditioning (only their prompts are read).
         adversarial: The attacker's conditionings ``[N, L, D]``.
         nonmem: The ordinary rows with their training images (loaded :class:`Rows`, or manifest rows).
-        call: The model's sampler settings (their size decides the reference size).
+        config: The fine-tuning settings; the size of its sampler decides the reference size.
     """
     if not nonmem or any(e.reference is None for e in (nonmem.entries if isinstance(nonmem, Rows) else nonmem)):
         raise DiffmemError("robust fine-tuning needs 'nonmem' rows with reference images (the utility data)")
-    size = image_size(pipe, call.get("height"), call.get("width"))
+    size = image_size(pipe, config.sampler.height, config.sampler.width)
     nonmem = as_rows(nonmem, size, "robust fine-tuning")
     prompts = memorized.prompts if isinstance(memorized, Rows) else [e.prompt for e in memorized]
     denoiser = get_denoiser(pipe)

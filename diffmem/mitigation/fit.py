@@ -39,7 +39,6 @@ def mitigate(
     scorer: Any,
     *,
     base_prompts: list[str] | None = None,
-    call_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> MitigationResult:
     """Locate an edit on the ``locate`` rows, choose its strength, and (optionally) harden it against re-extraction.
@@ -47,11 +46,10 @@ def mitigate(
     Args:
         pipe: The pipeline to mitigate (left unchanged: every edit is applied reversibly).
         entries: Manifest entries; only ``locate`` and ``nonmem`` rows are used (``heldout`` rows are never read).
-        config: Mitigation settings.
+        config: Mitigation settings (with the model's sampler).
         scorer: Similarity scorer for replication (and its threshold).
         base_prompts: Base prompts recorded against the memorized ones (default: the empty prompt and the
             ``nonmem`` prompts).
-        call_kwargs: Sampler settings (``num_inference_steps``, ``guidance_scale``, ``guidance_rescale``, size).
         progress: Show progress bars.
 
     Returns:
@@ -63,17 +61,12 @@ def mitigate(
     def lap(name: str) -> None:
         timings[name] = round(time.time() - t0 - sum(timings.values()), 2)
 
-    call = dict(call_kwargs or {})
     locate_rows, nonmem = _split(entries, "locate"), _split(entries, "nonmem")
     if not locate_rows:
         raise DiffmemError("the manifest has no 'locate' rows: mitigation needs memorized prompts to locate on")
     base = base_prompts if base_prompts is not None else [""] + [e.prompt for e in nonmem]
-    rcfg = RecordConfig(
-        num_inference_steps=int(call.get("num_inference_steps", 50)), record_steps=config.record_steps,
-        guidance_scale=float(call.get("guidance_scale", 7.5)), height=call.get("height"), width=call.get("width"),
-        seed=config.seed, batch_size=16, signatures=config.method == "directions",
-    )
-    extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
+    rcfg = RecordConfig(sampler=config.sampler, record_steps=config.record_steps, seed=config.seed, batch_size=16,
+                        signatures=config.method == "directions")
     folds = make_folds(locate_rows, config.folds, config.seed) if 2 <= config.folds <= len(locate_rows) else []
     if config.folds and not folds:
         logger.warning("%d locate rows are too few for %d folds: no out-of-fold estimate", len(locate_rows),
@@ -81,7 +74,7 @@ def mitigate(
     # the rows' training images, loaded once (the attack's targets; what a saliency round or fine-tuning keeps)
     rows = nonmem_rows = None
     if config.robust != "none" or folds:
-        size = image_size(pipe, call.get("height"), call.get("width"))
+        size = image_size(pipe, config.sampler.height, config.sampler.width)
         rows = load_rows(locate_rows, size)
         if config.robust != "none" and (config.robust == "finetune" or config.robust_score == "saliency"):
             what = "robust fine-tuning" if config.robust == "finetune" else "robust pruning"
@@ -91,14 +84,13 @@ def mitigate(
             nonmem_rows = load_rows(nonmem, size, purpose=what)
     # statistics per fold, so that every "all folds but one" fit reuses them
     parts = folds or [list(range(len(locate_rows)))]
-    stats_parts = [record(pipe, [locate_rows[i].prompt for i in f], rcfg, progress=progress, pipe_kwargs=extra)
-                   for f in parts]
+    stats_parts = [record(pipe, [locate_rows[i].prompt for i in f], rcfg, progress=progress) for f in parts]
     stats_mem = merged_stats(stats_parts)
-    stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
+    stats_base = record(pipe, base, rcfg, progress=progress)
     lap("record")
 
-    choice = choose_strength(pipe, locate_rows, nonmem, stats_mem, stats_parts, stats_base, folds, config, call,
-                             scorer, progress)
+    choice = choose_strength(pipe, locate_rows, nonmem, stats_mem, stats_parts, stats_base, folds, config, scorer,
+                             progress)
     strength, edit = choice.strength, choice.edit
     plain = edit
     lap("strength")
@@ -106,17 +98,17 @@ def mitigate(
     rounds: list[dict[str, Any]] = []
     first_adversarial: torch.Tensor | None = None
     if config.robust != "none":
-        edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, extra, strength, config,
-                                                 call, scorer, progress)
+        edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
+                                                 progress)
         lap("robust")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
-                                             extra, strength, config, call, scorer, progress)
+                                             strength, config, scorer, progress)
         lap("estimate")
-    given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(call, pipe=pipe), attack=None,
+    given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(config.sampler, pipe=pipe), attack=None,
                          num_seeds=config.estimate_seeds, seed=40_000 + config.seed, progress=False)
     estimate["in_sample"] = summarise_rows(given)
     if rounds:
@@ -129,19 +121,18 @@ def mitigate(
 
 
 def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
-               stats_base: Any, base: list[str], rcfg: RecordConfig, extra: dict | None, strength: float,
-               config: MitigateConfig, call: dict[str, Any], scorer: Any, progress: bool) -> dict[str, Any]:
+               stats_base: Any, base: list[str], rcfg: RecordConfig, strength: float, config: MitigateConfig,
+               scorer: Any, progress: bool) -> dict[str, Any]:
     """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds), measure the one left
     out with the prompt and under attack, at every reported sampler; rates over all rows and their spread."""
-    samplers = sampler_variants(call, pipe=pipe)
+    samplers = sampler_variants(config.sampler, pipe=pipe)
     measured: list[dict[str, Any]] = [{} for _ in range(len(rows))]
     for k, fold in enumerate(tqdm(folds, desc="cross-fit", disable=not progress)):
         train = rows.subset([i for j, f in enumerate(folds) if j != k for i in f])
         others = merged_stats([p for j, p in enumerate(stats_parts) if j != k])
         edit = locate(pipe, others, stats_base, locate_config(config.method, strength, config.record_steps))
         if config.robust != "none":
-            edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, extra, strength, config, call, scorer,
-                                progress=False)
+            edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False)
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,

@@ -30,7 +30,6 @@ def locality_evidence(
     *,
     ratio: float,
     record_steps: int = 10,
-    call_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Is memorization local? Triggers found from two random starts for the same images, and their masks.
@@ -43,14 +42,18 @@ def locality_evidence(
     * the IoU of the masks located from the two sets of triggers, against chance and against the mask located from
       the natural prompts.
 
+    Args:
+        attack: The re-extraction attack; its sampler is the model's (the triggers are sampled and the statistics
+            recorded with it).
+
     Returns:
         A JSON-ready dictionary of those numbers (and whether each trigger replicates).
     """
-    call = dict(call_kwargs or {})
-    items = load_rows(rows, image_size(pipe, call.get("height"), call.get("width"))).items("memorized")
+    sampler = attack.sampler
+    items = load_rows(rows, image_size(pipe, sampler.height, sampler.width)).items("memorized")
     triggers, rates = [], []
     for k in range(2):
-        cfg = replace(attack, init="random", seed=attack.seed + 101 + k, call_kwargs={**call, **attack.call_kwargs})
+        cfg = replace(attack, init="random", seed=attack.seed + 101 + k)
         res = reextract(pipe, items, cfg, scorer, progress=progress)
         triggers.append(torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)]))
         rates.append(res.summary()["memorization_rate"])
@@ -61,16 +64,11 @@ def locality_evidence(
 
     trigger_dist = [rms(triggers[0][i], triggers[1][i]) for i in range(len(rows))]
     natural_dist = [rms(natural[i], natural[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))]
-    rcfg = RecordConfig(num_inference_steps=int(call.get("num_inference_steps", 50)), record_steps=record_steps,
-                        guidance_scale=float(call.get("guidance_scale", 7.5)), height=call.get("height"),
-                        width=call.get("width"), batch_size=16)
-    extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
+    rcfg = RecordConfig(sampler=sampler, record_steps=record_steps, batch_size=16)
     lcfg = LocateConfig(ratio=ratio, record_steps=record_steps)
-    base = record(pipe, base_prompts, rcfg, progress=False, pipe_kwargs=extra)
-    masks = [locate(pipe, record(pipe, None, rcfg, prompt_embeds=t, progress=False, pipe_kwargs=extra), base, lcfg)
-             for t in triggers]
-    prompt_mask = locate(pipe, record(pipe, [e.prompt for e in rows], rcfg, progress=False, pipe_kwargs=extra),
-                         base, lcfg)
+    base = record(pipe, base_prompts, rcfg, progress=False)
+    masks = [locate(pipe, record(pipe, None, rcfg, prompt_embeds=t, progress=False), base, lcfg) for t in triggers]
+    prompt_mask = locate(pipe, record(pipe, [e.prompt for e in rows], rcfg, progress=False), base, lcfg)
     return {
         "rows": len(rows),
         "trigger_replication_rate": rates,

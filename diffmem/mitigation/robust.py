@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RecordConfig
+from ..config import RecordConfig, SamplerConfig
 from ..crossfit import any_start, attack_from_starts, sampler_variants
 from ..edits import Edit, Mask, apply_edit, mask_iou
 from ..errors import DiffmemError
@@ -31,7 +31,7 @@ __all__ = ["harden"]
 
 
 def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[str], rcfg: RecordConfig,
-           extra: dict | None, strength: float, config: MitigateConfig, call: dict[str, Any], scorer: Any,
+           strength: float, config: MitigateConfig, scorer: Any,
            progress: bool) -> tuple[Edit, list[dict[str, Any]], torch.Tensor | None]:
     """The robust rounds: attack ``rows`` from every start, locate again (or fine-tune), until the attack fails.
 
@@ -44,7 +44,7 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
         The hardened edit, one record per round, and the first round's adversarial conditionings (prompt start).
     """
     items = rows.items("memorized")
-    samplers = sampler_variants(call, tuple(config.robust_samplers), pipe)
+    samplers = sampler_variants(config.sampler, tuple(config.robust_samplers), pipe)
     rounds: list[dict[str, Any]] = []
     first_adversarial: torch.Tensor | None = None
     for k in range(config.max_rounds + 1):
@@ -63,20 +63,20 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
         if config.robust == "prune" and config.robust_score == "saliency":
             edit = _saliency_round(pipe, edit, rows, times, embeds, nonmem, config)
         elif config.robust == "prune":
-            edit = _prune_round(pipe, edit, embeds, base, rcfg, extra, strength, config, progress)
+            edit = _prune_round(pipe, edit, embeds, base, rcfg, strength, config, progress)
         else:
             memorized = rows.subset(list(range(len(rows))) * times)
-            edit = finetune_against(pipe, edit, memorized, embeds, nonmem, config, call, progress=progress)
+            edit = finetune_against(pipe, edit, memorized, embeds, nonmem, config, progress=progress)
         info["parameters_changed_after"] = edit.num_params_changed()
     return edit, rounds, first_adversarial
 
 
-def _attack_all(pipe: Any, edit: Edit, items: list, config: MitigateConfig, samplers: dict[str, dict[str, Any]],
+def _attack_all(pipe: Any, edit: Edit, items: list, config: MitigateConfig, samplers: dict[str, SamplerConfig],
                 scorer: Any, round_index: int, progress: bool) -> tuple[dict[str, float], torch.Tensor]:
     """Attack every item from every start; the rate (any start succeeding) at each sampler, and the conditionings."""
     first = next(iter(samplers.values()))
     configs = {init: replace(config.attack, init=init, seed=config.attack.seed + 1000 * round_index + 100 * j,
-                             call_kwargs={**first, **config.attack.call_kwargs})
+                             sampler=first)
                for j, init in enumerate(config.attack_inits)}
     success, found = attack_from_starts(pipe, edit, items, configs, samplers, scorer, progress=progress)
     rates = {n: float(np.mean(s)) for n, s in any_start(success).items()}
@@ -84,11 +84,11 @@ def _attack_all(pipe: Any, edit: Edit, items: list, config: MitigateConfig, samp
 
 
 def _prune_round(pipe: Any, edit: Edit, embeds: torch.Tensor, base: list[str], rcfg: RecordConfig,
-                 extra: dict | None, strength: float, config: MitigateConfig, progress: bool) -> Edit:
+                 strength: float, config: MitigateConfig, progress: bool) -> Edit:
     """Record under the adversarial conditionings on the edited model, locate again, merge the new mask."""
     with apply_edit(pipe, edit):
-        stats_adv = record(pipe, None, rcfg, prompt_embeds=embeds, progress=progress, pipe_kwargs=extra)
-        stats_base = record(pipe, base, rcfg, progress=progress, pipe_kwargs=extra)
+        stats_adv = record(pipe, None, rcfg, prompt_embeds=embeds, progress=progress)
+        stats_base = record(pipe, base, rcfg, progress=progress)
         new = locate(pipe, stats_adv, stats_base, locate_config(config.method, strength, config.record_steps))
     assert isinstance(edit, Mask) and isinstance(new, Mask)
     merged = edit.union(new)

@@ -140,7 +140,7 @@ class StrengthChoice:
 
 def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry], stats_mem: Any,
                     stats_parts: list[Any], stats_base: Any, folds: list[list[int]], config: MitigateConfig,
-                    call: dict[str, Any], scorer: Any, progress: bool = True) -> StrengthChoice:
+                    scorer: Any, progress: bool = True) -> StrengthChoice:
     """The strength given, or the smallest acceptable one; with folds, judged on the rows each edit was not fitted on.
 
     A strength is acceptable when its replication is at most ``config.target``, the non-memorized drift stays within
@@ -152,7 +152,7 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     rows to their training images, which must fall to the ordinary (``nonmem``) rows' similarity to theirs, the
     level of an image the model saw once.
     """
-    ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, call_kwargs=call)
+    ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, sampler=config.sampler)
     strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
     nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
     with torch.no_grad():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import RecordConfig
 from ..errors import ConfigError, DiffmemError
-from ..sampling import image_size, latent_shape, pipeline_extras, seed_noise
+from ..sampling import image_size, latent_shape, seed_noise
 from ..stats import ActivationStats, prompts_sha256
 from ..targets import get_denoiser, model_source
 from .clock import call_pipeline
@@ -176,8 +176,10 @@ def record(
     seeds = [config.seed + k for k in range(config.num_seeds)]
     size: dict[str, int] = {}
     if takes_latents or "height" in accepted or "width" in accepted:
-        height, width = image_size(pipe, config.height, config.width)
+        height, width = image_size(pipe, config.sampler.height, config.sampler.width)
         size = {key: value for key, value in (("height", height), ("width", width)) if key in accepted}
+    # the sampler's own arguments, with the size only where the pipeline takes one (image-to-image takes none)
+    sampler_kwargs = {k: v for k, v in config.sampler.call_kwargs(pipe).items() if k not in ("height", "width")}
     noise = [seed_noise(latent_shape(pipe, height, width), s) for s in seeds] if takes_latents else []
     if not takes_latents and "generator" not in accepted:
         logger.warning("%s takes neither latents nor generator: its noise is not seeded", type(pipe).__name__)
@@ -193,19 +195,14 @@ def record(
     logger.info(
         "recording %d layers over %d %s x %d seeds, %d of %d sampler steps",
         len(recorder.targets), count, "prompts" if prompts is not None else "conditionings", config.num_seeds,
-        config.record_steps, config.num_inference_steps,
+        config.record_steps, config.sampler.num_inference_steps,
     )
     with recorder:
         for start in tqdm(batches, desc="record", unit="batch", disable=not progress):
             batch = list(range(start, min(start + config.batch_size, count)))
             index = [i for i in batch for _ in seeds]
-            kwargs: dict[str, Any] = dict(
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                num_images_per_prompt=config.num_seeds,
-                output_type="latent",
-                **size,
-            )
+            kwargs: dict[str, Any] = {**sampler_kwargs, "num_images_per_prompt": config.num_seeds,
+                                      "output_type": "latent", **size}
             if prompts is not None:
                 kwargs["prompt"] = [prompts[i] for i in batch]
             else:
@@ -220,7 +217,6 @@ def record(
                 rows = negative_prompt_embeds
                 rows = rows.expand(len(batch), -1, -1) if rows.shape[0] == 1 else rows[batch[0] : batch[-1] + 1]
                 kwargs["negative_prompt_embeds"] = rows.to(device)
-            kwargs.update(pipeline_extras(pipe))
             kwargs.update(pipe_kwargs or {})
             recorder.start_batch(len(index), prompt_index=index)
             call_pipeline(pipe, kwargs)
@@ -234,7 +230,7 @@ def record(
     new = recorder.stats
     if config.do_cfg and "uncond" not in new.halves:
         logger.info("guidance_scale=%s but the pipeline ran without CFG; only the cond half was recorded",
-                    config.guidance_scale)
+                    config.sampler.guidance_scale)
     if stats is None:
         return new
     return stats.merge_(new)

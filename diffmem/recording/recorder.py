@@ -75,7 +75,7 @@ class ActivationRecorder:
         cfg_call_order: Halves of two separate ``B``-row calls of one step, in call order.
 
     Example:
-        >>> rec = ActivationRecorder(denoiser, RecordConfig(num_inference_steps=2, record_steps=2))
+        >>> rec = ActivationRecorder(denoiser, RecordConfig(SamplerConfig(num_inference_steps=2), record_steps=2))
         >>> with rec:
         ...     rec.start_batch(2)          # 2 generations; CFG inferred from the input batch (2 or 4 rows)
         ...     for t in timesteps:

@@ -83,6 +83,7 @@ class AuditConfig(DiffmemConfig):
     m: float = 3.0
 
     def check(self) -> None:
+        SamplerConfig.check_keys(self.sampler or {})
         require(self.prompts is not None or self.candidates is not None, "prompts", self.prompts,
                 "give the prompts to audit, a candidate pool to screen, or both")
         require(self.flag_top is None or self.flag_top >= 1, "flag_top", self.flag_top, "must be >= 1")
@@ -161,21 +162,15 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     pipe = load_pipeline(config.model, allow_pickle=config.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
-    call = sampler.call_kwargs(pipe)
     sampler.apply_scheduler(pipe)
-    size = image_size(pipe, call.get("height"), call.get("width"))
+    size = image_size(pipe, sampler.height, sampler.width)
     scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
     report: dict[str, Any] = {"title": "diffmem audit", "model": config.model, "sampler": sampler.to_dict(),
                               "settings": config.to_dict(), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
-        settings = dict(num_seeds=1 if config.quick else config.detect_seeds,
-                        num_inference_steps=int(call.get("num_inference_steps", 50)),
-                        guidance_scale=call.get("guidance_scale", 7.5),
-                        guidance_rescale=call.get("guidance_rescale", 0.0),
-                        height=call.get("height"), width=call.get("width"))
-        if config.method == "wen":
-            settings["score_steps"] = 5  # wen's measured default; other detectors keep their own
-        dcfg = detector_config(config.method, **settings)
+        # score_steps=5: wen's measured default; other detectors keep their own
+        dcfg = detector_config(config.method, sampler=sampler, num_seeds=1 if config.quick else config.detect_seeds,
+                               score_steps=5 if config.method == "wen" else None)
         if pool:
             pool_labels = [e.memorized for e in pool] if any(e.memorized for e in pool) else None
             screen = screen_candidates(pipe, [e.prompt for e in pool], dcfg, config.flag_top, calib, config.m,
@@ -199,24 +194,25 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
             fpr, tpr, _ = roc_curve(det.scores, det.labels)
             report["detection"]["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
         acfg = AttackConfig(num_generations=4 if config.quick else config.generations,
-                            clique_size=2 if config.quick else 4, threshold=None if calib else scorer.threshold)
+                            clique_size=2 if config.quick else 4, threshold=None if calib else scorer.threshold,
+                            sampler=sampler)
         att = extraction_attack(pipe, [e.prompt for e in entries], acfg, scorer,
                                 references=ref_imgs if any(r is not None for r in ref_imgs) else None,
-                                calibration_prompts=calib, call_kwargs=call, progress=progress)
+                                calibration_prompts=calib, progress=progress)
         report["attack"] = {"before": att.summary()}
         with_refs = [(e, r) for e, r in zip(entries, ref_imgs) if r is not None]
         if with_refs:
             from dataclasses import replace
 
             rows = [replace(e, reference=ref) for e, ref in zip(entries, refs) if ref is not None]
-            res = evaluate(pipe, rows, EvalConfig(num_seeds=2 if config.quick else config.seeds, call_kwargs=call),
+            res = evaluate(pipe, rows, EvalConfig(num_seeds=2 if config.quick else config.seeds, sampler=sampler),
                            scorer, progress=progress)
             report["before"] = res.summary()
             items = [ReextractItem(e.prompt, r, "memorized" if e.memorized or labels is None else "control", i)
                      for i, (e, r) in enumerate(with_refs)]
             steps = 10 if config.quick else config.opt_steps
             rcfg = ReextractConfig(opt_steps=steps, checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= steps),
-                                   num_seeds=2 if config.quick else 4, call_kwargs=call)
+                                   num_seeds=2 if config.quick else 4, sampler=sampler)
             rex = reextract(pipe, items, rcfg, scorer, progress=progress)
             report["reextract"] = {"audited model": rex.summary()}
         else:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
-from dataclasses import replace as dc_replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffmem.config import LocateConfig, RecordConfig, SamplerConfig
+from diffmem.config import DiffmemConfig, LocateConfig, RecordConfig, SamplerConfig
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, chance_iou, check_output_dir, export_edited, mask_iou
@@ -49,7 +48,7 @@ __all__ = ["DemoConfig", "run_demo"]
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(DiffmemConfig):
     """Settings of ``diffmem demo``.
 
     Args:
@@ -66,7 +65,8 @@ class DemoConfig:
         compare_directions: Also run the low-rank projection editor.
         quick: Reduced settings for CI.
         seed: First seed everywhere.
-        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
+        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults
+            (:meth:`~diffmem.config.SamplerConfig.resolve`).
         region: ``"bright-ending"``: the evaluation grids also measure replication on each generation's memorized
             region and show its Bright Ending mask over the memorized prompts' generations; ``"full"``: the whole
             image only.
@@ -88,11 +88,9 @@ class DemoConfig:
     sampler: dict[str, Any] | None = None
     region: str = "full"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        SamplerConfig.check_keys(self.sampler or {})
         EvalConfig(region=self.region)  # checks the value
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _default_model() -> Path:
@@ -149,66 +147,60 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
-    call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
+    own_scheduler = sampler.apply_scheduler(pipe)
     scorer = get_scorer(config.scorer)
     visible = [e for e in entries if e.split in ("locate", "nonmem")]
     locate_rows = [e for e in entries if e.split == "locate"]
 
     # 1. detection
-    dcfg = DetectConfig(score_steps=5, num_seeds=1 if config.quick else 4, seed=config.seed,
-                        num_inference_steps=int(call.get("num_inference_steps", 50)),
-                        guidance_scale=call.get("guidance_scale", 7.5), guidance_rescale=call.get("guidance_rescale", 0.0),
-                        height=call.get("height"), width=call.get("width"))
+    dcfg = DetectConfig(sampler=sampler, score_steps=5, num_seeds=1 if config.quick else 4, seed=config.seed)
     det = detect(pipe, [e.prompt for e in entries], dcfg, labels=[e.memorized for e in entries], progress=progress)
     fpr, tpr, _ = roc_curve(det.scores, det.labels)
     lap("detect")
 
     # 2. mitigation (locate and nonmem rows only)
     attack_m = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=2, seed=config.seed,
-                               sample_seed=10_000 + config.seed)
+                               sample_seed=10_000 + config.seed, sampler=sampler)
     # the demo measures held-out rows itself, so it skips the cross-fitted estimate and keeps the budget of a
     # ten-minute run on two cores: the robust loop attacks from both starts at the model's sampler
     budget = dict(folds=0, robust_samplers=("model",),
                   attack_inits=("prompt",) if config.quick else ("prompt", "random"))
     mcfg = MitigateConfig(ratio=config.ratio, robust="prune", target=config.target, max_rounds=max_rounds,
-                          attack=attack_m, seed=config.seed, robust_aggregate="shared", **budget,
+                          attack=attack_m, seed=config.seed, robust_aggregate="shared", sampler=sampler, **budget,
                           strengths=(DEFAULT_RATIOS[0], DEFAULT_RATIOS[-1]) if config.quick else DEFAULT_RATIOS)
     t_m = time.time()
-    result = mitigate(pipe, visible, mcfg, scorer, base_prompts=base_prompts, call_kwargs=call, progress=progress)
+    result = mitigate(pipe, visible, mcfg, scorer, base_prompts=base_prompts, progress=progress)
     robust_s = time.time() - t_m
     mask, robust = result.plain_edit, result.edit
     lap("mitigate")
 
     # 3. shared subspace: masks from disjoint halves of the locate split
-    rcfg = RecordConfig(num_inference_steps=int(call.get("num_inference_steps", 50)), record_steps=10,
-                        guidance_scale=call.get("guidance_scale", 7.5), height=call.get("height"),
-                        width=call.get("width"), batch_size=16, seed=config.seed)
-    extra = {"guidance_rescale": call["guidance_rescale"]} if call.get("guidance_rescale") else None
+    rcfg = RecordConfig(sampler=sampler, record_steps=10, batch_size=16, seed=config.seed)
     ordered = sorted(locate_rows, key=lambda e: e.duplicates)
     half_a, half_b = ordered[0::2], ordered[1::2]
-    stats_base = record(pipe, base_prompts, rcfg, progress=False, pipe_kwargs=extra)
+    stats_base = record(pipe, base_prompts, rcfg, progress=False)
     lcfg = LocateConfig(ratio=result.strength, record_steps=10)
-    mask_a = locate(pipe, record(pipe, [e.prompt for e in half_a], rcfg, progress=False, pipe_kwargs=extra), stats_base, lcfg)
-    mask_b = locate(pipe, record(pipe, [e.prompt for e in half_b], rcfg, progress=False, pipe_kwargs=extra), stats_base, lcfg)
+    mask_a = locate(pipe, record(pipe, [e.prompt for e in half_a], rcfg, progress=False), stats_base, lcfg)
+    mask_b = locate(pipe, record(pipe, [e.prompt for e in half_b], rcfg, progress=False), stats_base, lcfg)
     iou = mask_iou(mask_a, mask_b)
     iou_block = {"overall": iou["overall"], "per_layer": iou["per_layer"], "chance_overall": chance_iou(mask_a, mask_b),
                  "subset_sizes": [len(half_a), len(half_b)]}
     strongest = sorted(locate_rows, key=lambda e: -e.duplicates)[: 2 if config.quick else 8]
     locality = locality_evidence(pipe, strongest, base_prompts, attack_m, scorer, ratio=result.strength,
-                                 call_kwargs=call, progress=progress)
+                                 progress=progress)
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
-    final_attack = final_attack_config(opt_steps, call, config.seed, num_seeds=2)
+    final_attack = final_attack_config(opt_steps, sampler, config.seed, num_seeds=2)
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
 
     nonmem_rows = [e for e in entries if e.split == "nonmem"]
-    unedited = evaluate(pipe, nonmem_rows, EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call), scorer,
+    unedited = evaluate(pipe, nonmem_rows, EvalConfig(num_seeds=eval_seeds, seed=0, sampler=sampler), scorer,
                         progress=False)
 
     def measure(name: str, edit: Any, seconds: float) -> None:
-        row, summary = edit_row(pipe, name, edit, entries, scorer, call, eval_seeds=eval_seeds, attack=final_attack,
+        row, summary = edit_row(pipe, name, edit, entries, scorer, sampler, eval_seeds=eval_seeds, attack=final_attack,
                                 seconds=seconds, controls=config.attack_controls, baseline=unedited,
                                 progress=progress, inits=("prompt",), attack_samplers=("model",))
         rows.append(row)
@@ -219,37 +211,37 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     if config.compare_directions:
         t_d = time.time()
         dres = mitigate(pipe, visible, MitigateConfig(method="directions", target=config.target,
-                        strengths=(4, 16) if not config.quick else (4,), seed=config.seed), scorer,
-                        base_prompts=base_prompts, call_kwargs=call, progress=False)
+                        strengths=(4, 16) if not config.quick else (4,), seed=config.seed, sampler=sampler),
+                        scorer, base_prompts=base_prompts, progress=False)
         measure("directions", dres.edit, time.time() - t_d)
     measure("robust prune", robust, robust_s)
     t_f = time.time()
     adv = result.first_adversarial  # the attack on the plain mask, already run by the first robust round
     if adv is None:
-        adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, call, progress)
+        adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, progress)
     delta = finetune_against(pipe, mask, locate_rows, adv, [e for e in visible if e.split == "nonmem"],
-                             MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed), call,
-                             progress=progress)
+                             MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed,
+                                            sampler=sampler), progress=progress)
     measure("robust finetune", delta, time.time() - t_f + result.timings_s.get("strength", 0))
     lap("edits")
 
     # 5. Carlini et al. before / after the robust edit
     attack_rows = [e for e in entries if e.split == "heldout"] + [e for e in entries if e.split == "nonmem"][:8]
-    size = (call.get("height"), call.get("width")) if call.get("height") else None
+    size = (sampler.height, sampler.width) if sampler.height else None
     refs = [load_reference(e.reference, size, row=e) for e in attack_rows]
     acfg = AttackConfig(num_generations=4 if config.quick else config.attack_generations, seed=config.seed + 5000,
-                        clique_size=2 if config.quick else 3)
+                        clique_size=2 if config.quick else 3, sampler=sampler)
     calib = [p for p in base_prompts if p][: 4 if config.quick else 16]
     att_before = extraction_attack(pipe, [e.prompt for e in attack_rows], acfg, scorer, references=refs,
-                                   calibration_prompts=calib, call_kwargs=call, progress=progress)
+                                   calibration_prompts=calib, progress=progress)
     with apply_edit(pipe, robust):
         att_after = extraction_attack(pipe, [e.prompt for e in attack_rows],
-                                      AttackConfig(**{**acfg.to_dict(), "threshold": att_before.threshold}), scorer,
-                                      references=refs, call_kwargs=call, progress=progress)
+                                      replace(acfg, threshold=att_before.threshold), scorer, references=refs,
+                                      progress=progress)
     lap("carlini")
 
     # 6. evaluation grids, export and report
-    ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, call_kwargs=call, region=config.region)
+    ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, sampler=sampler, region=config.region)
     shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
     lap("images")
@@ -276,7 +268,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
         robust.save(folder / "edit")
         mask.save(folder / "mask")
         export_edited(pipe, robust, folder / "pruned", source=str(model), edit_path=folder / "edit",
-                      settings={"mitigation": mcfg.to_dict(), "sampler": call})
+                      settings={"mitigation": mcfg.to_dict(), "sampler": sampler.call_kwargs(pipe)})
         report["total_seconds"] = round(time.time() - t0, 1)
         write_report(report, folder, gallery=gallery)
 
@@ -284,11 +276,12 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     return report
 
 
-def _adversarial(pipe, edit, rows, attack, scorer, call, progress) -> torch.Tensor:
-    """Adversarial conditionings of the locate rows against ``edit`` (the input of robust fine-tuning)."""
-    items = load_rows(rows, image_size(pipe, call.get("height"), call.get("width"))).items("memorized")
+def _adversarial(pipe, edit, rows, attack, scorer, progress) -> torch.Tensor:
+    """Adversarial conditionings of the locate rows against ``edit`` (the input of robust fine-tuning), sampled at
+    the attack's sampler."""
+    items = load_rows(rows, image_size(pipe, attack.sampler.height, attack.sampler.width)).items("memorized")
     with apply_edit(pipe, edit):
-        res = reextract(pipe, items, dc_replace(attack, call_kwargs=call), scorer, progress=progress)
+        res = reextract(pipe, items, attack, scorer, progress=progress)
     return torch.cat([res.adversarial_embeds[i] for i in sorted(res.adversarial_embeds)])
 
 

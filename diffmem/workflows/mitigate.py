@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffmem.config import SamplerConfig
+from diffmem.config import DiffmemConfig, SamplerConfig, require
 from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
 from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
@@ -42,8 +42,12 @@ OUTPUT_MARK = "report.json"  # a folder holding it is an earlier diffmem run out
 
 
 @dataclass
-class MitigateRun:
-    """Settings of ``diffmem mitigate`` (see the CLI help)."""
+class MitigateRun(DiffmemConfig):
+    """Settings of ``diffmem mitigate`` (see the CLI help).
+
+    ``sampler`` holds the sampler settings the user chose (``SamplerConfig`` fields); the others are the model's
+    (:meth:`~diffmem.config.SamplerConfig.resolve`).
+    """
 
     model: str
     prompts: str
@@ -66,6 +70,10 @@ class MitigateRun:
     robust_aggregate: str = "shared"
     region: str = "full"  # "bright-ending": the report also measures and shows each generation's memorized region
 
+    def check(self) -> None:
+        SamplerConfig.check_keys(self.sampler or {})
+        require(self.eval_seeds >= 1, "eval_seeds", self.eval_seeds, "must be >= 1")
+
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
@@ -77,8 +85,8 @@ def _spread(rows: list[ManifestEntry], count: int | None) -> list[ManifestEntry]
     return rows[::step][:count]
 
 
-def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any, call: dict,
-             *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = 8,
+def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any,
+             sampler: SamplerConfig, *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = 8,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
              attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -98,8 +106,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     nonmem = [e for e in entries if e.split == "nonmem"]
     once_seen = _spread([e for e in nonmem if e.reference is not None], controls)
     never_seen = _spread([e for e in entries if e.split == "never_seen" and e.reference is not None], controls)
-    ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, call_kwargs=call)
-    samplers = sampler_variants(call, pipe=pipe)
+    ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, sampler=sampler)
+    samplers = sampler_variants(sampler, pipe=pipe)
     t0 = time.time()
     if baseline is not None and [r["prompt"] for r in baseline.rows] != [e.prompt for e in nonmem]:
         raise ValueError("baseline must be the unedited evaluation of the nonmem rows, in order")
@@ -147,10 +155,10 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     return row, summary
 
 
-def final_attack_config(opt_steps: int, call: dict, seed: int, num_seeds: int = 4) -> ReextractConfig:
+def final_attack_config(opt_steps: int, sampler: SamplerConfig, seed: int, num_seeds: int = 4) -> ReextractConfig:
     """The evaluation attack: held-out seeds and an optimisation seed that mitigation never used."""
     return ReextractConfig(opt_steps=opt_steps, checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= opt_steps),
-                           num_seeds=num_seeds, sample_seed=20_000 + seed, seed=seed + 1, call_kwargs=call)
+                           num_seeds=num_seeds, sample_seed=20_000 + seed, seed=seed + 1, sampler=sampler)
 
 
 def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
@@ -171,15 +179,15 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     pipe = load_pipeline(run.model, allow_pickle=run.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe, **(run.sampler or {}))
-    call, own_scheduler = sampler.call_kwargs(pipe), sampler.apply_scheduler(pipe)
+    own_scheduler = sampler.apply_scheduler(pipe)
     load_s = time.time() - t0
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, seed=run.seed, folds=run.folds,
-                          robust_aggregate=run.robust_aggregate,
+                          robust_aggregate=run.robust_aggregate, sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
-    result = mitigate(pipe, visible, mcfg, scorer, call_kwargs=call, progress=progress)
+    result = mitigate(pipe, visible, mcfg, scorer, progress=progress)
     mitigation_s = time.time() - t0
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     unmeasured = sum(1 for e in entries if e.split == "heldout" and e.reference is None)
@@ -188,15 +196,15 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     row = None
     t_phase = time.time()
     if heldout:
-        row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, call,
+        row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, sampler,
                                        eval_seeds=run.eval_seeds, seconds=mitigation_s, progress=progress,
-                                       attack=final_attack_config(run.opt_steps, call, run.seed))
+                                       attack=final_attack_config(run.opt_steps, sampler, run.seed))
     timings = {"load": round(load_s, 1), **result.timings_s}
     if heldout:
         timings["heldout"] = _lap("held-out measurement", t_phase)
     t_phase = time.time()
-    gallery, shown = report_images(pipe, result.edit, entries, scorer, call, opt_steps=run.opt_steps, seed=run.seed,
-                                   progress=progress, region=run.region)
+    gallery, shown = report_images(pipe, result.edit, entries, scorer, sampler, opt_steps=run.opt_steps,
+                                   seed=run.seed, progress=progress, region=run.region)
     timings["images"] = _lap("report images", t_phase)
     t_phase = time.time()
     quality = quality_block(shown)
@@ -205,7 +213,8 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     report = {
         "title": "diffmem mitigate", "model": run.model,
         "sampler": {**sampler.to_dict(), "scheduler_in_use": type(pipe.scheduler).__name__},
-        "scorer": scorer.describe(), "given": _given(entries), "settings": {**asdict(run), "mitigation": mcfg.to_dict()},
+        "scorer": scorer.describe(), "given": _given(entries),
+        "settings": {**run.to_dict(), "mitigation": mcfg.to_dict()},
         "mitigation": result.summary(), "edits": [row] if row else [], "quality": quality,
         "report_images": shown["summary"], "timings_s": timings, "total_seconds": round(time.time() - t0, 1),
     }
@@ -216,7 +225,8 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     def fill(folder: Path) -> None:
         result.edit.save(folder / "edit")
         export_edited(pipe, result.edit, folder / "pruned", source=run.model, edit_path=folder / "edit",
-                      settings={"mitigation": mcfg.to_dict(), "sampler": call}, results=_card_rows(report))
+                      settings={"mitigation": mcfg.to_dict(), "sampler": sampler.call_kwargs(pipe)},
+                      results=_card_rows(report))
         write_report(report, folder, gallery=gallery)
 
     pipe.scheduler = own_scheduler  # the export keeps the model's scheduler
@@ -240,7 +250,8 @@ def _given(entries: list[ManifestEntry]) -> dict[str, int]:
     return counts
 
 
-def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: Any, call: dict, *, opt_steps: int,
+def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: Any, sampler: SamplerConfig, *,
+                  opt_steps: int,
                   seed: int, rows: int = 8, attacked: int = 4, seeds: int = 2, progress: bool = False,
                   region: str = "full") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Images for the report: the given memorized prompts before and after the edit and under the attack, and the
@@ -251,7 +262,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
         edit: The final edit.
         entries: Manifest rows; the first ``rows`` ``locate`` and ``nonmem`` rows are shown.
         scorer: Similarity scorer (replication and drift).
-        call: The model's sampler settings.
+        sampler: The model's sampler settings.
         opt_steps: Adam steps of the attack, run under the edit on the first ``attacked`` locate rows.
         seed: The run's seed (the attack uses ``seed + 3`` and sampling seeds from ``50_000 + seed``).
         rows: Rows shown per split.
@@ -275,7 +286,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
                             "locate_after": empty, "summary": {"seeds": seeds}}
     if not shown:
         return [], kept
-    ecfg = EvalConfig(num_seeds=seeds, seed=seed, call_kwargs=call, region=region)
+    ecfg = EvalConfig(num_seeds=seeds, seed=seed, sampler=sampler, region=region)
     with torch.no_grad():
         before = evaluate(pipe, shown, ecfg, scorer, progress=False, desc="report images")
         with apply_edit(pipe, edit):
@@ -283,7 +294,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     h, w = before.images.shape[2:4]
     refs = [load_reference(e.reference, (h, w), row=e) if e.reference is not None else None for e in shown]
     attack = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=seeds, seed=seed + 3,
-                             sample_seed=50_000 + seed, call_kwargs=call)
+                             sample_seed=50_000 + seed, sampler=sampler)
     targets = locate_rows[:attacked]
     recovered = None
     if targets:

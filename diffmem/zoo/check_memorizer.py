@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffmem.sampling import generate_images
+from diffmem.config import SamplerConfig
 from diffmem.zoo import sampling_defaults
 from diffmem.zoo.shapes import classify_foreground_colour
 
@@ -87,7 +88,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     model = Path(model)
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
-    defaults = sampling_defaults(model)
+    sampler = SamplerConfig(**sampling_defaults(model))
     train_cfg = json.loads((model / "train_config.json").read_text())
     ds_cfg = dict(train_cfg["dataset"])
     samples = build_dataset(config_from_dict(train_cfg))
@@ -101,7 +102,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
                 by_kind[key].append(r)
         rows = [r for v in by_kind.values() for r in v]
     prompts = [r["prompt"] for r in rows]
-    gens = generate_images(pipe, prompts, num_seeds=seeds, progress=progress, desc="check: generate", **defaults)
+    gens = generate_images(pipe, prompts, num_seeds=seeds, progress=progress, desc="check: generate", sampler=sampler)
 
     scorer = None
     try:
@@ -149,10 +150,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     min_high = min(ds_cfg["duplicates"])
     mem_prompts = [e["prompt"] for e in per_prompt if e["memorized"]]
     non_prompts = [e["prompt"] for e in per_prompt if not e["memorized"]]
-    dcfg = DetectConfig(score_steps=1, num_seeds=detect_seeds,
-                        num_inference_steps=defaults.get("num_inference_steps", 50),
-                        guidance_scale=defaults.get("guidance_scale", 7.5), height=defaults.get("height"),
-                        width=defaults.get("width"))
+    dcfg = DetectConfig(score_steps=1, num_seeds=detect_seeds, sampler=sampler)
     scores = noise_norm_scores(pipe, mem_prompts + non_prompts, dcfg, progress=progress)
     labels = np.array([True] * len(mem_prompts) + [False] * len(non_prompts))
     dups = [e["duplicates"] for e in per_prompt if e["memorized"]] + [0] * len(non_prompts)
@@ -160,7 +158,7 @@ def check_memorizer(model: str | Path, seeds: int = 8, detect_seeds: int = 4, wr
     report = {
         "model": str(model),
         "seeds": seeds,
-        "sampler": defaults,
+        "sampler": sampler.to_dict(),
         "criterion": f"nearest training image (pixel L2) is the reference and SSIM >= {SSIM_THRESHOLD}; "
                      f"SSCD cosine >= {SSCD_THRESHOLD}",
         "memorized": {k: agg(lambda e: e["memorized"], k) for k in mem_keys},
