@@ -43,8 +43,10 @@ def demo_out(tmp_path_factory):
                           check=True, capture_output=True, text=True).stdout.strip()
     deps = [p for p in map(str, sys.path) if p.endswith("site-packages")]
     Path(site, "borrowed_deps.pth").write_text("\n".join(deps) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
-                   capture_output=True)
+    # --force-reinstall: a build writes diffmem.egg-info into the repository, which an inherited PYTHONPATH would
+    # make look installed already
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
+                   check=True, capture_output=True)
     run_dir = work / "elsewhere"
     run_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
