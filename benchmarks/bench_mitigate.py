@@ -79,13 +79,13 @@ def _fmt(x: Any) -> str:
 
 def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Mitigate one model as a user would, then measure its held-out rows and controls."""
-    from diffmem.workflows.mitigate import MitigateRun, run_mitigate
+    from diffmem.workflows.mitigate import MitigateRunConfig, run_mitigate
 
     t0 = time.time()
-    run = MitigateRun(model=str(path), prompts=str(path / "memorization.jsonl"), out=str(Path(args.work) / name),
-                      robust=args.robust, robust_aggregate=args.robust_aggregate, folds=args.folds,
-                      max_rounds=args.max_rounds, eval_seeds=args.eval_seeds, opt_steps=args.opt_steps,
-                      scorer=args.scorer, overwrite=True)
+    run = MitigateRunConfig(model=str(path), prompts=str(path / "memorization.jsonl"), out=str(Path(args.work) / name),
+                            robust=args.robust, robust_aggregate=args.robust_aggregate, folds=args.folds,
+                            max_rounds=args.max_rounds, eval_num_seeds=args.eval_seeds, opt_steps=args.opt_steps,
+                            scorer=args.scorer, overwrite=True)
     report = run_mitigate(run, progress=False)
     est = report["mitigation"]["estimate"]
     row = report["edits"][0] if report["edits"] else {}
@@ -137,7 +137,7 @@ def _unedited(path: Path, run: Any, args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe)
     entries = read_manifest(path / "memorization.jsonl")
-    row, _ = edit_row(pipe, "none", None, entries, get_scorer(args.scorer), sampler, eval_seeds=args.eval_seeds,
+    row, _ = edit_row(pipe, "none", None, entries, get_scorer(args.scorer), sampler, num_seeds=args.eval_seeds,
                       attack=final_attack_config(args.opt_steps, sampler, 0), seconds=0.0, progress=False)
     return {k: row.get(k) for k in ("heldout_replication_prompt", "heldout_replication_attack",
                                     "heldout_prompt_by_sampler", "heldout_attack_by_sampler", "never_seen_rate",

@@ -65,7 +65,8 @@ _EXPORTS: dict[str, str] = {
     "EvalConfig": "diffmem.evaluation",
     "evaluate": "diffmem.evaluation",
     "evaluate_edit": "diffmem.evaluation",
-    "AttackConfig": "diffmem.extraction",
+    "ExtractionConfig": "diffmem.extraction",
+    "AttackConfig": "diffmem.extraction",  # deprecated alias of ExtractionConfig
     "extraction_attack": "diffmem.extraction",
     "ReextractConfig": "diffmem.reextraction",
     "reextract": "diffmem.reextraction",

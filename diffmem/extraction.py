@@ -42,6 +42,7 @@ from .score import Scorer, to_uint8_list
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ExtractionConfig",
     "AttackConfig",
     "AttackRow",
     "AttackResult",
@@ -63,7 +64,7 @@ _RESULT_FILE = "attack.json"
 
 
 @dataclass
-class AttackConfig(DiffmemConfig):
+class ExtractionConfig(DiffmemConfig):
     """How to run the extraction attack.
 
     Args:
@@ -93,6 +94,9 @@ class AttackConfig(DiffmemConfig):
                 "must be finite or None")
         require(0.0 <= self.false_flag_rate < 1.0, "false_flag_rate", self.false_flag_rate, "must be in [0, 1)")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+AttackConfig = ExtractionConfig  # deprecated: the name before ExtractionConfig (kept for existing code)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure functions
@@ -262,7 +266,7 @@ class AttackResult:
     threshold: float
     calibration: dict[str, Any]
     scorer: dict[str, Any]
-    config: AttackConfig
+    config: ExtractionConfig
     sampler: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -324,7 +328,7 @@ def _check_prompt_images(images: np.ndarray, i: int, n: int, what: str) -> np.nd
     return arr
 
 
-def _strengths(images: Iterable[np.ndarray], config: AttackConfig, scorer: Scorer, progress: bool) -> list[float]:
+def _strengths(images: Iterable[np.ndarray], config: ExtractionConfig, scorer: Scorer, progress: bool) -> list[float]:
     """Clique strength of each calibration prompt's generations."""
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     out = []
@@ -338,7 +342,7 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
-def _calibrate(cal: list[float], config: AttackConfig) -> tuple[float, dict[str, Any]]:
+def _calibrate(cal: list[float], config: ExtractionConfig) -> tuple[float, dict[str, Any]]:
     """The threshold (given, or calibrated on the strengths ``cal``) and the calibration record."""
     calibration: dict[str, Any] = {
         "calibrated": config.threshold is None,
@@ -362,7 +366,7 @@ def _calibrate(cal: list[float], config: AttackConfig) -> tuple[float, dict[str,
 
 
 def _attack_prompt(
-    i: int, prompt: str, imgs: np.ndarray, threshold: float, reference: Any | None, config: AttackConfig,
+    i: int, prompt: str, imgs: np.ndarray, threshold: float, reference: Any | None, config: ExtractionConfig,
     scorer: Scorer,
 ) -> tuple[AttackRow, dict[int, np.ndarray], np.ndarray | None, list[float]]:
     """One prompt's row, its verified generations by index, its reference and the similarities to it."""
@@ -385,7 +389,7 @@ def _finish(
     outcomes: list[tuple[AttackRow, dict[int, np.ndarray], np.ndarray | None, list[float]]],
     threshold: float,
     calibration: dict[str, Any],
-    config: AttackConfig,
+    config: ExtractionConfig,
     scorer: Scorer,
     out_dir: str | os.PathLike[str] | None,
     sampler: dict[str, Any] | None = None,
@@ -420,7 +424,7 @@ def _finish(
     return result
 
 
-def _check_inputs(prompts: list[str], config: AttackConfig, has_calibration: bool, references: Any) -> None:
+def _check_inputs(prompts: list[str], config: ExtractionConfig, has_calibration: bool, references: Any) -> None:
     if config.threshold is None and not has_calibration:
         raise DiffmemError("config.threshold is None and no calibration prompts were given; set one of them")
     if references is not None and len(references) != len(prompts):
@@ -430,7 +434,7 @@ def _check_inputs(prompts: list[str], config: AttackConfig, has_calibration: boo
 def extraction_attack_images(
     images: np.ndarray | Iterable[np.ndarray],
     prompts: Sequence[str],
-    config: AttackConfig,
+    config: ExtractionConfig,
     scorer: Scorer,
     *,
     references: Sequence[Any | None] | None = None,
@@ -479,7 +483,7 @@ def extraction_attack_images(
     return _finish(outcomes, threshold, calibration, config, scorer, out_dir)
 
 
-def _generations(pipe: Any, prompts: Sequence[str], config: AttackConfig) -> Iterator[np.ndarray]:
+def _generations(pipe: Any, prompts: Sequence[str], config: ExtractionConfig) -> Iterator[np.ndarray]:
     """Each prompt's ``[N, H, W, 3]`` generations, made a few prompts per pipeline call while iterating."""
     n = config.num_generations
     per_call = max(1, config.batch_size // n)
@@ -492,7 +496,7 @@ def _generations(pipe: Any, prompts: Sequence[str], config: AttackConfig) -> Ite
 def extraction_attack(
     pipe: Any,
     prompts: Sequence[str],
-    config: AttackConfig,
+    config: ExtractionConfig,
     scorer: Scorer,
     *,
     references: Sequence[Any | None] | None = None,

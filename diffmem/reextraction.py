@@ -32,15 +32,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import objective
 from .config import DiffmemConfig, SamplerConfig, require
 from .errors import DiffmemError
 from .objective import (
     DiffusionObjective,
     _frozen,
     _has_pooled,
-    conditioning_loss,
+    conditioning_loss,  # noqa: F401 - re-exported (objective.__all__)
     denoiser_call,
-    encode_conditioning,
+    encode_conditioning,  # noqa: F401 - re-exported (objective.__all__)
     encode_reference,
     initial_conditioning,
 )
@@ -60,12 +61,7 @@ __all__ = [
     "OptimizedConditioning",
     "optimize_conditioning",
     "optimize_conditionings",
-    "initial_conditioning",
-    "encode_conditioning",
-    "encode_reference",
-    "conditioning_loss",
-    "DiffusionObjective",
-    "denoiser_call",
+    *objective.__all__,
     "reextract",
     "KINDS",
     "DEFAULT_CHECKPOINTS",

@@ -114,9 +114,9 @@ def run_job(pipe, model: str, job: dict[str, Any]) -> str:
                                       progress=False)
         result = {"rows_before": before.rows, "rows_after": after.rows, "summary_after": after.summary()}
     elif kind == "attack":
-        from diffmem.extraction import AttackConfig, extraction_attack
+        from diffmem.extraction import ExtractionConfig, extraction_attack
 
-        config = AttackConfig(num_generations=3, clique_size=2, batch_size=3, sampler=SamplerConfig(**SAMPLER))
+        config = ExtractionConfig(num_generations=3, clique_size=2, batch_size=3, sampler=SamplerConfig(**SAMPLER))
         references = [None if e.reference is None else load_reference(e.reference, (16, 16)) for e in entries]
         res = extraction_attack(pipe, prompts, config, get_scorer("ssim"), references=references,
                                 calibration_prompts=job["calibration"], out_dir=out,

@@ -19,17 +19,22 @@ def _instances() -> list[DiffmemConfig]:
     from diffmem.detectors.bright_ending import BrightEndingConfig
     from diffmem.detectors.sharpness import SharpnessConfig
     from diffmem.evaluation import EvalConfig
-    from diffmem.extraction import AttackConfig
+    from diffmem.extraction import ExtractionConfig
+    from diffmem.mitigation import MitigateConfig
     from diffmem.reextraction import ReextractConfig
     from diffmem.workflows.audit import AuditConfig
+    from diffmem.workflows.demo import DemoConfig
+    from diffmem.workflows.mitigate import MitigateRunConfig
     from diffmem.zoo.designs import OverlapConfig
     from diffmem.zoo.train_memorizer import TrainConfig
 
     return [
         RecordConfig(), LocateConfig.from_preset("chavhan2024"), SamplerConfig(height=32, scheduler="DDIMScheduler"),
         EvalConfig(region="bright-ending"), DetectConfig(), AnisotropyConfig(), BrightEndingConfig(),
-        SharpnessConfig(), AttackConfig(), ReextractConfig(checkpoints=(0, 5), opt_steps=5), SplitConfig(seed=3),
+        SharpnessConfig(), ExtractionConfig(), ReextractConfig(checkpoints=(0, 5), opt_steps=5), SplitConfig(seed=3),
         AuditConfig(model="m", prompts="p.txt"), TrainConfig(design="overlap", dataset=OverlapConfig()),
+        MitigateConfig(sampler=SamplerConfig(num_inference_steps=25), attack=ReextractConfig(opt_steps=5)),
+        DemoConfig(sampler={"num_inference_steps": 4}), MitigateRunConfig(model="m", prompts="p.jsonl", out="o"),
     ]
 
 
@@ -71,3 +76,24 @@ def test_a_failed_check_names_the_field_and_value_on_one_line():
 def test_check_runs_on_creation_and_on_replace():
     with pytest.raises(ConfigError, match="batch_size=0 is invalid"):
         dataclasses.replace(RecordConfig(), batch_size=0)
+
+
+def test_the_names_one_config_family_uses():
+    import diffmem
+    from diffmem.workflows import mitigate
+
+    assert diffmem.AttackConfig is diffmem.ExtractionConfig  # the old name stays, as an alias
+    assert {"ExtractionConfig", "AttackConfig", "SamplerConfig"} <= set(diffmem.__all__)
+    assert mitigate.MitigateRun is mitigate.MitigateRunConfig
+    for config in _instances():
+        assert type(config).__name__.endswith("Config")
+        seeds = [f.name for f in dataclasses.fields(config) if "seed" in f.name and f.name != "per_prompt_seeds"]
+        assert all(n == "seed" or n.endswith("_seed") or n.endswith("num_seeds") for n in seeds), seeds
+
+
+def test_workflow_configs_check_the_sampler_settings_they_are_given():
+    from diffmem.workflows.demo import DemoConfig
+
+    with pytest.raises(ConfigError, match=r"SamplerConfig keys=\['steps'\] is invalid"):
+        DemoConfig(sampler={"steps": 4})
+    assert DemoConfig(sampler={"guidance_scale": 2.0}).resolve_sampler("missing/folder").guidance_scale == 2.0

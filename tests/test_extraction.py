@@ -14,7 +14,7 @@ from diffmem.errors import DiffmemError
 from diffmem.extraction import (
     EXTRACTIONS_DIR,
     EXTRACTIONS_INDEX,
-    AttackConfig,
+    ExtractionConfig,
     clique_strength,
     extraction_attack,
     extraction_attack_images,
@@ -82,7 +82,7 @@ def test_calibration_is_the_false_flag_rate_threshold_of_the_strengths(ssim):
     # clique strengths of the calibration prompts.
     rng = np.random.default_rng(2)
     calibration = rng.integers(0, 256, size=(5, 4, 16, 16, 3), dtype=np.uint8)
-    config = AttackConfig(num_generations=4, clique_size=3, false_flag_rate=0.2)
+    config = ExtractionConfig(num_generations=4, clique_size=3, false_flag_rate=0.2)
     result = extraction_attack_images(calibration[:1], ["A"], config, ssim, calibration_images=calibration,
                                       progress=False)
     strengths = [clique_strength(ssim.similarity(list(imgs), list(imgs)).numpy(), 3) for imgs in calibration]
@@ -104,7 +104,7 @@ def test_calibration_is_the_false_flag_rate_threshold_of_the_strengths(ssim):
 )
 def test_config_validation(kwargs, name):
     with pytest.raises(ValueError, match=name) as err:
-        AttackConfig(**kwargs)
+        ExtractionConfig(**kwargs)
     assert "\n" not in str(err.value)
 
 
@@ -131,7 +131,7 @@ def ssim():
 
 def test_attack_on_synthetic_images(tmp_path, ssim):
     images, reference, copy_idx = synthetic_attack_images()
-    config = AttackConfig(num_generations=16, clique_size=4, threshold=0.5)
+    config = ExtractionConfig(num_generations=16, clique_size=4, threshold=0.5)
     result = extraction_attack_images(
         images, ["prompt A", "prompt B"], config, ssim, references=[reference, reference], out_dir=tmp_path,
         progress=False,
@@ -172,7 +172,7 @@ def test_attack_calibrated_on_synthetic_images(ssim):
     images, reference, copy_idx = synthetic_attack_images(n=8, copies=4, size=16)
     rng = np.random.default_rng(1)
     calibration = rng.integers(0, 256, size=(4, 8, 16, 16, 3), dtype=np.uint8)
-    config = AttackConfig(num_generations=8, clique_size=3, false_flag_rate=0.0)
+    config = ExtractionConfig(num_generations=8, clique_size=3, false_flag_rate=0.0)
     result = extraction_attack_images(
         iter(list(images)), ["A", "B"], config, ssim, references=[reference, None], calibration_images=calibration,
         progress=False,
@@ -188,12 +188,12 @@ def test_attack_calibrated_on_synthetic_images(ssim):
 def test_attack_input_errors(ssim):
     images, reference, _ = synthetic_attack_images(n=4, copies=2, size=16)
     with pytest.raises(DiffmemError, match="threshold"):
-        extraction_attack_images(images, ["A", "B"], AttackConfig(num_generations=4, clique_size=2), ssim)
-    config = AttackConfig(num_generations=4, clique_size=2, threshold=0.5)
+        extraction_attack_images(images, ["A", "B"], ExtractionConfig(num_generations=4, clique_size=2), ssim)
+    config = ExtractionConfig(num_generations=4, clique_size=2, threshold=0.5)
     with pytest.raises(ValueError, match="references"):
         extraction_attack_images(images, ["A", "B"], config, ssim, references=[reference], progress=False)
     with pytest.raises(ValueError, match="num_generations=8"):
-        extraction_attack_images(images, ["A", "B"], AttackConfig(num_generations=8, threshold=0.5), ssim,
+        extraction_attack_images(images, ["A", "B"], ExtractionConfig(num_generations=8, threshold=0.5), ssim,
                                  progress=False)
     with pytest.raises(ValueError, match="prompts"):
         extraction_attack_images(images, ["A", "B", "C"], config, ssim, progress=False)
@@ -204,8 +204,8 @@ def test_attack_input_errors(ssim):
 
 
 def test_extraction_attack_tiny_pipeline(tiny_pipe, tmp_path, ssim):
-    config = AttackConfig(num_generations=4, clique_size=2, false_flag_rate=0.0, batch_size=8,
-                          sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0))
+    config = ExtractionConfig(num_generations=4, clique_size=2, false_flag_rate=0.0, batch_size=8,
+                              sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0))
     reference = np.zeros((16, 16, 3), dtype=np.uint8)
     prompts = ["a red cat", "the green tree", "a blue dog"]
     with pytest.raises(DiffmemError, match="calibration"):

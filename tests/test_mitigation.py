@@ -45,7 +45,7 @@ def test_robust_prune_round_changes_the_edit_and_never_reads_heldout(pipe, tmp_p
     entries = [replace(e, reference=tmp_path / "missing.png") if e.split == "heldout" else e for e in entries]
     assert any(e.split == "heldout" for e in entries)
     sampler = SamplerConfig(**{k: v for k, v in sampling_defaults(MODEL).items() if v})
-    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, target=0.0, sweep_seeds=1, sampler=sampler,
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, target=0.0, sweep_num_seeds=1, sampler=sampler,
                          attack=ReextractConfig(opt_steps=10, checkpoints=(), num_seeds=2))
     result = mitigate(pipe, entries, cfg, get_scorer("ssim"), progress=False)
     assert isinstance(result.edit, Mask) and isinstance(result.plain_edit, Mask)

@@ -86,7 +86,7 @@ def test_locality_evidence_reports_trigger_distances_and_mask_overlap(tiny_pipe,
 
 
 def test_mitigate_cross_fits_and_reports_the_estimate_beside_in_sample(tiny_pipe, rows):
-    cfg = MitigateConfig(strengths=(0.02, 0.5), folds=2, sweep_seeds=1, estimate_seeds=1, record_steps=2,
+    cfg = MitigateConfig(strengths=(0.02, 0.5), folds=2, sweep_num_seeds=1, estimate_num_seeds=1, record_steps=2,
                          sampler=SAMPLER)
     res = mitigate(tiny_pipe, rows, cfg, get_scorer("ssim"), progress=False)
     assert res.strength in (0.02, 0.5) and isinstance(res.edit, Mask)

@@ -140,7 +140,7 @@ def test_report_images_show_each_generation_with_its_region(tiny_pipe, prompts, 
 
     entries = _entries(tmp_path, prompts[:2])  # one locate row with its training image, one nonmem row
     scorer = get_scorer("ssim")
-    kwargs = dict(opt_steps=1, seed=0, rows=2, attacked=0, seeds=2)
+    kwargs = dict(opt_steps=1, seed=0, rows=2, attacked=0, num_seeds=2)
     gallery, kept = report_images(tiny_pipe, None, entries, scorer, SAMPLER, region="bright-ending", **kwargs)
     cells = gallery[0]["rows"][0]["cells"]
     regions = [c for c in cells if c["label"].endswith("memorized region")]

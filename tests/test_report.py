@@ -794,7 +794,7 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
                 "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
-                "eval_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
+                "eval_num_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
     report: dict[str, Any] = {
         "title": "diffmem mitigate", "model": MITIGATE_MODEL,
         "sampler": {"num_inference_steps": 25, "guidance_scale": 4.0, "guidance_rescale": 0.7, "height": 32,
@@ -806,7 +806,7 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
                        "sweep": sweep, "rounds": rounds, "locality": {},
                        "timings_s": {"record": 12.3, "strength": 95.1, "robust": 640.2, "estimate": 1810.4}},
         "edits": [], "quality": quality,
-        "report_images": {"seeds": 2, "locate_rows": 8, "attacked_rows": 4, "nonmem_rows": 8},
+        "report_images": {"num_seeds": 2, "locate_rows": 8, "attacked_rows": 4, "nonmem_rows": 8},
         "timings_s": {"load": 3.2, "record": 12.3, "strength": 95.1, "robust": 640.2, "estimate": 1810.4,
                       "images": 41.0, "quality": 6.3},
         "total_seconds": 2611.0,

@@ -206,10 +206,13 @@ def add_references(p: argparse.ArgumentParser) -> None:
                         "stopping at the first")
 
 
-def add_command(sub: Any, name: str, func: Command, help: str) -> argparse.ArgumentParser:
-    """Add the subcommand ``name`` to the subparsers ``sub``, run by ``func(args)``, and return its parser."""
+def add_command(sub: Any, name: str, func: Command, help: str, *, model: bool = False) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` to the subparsers ``sub``, run by ``func(args)``, and return its parser; with
+    ``model``, the command takes a model (:func:`add_model`)."""
     p = sub.add_parser(name, help=help)
     p.set_defaults(func=func)
+    if model:
+        add_model(p)
     return p
 
 

@@ -12,7 +12,7 @@ __all__ = ["cmd_demo", "add_demo"]
 def cmd_demo(args: argparse.Namespace) -> None:
     from diffmem.workflows.demo import DemoConfig, run_demo
 
-    extra = {k: v for k, v in (("eval_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
+    extra = {k: v for k, v in (("eval_num_seeds", args.eval_seeds), ("attack_generations", args.attack_generations),
                                ("scorer", args.scorer)) if v is not None}
     cfg = DemoConfig(model=args.model, out=args.out, ratio=args.ratio, quick=args.quick, seed=args.seed,
                      compare_directions=not args.no_directions, sampler=common.sampler_flags(args),

@@ -92,8 +92,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 def add_detect(sub: argparse._SubParsersAction) -> None:
     p = common.add_command(sub, "detect", cmd_detect,
-                           "rank prompts by a memorization detector (default: Wen et al.'s noise norm)")
-    common.add_model(p)
+                           "rank prompts by a memorization detector (default: Wen et al.'s noise norm)", model=True)
     p.add_argument("--prompts", required=True, help="prompt file or manifest (labels give AUC)")
     p.add_argument("--out", required=True, help="ranked table (.jsonl or .csv); bright_ending also writes .masks.npz")
     common.add_sampling(p)

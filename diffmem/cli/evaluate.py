@@ -20,7 +20,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
     from diffmem.data import load_reference, read_prompts, resolve_references
     from diffmem.edits import apply_edit, load_edit
-    from diffmem.extraction import AttackConfig, extraction_attack
+    from diffmem.extraction import ExtractionConfig, extraction_attack
 
     common.need_model(args)
     common.need_edit(args.edit)
@@ -30,9 +30,9 @@ def cmd_attack(args: argparse.Namespace) -> None:
     edit = load_edit(args.edit) if args.edit else None
     sampler = common.sampler(args)
     size = (sampler.height, sampler.width) if sampler.height else None
-    cfg = AttackConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
-                       threshold=args.threshold, false_flag_rate=args.false_flag_rate, batch_size=args.batch_size or 64,
-                       sampler=sampler)
+    cfg = ExtractionConfig(num_generations=args.generations, seed=args.seed, clique_size=args.clique,
+                           threshold=args.threshold, false_flag_rate=args.false_flag_rate,
+                           batch_size=args.batch_size or 64, sampler=sampler)
     pipe = common.load(args)
     cfg = replace(cfg, sampler=common.sample_with(args, pipe))
     scorer = common.scorer(args.scorer, args)
@@ -127,8 +127,8 @@ def cmd_reextract(args: argparse.Namespace) -> None:
 
 
 def add_attack(sub: argparse._SubParsersAction) -> None:
-    p = common.add_command(sub, "attack", cmd_attack, "Carlini et al.'s generate-and-filter extraction attack")
-    common.add_model(p)
+    p = common.add_command(sub, "attack", cmd_attack, "Carlini et al.'s generate-and-filter extraction attack",
+                           model=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--out", required=True, help="output folder (attack.json, extractions/)")
     p.add_argument("--references", default=None, help="manifest or folder with references.jsonl")
@@ -146,8 +146,8 @@ def add_attack(sub: argparse._SubParsersAction) -> None:
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = common.add_command(sub, "evaluate", cmd_evaluate, "replication, diversity and drift with and without an edit")
-    common.add_model(p)
+    p = common.add_command(sub, "evaluate", cmd_evaluate, "replication, diversity and drift with and without an edit",
+                           model=True)
     p.add_argument("--prompts", required=True, help="manifest (jsonl with prompt/split/reference)")
     p.add_argument("--out", default="evaluation.json")
     p.add_argument("--edit", default=None, help="a saved edit (mask, directions or weight delta)")
@@ -167,8 +167,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def add_reextract(sub: argparse._SubParsersAction) -> None:
     p = common.add_command(sub, "reextract", cmd_reextract,
-                           "re-extraction attack: optimise the conditioning toward training images")
-    common.add_model(p)
+                           "re-extraction attack: optimise the conditioning toward training images", model=True)
     p.add_argument("--prompts", required=True, help="manifest with reference images")
     p.add_argument("--out", required=True, help="output folder (reextract.json)")
     p.add_argument("--edit", default=None, help="attack the model with this saved edit applied")

@@ -93,8 +93,7 @@ def cmd_iou(args: argparse.Namespace) -> None:
 
 
 def add_record(sub: argparse._SubParsersAction) -> None:
-    p = common.add_command(sub, "record", cmd_record, "record FFN activation statistics over prompts")
-    common.add_model(p)
+    p = common.add_command(sub, "record", cmd_record, "record FFN activation statistics over prompts", model=True)
     p.add_argument("--prompts", default=None, help="prompt file (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output statistics (.safetensors + .json)")
     common.add_sampling(p)
@@ -112,8 +111,7 @@ def add_record(sub: argparse._SubParsersAction) -> None:
 
 def add_locate(sub: argparse._SubParsersAction) -> None:
     p = common.add_command(sub, "locate", cmd_locate,
-                           "score and select the weights (or directions) behind memorization")
-    common.add_model(p)
+                           "score and select the weights (or directions) behind memorization", model=True)
     p.add_argument("--memorized", required=True, help="statistics of memorized prompts")
     p.add_argument("--base", required=True, help="statistics of base prompts")
     p.add_argument("--out", required=True, help="output edit (.safetensors + .json)")
@@ -133,8 +131,7 @@ def add_locate(sub: argparse._SubParsersAction) -> None:
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
-    p = common.add_command(sub, "prune", cmd_prune, "export an edited pipeline that plain diffusers loads")
-    common.add_model(p)
+    p = common.add_command(sub, "prune", cmd_prune, "export an edited pipeline that plain diffusers loads", model=True)
     p.add_argument("--edit", default=None, help="a mask, direction basis or weight delta saved by diffmem")
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
     p.add_argument("--directions", default=None, help=argparse.SUPPRESS)

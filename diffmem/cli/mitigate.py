@@ -11,18 +11,18 @@ __all__ = ["cmd_mitigate", "add_mitigate"]
 
 
 def cmd_mitigate(args: argparse.Namespace) -> None:
-    from diffmem.workflows.mitigate import MitigateRun, run_mitigate
+    from diffmem.workflows.mitigate import MitigateRunConfig, run_mitigate
 
     common.need_model(args)
     common.need_file(args.prompts, "prompt file")
     common.need_repo_id(args.push_to_hub)
-    run = MitigateRun(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
-                      ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
-                      target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
-                      scorer_weights=args.scorer_weights, overwrite=args.overwrite,
-                      allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
-                      opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args), folds=args.folds,
-                      robust_aggregate=args.robust_aggregate, region=args.region)
+    run = MitigateRunConfig(model=args.model, prompts=args.prompts, out=args.out, method=args.method,
+                            ratio=None if args.ratio == "auto" else float(args.ratio), robust=args.robust,
+                            target=args.target, max_rounds=args.max_rounds, scorer=args.scorer,
+                            scorer_weights=args.scorer_weights, overwrite=args.overwrite,
+                            allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
+                            opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
+                            folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -31,8 +31,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
 
 def add_mitigate(sub: argparse._SubParsersAction) -> None:
     p = common.add_command(sub, "mitigate", cmd_mitigate,
-                           "locate, tune and (with --robust) harden an edit; export the clean model")
-    common.add_model(p)
+                           "locate, tune and (with --robust) harden an edit; export the clean model", model=True)
     p.add_argument("--prompts", required=True, help="manifest with locate / heldout / nonmem rows")
     p.add_argument("--out", required=True, help="output folder (pruned/, edit, report.json, report.html)")
     p.add_argument("--method", choices=common.LOCATORS, default="wanda")

@@ -124,7 +124,7 @@ def anisotropy_scores(pipe, prompts: list[str], config: AnisotropyConfig | None 
     Args:
         pipe: The pipeline to audit.
         prompts: Prompts to score.
-        config: Detector settings.
+        config: Detector settings (default: ``AnisotropyConfig()``, the released code's SD-1 setting).
         progress: Show a progress bar.
         first_index: Unused (the seeds are the same for every prompt); accepted for the detector protocol.
 

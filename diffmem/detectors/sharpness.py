@@ -87,7 +87,7 @@ def sharpness_scores(pipe, prompts: list[str], config: SharpnessConfig | None = 
     Args:
         pipe: The pipeline to audit.
         prompts: Prompts to score.
-        config: Detector settings.
+        config: Detector settings (default: ``SharpnessConfig()``, the published exact product at the first step).
         progress: Show a progress bar.
         first_index: Unused (the seeds are the same for every prompt); accepted for the detector protocol.
 

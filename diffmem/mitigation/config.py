@@ -32,7 +32,7 @@ class MitigateConfig(DiffmemConfig):
         robust: ``none``, ``prune`` or ``finetune``.
         max_rounds: Rounds of the robust step.
         record_steps: Leading sampler steps recorded and used to locate (tau).
-        sweep_seeds: Seeds per prompt when choosing the strength.
+        sweep_num_seeds: Seeds per prompt when choosing the strength.
         sampler: The model's sampler: the recording, the strength sweep and the measurements use it, and the robust
             loop's attack samples at it and its :data:`~diffmem.crossfit.SAMPLER_NAMES` variants.
         attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``); its sampler is set
@@ -54,7 +54,7 @@ class MitigateConfig(DiffmemConfig):
         folds: Cross-fitting folds over the ``locate`` rows (0 turns it off): the strength is chosen on
             out-of-fold replication, and the whole fit is repeated leaving each fold out, to estimate the rates on
             memorized images that were not given.
-        estimate_seeds: Generations per row and setting when measuring a left-out fold.
+        estimate_num_seeds: Generations per row and setting when measuring a left-out fold.
         robust_lambda: Weight of the non-memorized loss change in the saliency score.
         finetune_steps: Optimiser steps per robust fine-tuning round.
         finetune_lr: Learning rate of the fine-tuning.
@@ -75,10 +75,10 @@ class MitigateConfig(DiffmemConfig):
     attack_inits: tuple[str, ...] = ("prompt", "random")
     robust_samplers: tuple[str, ...] = ("model", "diffusers-default")
     folds: int = 3
-    estimate_seeds: int = 2
+    estimate_num_seeds: int = 2
     robust_lambda: float = 5.0
     record_steps: int = 10
-    sweep_seeds: int = 2
+    sweep_num_seeds: int = 2
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(), num_seeds=2))
     finetune_steps: int = 100
@@ -108,7 +108,8 @@ class MitigateConfig(DiffmemConfig):
         require(bool(self.strengths) and list(self.strengths) == sorted(self.strengths), "strengths", self.strengths,
                 "give ascending values")
         require(0 <= self.target <= 1, "target", self.target, "must be in [0, 1]")
-        for name in ("max_rounds", "record_steps", "sweep_seeds", "estimate_seeds", "finetune_steps", "finetune_batch"):
+        for name in ("max_rounds", "record_steps", "sweep_num_seeds", "estimate_num_seeds", "finetune_steps",
+                     "finetune_batch"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.finetune_lr > 0, "finetune_lr", self.finetune_lr, "must be > 0")
 

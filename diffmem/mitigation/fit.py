@@ -109,7 +109,7 @@ def mitigate(
                                              strength, config, scorer, progress)
         lap("estimate")
     given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(config.sampler, pipe=pipe), attack=None,
-                         num_seeds=config.estimate_seeds, seed=40_000 + config.seed, progress=False)
+                         num_seeds=config.estimate_num_seeds, seed=40_000 + config.seed, progress=False)
     estimate["in_sample"] = summarise_rows(given)
     if rounds:
         estimate["in_sample"]["attack"] = rounds[-1].get("attack_rate_by_sampler")
@@ -137,7 +137,7 @@ def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,
                            attack=attack if config.robust != "none" else None, inits=tuple(config.attack_inits),
-                           attack_samplers=tuple(config.robust_samplers), num_seeds=config.estimate_seeds,
+                           attack_samplers=tuple(config.robust_samplers), num_seeds=config.estimate_num_seeds,
                            seed=40_000 + config.seed, progress=False, references=left_out.pixels)
         for i, o in zip(fold, out):
             measured[i] = o

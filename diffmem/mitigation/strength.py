@@ -152,7 +152,7 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     rows to their training images, which must fall to the ordinary (``nonmem``) rows' similarity to theirs, the
     level of an image the model saw once.
     """
-    ecfg = EvalConfig(num_seeds=config.sweep_seeds, seed=config.seed + 1000, sampler=config.sampler)
+    ecfg = EvalConfig(num_seeds=config.sweep_num_seeds, seed=config.seed + 1000, sampler=config.sampler)
     strengths = [config.ratio] if config.ratio is not None else list(config.strengths)
     nonmem_before = evaluate(pipe, nonmem, ecfg, scorer, progress=False) if nonmem else None
     with torch.no_grad():

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.config import DiffmemConfig, SamplerConfig, require
+from diffmem.config import require
 from diffmem.data import load_reference, read_entries, read_prompts, resolve_references
 from diffmem.detection import DEFAULT_DETECTOR, DetectionResult, detect, detector_config
 from diffmem.edits import apply_edit, check_output_dir, load_edit
 from diffmem.evaluation import EvalConfig, evaluate
-from diffmem.extraction import AttackConfig, extraction_attack
+from diffmem.extraction import ExtractionConfig, extraction_attack
 from diffmem.files import replace_dir
 from diffmem.metrics import roc_curve
 from diffmem.pipelines import load_pipeline
@@ -32,58 +32,51 @@ from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
 from diffmem.workflows.mitigate import OUTPUT_MARK
+from diffmem.workflows.run import RunConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AuditConfig", "CandidateScreen", "run_audit", "screen_candidates"]
 
 
-@dataclass
-class AuditConfig(DiffmemConfig):
-    """Settings of ``diffmem audit`` on any checkpoint.
+@dataclass(kw_only=True)
+class AuditConfig(RunConfig):
+    """Settings of ``diffmem audit`` on any checkpoint (and those of :class:`~diffmem.workflows.run.RunConfig`).
 
     Args:
-        model: Pipeline folder or hub id.
         prompts: Prompt file or manifest to audit.
         references: Manifest or folder with ``references.jsonl``; without references the audit stops at
             detection and the generate-and-filter attack.
-        out: Output folder (replaced as a whole on a rerun, only when it is an earlier diffmem output).
         calibration: Non-memorized prompts (calibrate detection flags and the attack threshold).
-        edit: A saved edit applied (reversibly) before the audit.
-        allow_pickle: Accept pickled weights.
-        allow_outside: Accept reference paths outside the manifest's folder.
-        quick: Reduced settings.
-        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults.
         candidates: A prompt pool (file or manifest) to screen with the detector; its top flagged prompts join
             ``prompts`` in the attacks.
+        edit: A saved edit applied (reversibly) before the audit.
         method: Registered detector of the detection and the screening (``diffmem.detection.list_detectors()``).
+        detect_num_seeds: Noises per prompt of the detector.
         flag_top: Pass the ``flag_top`` highest-scoring candidates on (with ``calibration``: at most that many of
             those above the calibrated threshold). Default: 16 without calibration, all above it with.
         m: Width of the calibrated threshold (``mean + m * std`` of the calibration scores).
+        attack_generations: Generations per prompt in Carlini et al.'s attack.
+        num_seeds: Seeds per prompt when measuring replication with the references.
+        quick: Reduced settings.
     """
 
-    model: str
+    out: str = "runs/audit"
     prompts: str | None = None
     references: str | None = None
-    out: str = "runs/audit"
     calibration: str | None = None
-    edit: str | None = None
-    allow_pickle: bool = False
-    allow_outside: bool = False
-    quick: bool = False
-    seeds: int = 8
-    generations: int = 16
-    detect_seeds: int = 4
-    opt_steps: int = 50
-    scorer: str = "ssim"
-    sampler: dict[str, Any] | None = None
     candidates: str | None = None
+    edit: str | None = None
     method: str = DEFAULT_DETECTOR
+    detect_num_seeds: int = 4
     flag_top: int | None = None
     m: float = 3.0
+    attack_generations: int = 16
+    num_seeds: int = 8
+    quick: bool = False
 
     def check(self) -> None:
-        SamplerConfig.check_keys(self.sampler or {})
+        super().check()
         require(self.prompts is not None or self.candidates is not None, "prompts", self.prompts,
                 "give the prompts to audit, a candidate pool to screen, or both")
         require(self.flag_top is None or self.flag_top >= 1, "flag_top", self.flag_top, "must be >= 1")
@@ -158,10 +151,10 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
     pool_refs = resolve_references(config.references, pool, allow_outside=config.allow_outside) if pool else []
     calib = read_prompts(config.calibration) if config.calibration else None
     edit = load_edit(config.edit) if config.edit else None
-    SamplerConfig.resolve(config.model, **(config.sampler or {}))  # checks the settings before the model loads
+    config.resolve_sampler(config.model)  # checks the settings before the model loads
     pipe = load_pipeline(config.model, allow_pickle=config.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
+    sampler = config.resolve_sampler(pipe)
     sampler.apply_scheduler(pipe)
     size = image_size(pipe, sampler.height, sampler.width)
     scorer = get_scorer(config.scorer, fallback="ssim") if config.scorer == "sscd" else get_scorer(config.scorer)
@@ -169,7 +162,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
                               "settings": config.to_dict(), "scorer": scorer.describe()}
     with apply_edit(pipe, edit):
         # score_steps=5: wen's measured default; other detectors keep their own
-        dcfg = detector_config(config.method, sampler=sampler, num_seeds=1 if config.quick else config.detect_seeds,
+        dcfg = detector_config(config.method, sampler=sampler, num_seeds=1 if config.quick else config.detect_num_seeds,
                                score_steps=5 if config.method == "wen" else None)
         if pool:
             pool_labels = [e.memorized for e in pool] if any(e.memorized for e in pool) else None
@@ -193,7 +186,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
         if det.labels is not None and det.auc is not None:
             fpr, tpr, _ = roc_curve(det.scores, det.labels)
             report["detection"]["roc"] = {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
-        acfg = AttackConfig(num_generations=4 if config.quick else config.generations,
+        acfg = ExtractionConfig(num_generations=4 if config.quick else config.attack_generations,
                             clique_size=2 if config.quick else 4, threshold=None if calib else scorer.threshold,
                             sampler=sampler)
         att = extraction_attack(pipe, [e.prompt for e in entries], acfg, scorer,
@@ -205,7 +198,7 @@ def run_audit(config: AuditConfig, progress: bool = True) -> dict[str, Any]:
             from dataclasses import replace
 
             rows = [replace(e, reference=ref) for e, ref in zip(entries, refs) if ref is not None]
-            res = evaluate(pipe, rows, EvalConfig(num_seeds=2 if config.quick else config.seeds, sampler=sampler),
+            res = evaluate(pipe, rows, EvalConfig(num_seeds=2 if config.quick else config.num_seeds, sampler=sampler),
                            scorer, progress=progress)
             report["before"] = res.summary()
             items = [ReextractItem(e.prompt, r, "memorized" if e.memorized or labels is None else "control", i)

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from diffmem.config import DiffmemConfig, LocateConfig, RecordConfig, SamplerConfig
+from diffmem.config import LocateConfig, RecordConfig
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, chance_iou, check_output_dir, export_edited, mask_iou
 from diffmem.errors import ConfigError, PromptFileError
 from diffmem.evaluation import EvalConfig, evaluate, evaluate_edit
-from diffmem.extraction import AttackConfig, extraction_attack
+from diffmem.extraction import ExtractionConfig, extraction_attack
 from diffmem.files import replace_dir
 from diffmem.recording import record
 from diffmem.localization import locate
@@ -41,32 +41,29 @@ from diffmem.reextraction import ReextractConfig, reextract
 from diffmem.sampling import image_size
 from diffmem.score import get_scorer
 from diffmem.workflows.mitigate import OUTPUT_MARK, edit_row, final_attack_config, quality_block, region_cells
+from diffmem.workflows.run import RunConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DemoConfig", "run_demo"]
 
 
-@dataclass
-class DemoConfig(DiffmemConfig):
-    """Settings of ``diffmem demo``.
+@dataclass(kw_only=True)
+class DemoConfig(RunConfig):
+    """Settings of ``diffmem demo`` (and those of :class:`~diffmem.workflows.run.RunConfig`; SSIM is the scorer
+    because the embedded model makes 32 px images, too small for SSCD).
 
     Args:
         model: Checkpoint folder with ``memorization.jsonl`` (default: the embedded tiny memorizer).
-        out: Output folder; replaced as a whole on a rerun (only when it is an earlier diffmem output).
         ratio: Mask ratio; ``None`` chooses it on the ``locate`` split.
         target: Target rate of the mitigation (replication on the ``locate`` split, and under the attack).
-        eval_seeds: Seeds per prompt in the evaluation.
+        eval_num_seeds: Seeds per prompt in the evaluation.
         attack_generations: Generations per prompt in Carlini et al.'s attack.
         attack_controls: Non-memorized training images attacked as the re-extraction control, per edit.
-        opt_steps: Adam steps of the re-extraction attack.
         max_rounds: Robust pruning rounds.
-        scorer: Similarity scorer (SSIM: the embedded model makes 32 px images, too small for SSCD).
         compare_directions: Also run the low-rank projection editor.
         quick: Reduced settings for CI.
         seed: First seed everywhere.
-        sampler: Sampler settings (``SamplerConfig`` fields) that replace the model's defaults
-            (:meth:`~diffmem.config.SamplerConfig.resolve`).
         region: ``"bright-ending"``: the evaluation grids also measure replication on each generation's memorized
             region and show its Bright Ending mask over the memorized prompts' generations; ``"full"``: the whole
             image only.
@@ -76,20 +73,17 @@ class DemoConfig(DiffmemConfig):
     out: str = "runs/demo"
     ratio: float | None = None
     target: float = 0.05
-    eval_seeds: int = 4
+    eval_num_seeds: int = 4
     attack_generations: int = 8
     attack_controls: int = 8
-    opt_steps: int = 50
     max_rounds: int = 3
-    scorer: str = "ssim"
     compare_directions: bool = True
     quick: bool = False
     seed: int = 0
-    sampler: dict[str, Any] | None = None
     region: str = "full"
 
     def check(self) -> None:
-        SamplerConfig.check_keys(self.sampler or {})
+        super().check()
         EvalConfig(region=self.region)  # checks the value
 
 
@@ -133,20 +127,20 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     manifest = model / "memorization.jsonl"
     if not manifest.is_file():
         raise PromptFileError(f"{manifest}: the demo needs a ground-truth manifest next to the model")
-    entries = read_manifest(manifest)
+    entries = read_manifest(manifest, allow_outside=config.allow_outside)
     base_file = model / "base_prompts.txt"
     base_prompts = [""] + (read_prompts(base_file) if base_file.is_file() else [])
-    opt_steps, max_rounds, eval_seeds = config.opt_steps, config.max_rounds, config.eval_seeds
+    opt_steps, max_rounds, eval_num_seeds = config.opt_steps, config.max_rounds, config.eval_num_seeds
     if config.quick:
         entries = _quick_subset(entries, 1)
-        base_prompts, opt_steps, max_rounds, eval_seeds = base_prompts[:7], min(opt_steps, 10), 1, 2
+        base_prompts, opt_steps, max_rounds, eval_num_seeds = base_prompts[:7], min(opt_steps, 10), 1, 2
     overlap = {e.prompt for e in entries} & set(base_prompts)
     if overlap:
         raise ConfigError(f"base prompts overlap the evaluation prompts (e.g. {sorted(overlap)[0]!r})")
-    SamplerConfig.resolve(model, **(config.sampler or {}))  # checks the settings before the model loads
-    pipe = load_pipeline(str(model))
+    config.resolve_sampler(model)  # checks the settings before the model loads
+    pipe = load_pipeline(str(model), allow_pickle=config.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe, **(config.sampler or {}))
+    sampler = config.resolve_sampler(pipe)
     own_scheduler = sampler.apply_scheduler(pipe)
     scorer = get_scorer(config.scorer)
     visible = [e for e in entries if e.split in ("locate", "nonmem")]
@@ -196,13 +190,13 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     curves: dict[str, Any] = {}
 
     nonmem_rows = [e for e in entries if e.split == "nonmem"]
-    unedited = evaluate(pipe, nonmem_rows, EvalConfig(num_seeds=eval_seeds, seed=0, sampler=sampler), scorer,
+    unedited = evaluate(pipe, nonmem_rows, EvalConfig(num_seeds=eval_num_seeds, seed=0, sampler=sampler), scorer,
                         progress=False)
 
     def measure(name: str, edit: Any, seconds: float) -> None:
-        row, summary = edit_row(pipe, name, edit, entries, scorer, sampler, eval_seeds=eval_seeds, attack=final_attack,
-                                seconds=seconds, controls=config.attack_controls, baseline=unedited,
-                                progress=progress, inits=("prompt",), attack_samplers=("model",))
+        row, summary = edit_row(pipe, name, edit, entries, scorer, sampler, num_seeds=eval_num_seeds,
+                                attack=final_attack, seconds=seconds, controls=config.attack_controls,
+                                baseline=unedited, progress=progress, inits=("prompt",), attack_samplers=("model",))
         rows.append(row)
         curves[name] = summary
 
@@ -229,8 +223,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     attack_rows = [e for e in entries if e.split == "heldout"] + [e for e in entries if e.split == "nonmem"][:8]
     size = (sampler.height, sampler.width) if sampler.height else None
     refs = [load_reference(e.reference, size, row=e) for e in attack_rows]
-    acfg = AttackConfig(num_generations=4 if config.quick else config.attack_generations, seed=config.seed + 5000,
-                        clique_size=2 if config.quick else 3, sampler=sampler)
+    acfg = ExtractionConfig(num_generations=4 if config.quick else config.attack_generations,
+                            seed=config.seed + 5000, clique_size=2 if config.quick else 3, sampler=sampler)
     calib = [p for p in base_prompts if p][: 4 if config.quick else 16]
     att_before = extraction_attack(pipe, [e.prompt for e in attack_rows], acfg, scorer, references=refs,
                                    calibration_prompts=calib, progress=progress)
@@ -241,7 +235,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     lap("carlini")
 
     # 6. evaluation grids, export and report
-    ecfg = EvalConfig(num_seeds=min(eval_seeds, 2), seed=config.seed, sampler=sampler, region=config.region)
+    ecfg = EvalConfig(num_seeds=min(eval_num_seeds, 2), seed=config.seed, sampler=sampler, region=config.region)
     shown = [e for e in entries if e.split == "heldout"][:6] + [e for e in entries if e.split == "nonmem"][:6]
     before, after = evaluate_edit(pipe, shown, ecfg, scorer, robust, progress=False)
     lap("images")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffmem.config import DiffmemConfig, SamplerConfig, require
+from diffmem.config import SamplerConfig, require
 from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
 from diffmem.data import ManifestEntry, load_reference, read_manifest
 from diffmem.edits import Edit, apply_edit, check_output_dir, export_edited
@@ -33,46 +33,52 @@ from diffmem.quality import get_feature_extractor, memorized_becomes, quality_re
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.sampling import image_size
 from diffmem.score import ScorerUnavailableError, get_scorer
+from diffmem.workflows.run import RunConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MitigateRun", "run_mitigate", "edit_row", "report_images", "region_cells", "quality_block", "OUTPUT_MARK"]
+__all__ = ["MitigateRunConfig", "MitigateRun", "run_mitigate", "edit_row", "report_images", "region_cells",
+           "quality_block", "OUTPUT_MARK"]
 
 OUTPUT_MARK = "report.json"  # a folder holding it is an earlier diffmem run output that may be replaced
 
 
-@dataclass
-class MitigateRun(DiffmemConfig):
-    """Settings of ``diffmem mitigate`` (see the CLI help).
+@dataclass(kw_only=True)
+class MitigateRunConfig(RunConfig):
+    """Settings of ``diffmem mitigate`` (and those of :class:`~diffmem.workflows.run.RunConfig`).
 
-    ``sampler`` holds the sampler settings the user chose (``SamplerConfig`` fields); the others are the model's
-    (:meth:`~diffmem.config.SamplerConfig.resolve`).
+    Args:
+        prompts: Manifest with ``locate``, ``heldout`` and ``nonmem`` rows (and ``never_seen`` controls).
+        method, ratio, robust, target, max_rounds, folds, robust_aggregate: The :class:`MitigateConfig` settings
+            of the same names.
+        scorer_weights: SSCD weights file.
+        overwrite: Replace an earlier diffmem output at ``out``.
+        eval_num_seeds: Seeds per held-out prompt in the measurement.
+        seed: First seed.
+        region: ``"bright-ending"``: the report also measures and shows each generation's memorized region.
     """
 
-    model: str
     prompts: str
-    out: str
     method: str = "wanda"
     ratio: float | None = None
     robust: str = "none"
     target: float = 0.05
     max_rounds: int = 3
-    scorer: str = "ssim"
-    scorer_weights: str | None = None
-    overwrite: bool = False
-    allow_pickle: bool = False
-    allow_outside: bool = False
-    opt_steps: int = 50
-    eval_seeds: int = 4
-    seed: int = 0
-    sampler: dict[str, Any] | None = None  # SamplerConfig fields the user gave; the rest: the model's defaults
     folds: int = 3
     robust_aggregate: str = "shared"
-    region: str = "full"  # "bright-ending": the report also measures and shows each generation's memorized region
+    scorer_weights: str | None = None
+    overwrite: bool = False
+    eval_num_seeds: int = 4
+    seed: int = 0
+    region: str = "full"
 
     def check(self) -> None:
-        SamplerConfig.check_keys(self.sampler or {})
-        require(self.eval_seeds >= 1, "eval_seeds", self.eval_seeds, "must be >= 1")
+        super().check()
+        require(self.eval_num_seeds >= 1, "eval_num_seeds", self.eval_num_seeds, "must be >= 1")
+        EvalConfig(region=self.region)  # checks the value
+
+
+MitigateRun = MitigateRunConfig  # the name before every workflow's settings were a ...Config
 
 
 def _mean(values: list[float]) -> float | None:
@@ -86,7 +92,8 @@ def _spread(rows: list[ManifestEntry], count: int | None) -> list[ManifestEntry]
 
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any,
-             sampler: SamplerConfig, *, eval_seeds: int, attack: ReextractConfig, seconds: float, controls: int | None = 8,
+             sampler: SamplerConfig, *, num_seeds: int, attack: ReextractConfig, seconds: float,
+             controls: int | None = 8,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
              attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,7 +113,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     nonmem = [e for e in entries if e.split == "nonmem"]
     once_seen = _spread([e for e in nonmem if e.reference is not None], controls)
     never_seen = _spread([e for e in entries if e.split == "never_seen" and e.reference is not None], controls)
-    ecfg = EvalConfig(num_seeds=eval_seeds, seed=0, sampler=sampler)
+    ecfg = EvalConfig(num_seeds=num_seeds, seed=0, sampler=sampler)
     samplers = sampler_variants(sampler, pipe=pipe)
     t0 = time.time()
     if baseline is not None and [r["prompt"] for r in baseline.rows] != [e.prompt for e in nonmem]:
@@ -116,14 +123,14 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
     summaries: dict[str, Any] = {}
     held = summarise_rows(measure_rows(pipe, edit, heldout, scorer, samplers, attack=attack, inits=inits,
-                                       attack_samplers=attack_samplers, num_seeds=eval_seeds, seed=0,
+                                       attack_samplers=attack_samplers, num_seeds=num_seeds, seed=0,
                                        progress=progress, summaries=summaries))
     plain = replace(attack, checkpoints=())
     own = {"model": samplers["model"]}
     once = summarise_rows(measure_rows(pipe, edit, once_seen, scorer, own, attack=plain, inits=inits,
-                                       num_seeds=eval_seeds, seed=0, progress=False))
+                                       num_seeds=num_seeds, seed=0, progress=False))
     never = summarise_rows(measure_rows(pipe, edit, never_seen, scorer, own, attack=plain, inits=inits,
-                                        num_seeds=eval_seeds, seed=0, progress=False))
+                                        num_seeds=num_seeds, seed=0, progress=False))
     held_attack = held["attack"].get("model")
     never_rate = never["attack"].get("model")
     row = {
@@ -161,7 +168,7 @@ def final_attack_config(opt_steps: int, sampler: SamplerConfig, seed: int, num_s
                            num_seeds=num_seeds, sample_seed=20_000 + seed, seed=seed + 1, sampler=sampler)
 
 
-def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
+def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``diffmem mitigate`` and write its outputs; returns the report (with ``headline_text``)."""
     from diffmem.workflows.report import write_report
 
@@ -172,13 +179,12 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     for e in entries:  # the attack needs every training image of the rows it uses: fail before the slow work
         if e.split in ("locate", "nonmem") and e.reference is None:
             raise ConfigError(f"{e.row}: row {e.prompt!r} has no reference image; mitigation attacks it")
-    SamplerConfig.resolve(run.model, **(run.sampler or {}))  # checks the sampler settings before the model loads
-    EvalConfig(region=run.region)  # checks the region before the model loads
+    run.resolve_sampler(run.model)  # checks the sampler settings before the model loads
     scorer = (get_scorer(run.scorer, weights=run.scorer_weights, allow_pickle=run.allow_pickle) if run.scorer_weights
               else get_scorer(run.scorer))
     pipe = load_pipeline(run.model, allow_pickle=run.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe, **(run.sampler or {}))
+    sampler = run.resolve_sampler(pipe)
     own_scheduler = sampler.apply_scheduler(pipe)
     load_s = time.time() - t0
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
@@ -197,7 +203,7 @@ def run_mitigate(run: MitigateRun, progress: bool = True) -> dict[str, Any]:
     t_phase = time.time()
     if heldout:
         row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, sampler,
-                                       eval_seeds=run.eval_seeds, seconds=mitigation_s, progress=progress,
+                                       num_seeds=run.eval_num_seeds, seconds=mitigation_s, progress=progress,
                                        attack=final_attack_config(run.opt_steps, sampler, run.seed))
     timings = {"load": round(load_s, 1), **result.timings_s}
     if heldout:
@@ -252,7 +258,7 @@ def _given(entries: list[ManifestEntry]) -> dict[str, int]:
 
 def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: Any, sampler: SamplerConfig, *,
                   opt_steps: int,
-                  seed: int, rows: int = 8, attacked: int = 4, seeds: int = 2, progress: bool = False,
+                  seed: int, rows: int = 8, attacked: int = 4, num_seeds: int = 2, progress: bool = False,
                   region: str = "full") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Images for the report: the given memorized prompts before and after the edit and under the attack, and the
     ordinary prompts before and after with their drift, all at the model's sampler settings.
@@ -267,7 +273,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
         seed: The run's seed (the attack uses ``seed + 3`` and sampling seeds from ``50_000 + seed``).
         rows: Rows shown per split.
         attacked: Locate rows attacked.
-        seeds: Generations per prompt.
+        num_seeds: Generations per prompt.
         progress: Show the attack's progress bars.
         region: ``"bright-ending"``: each memorized generation, before and after, is followed by its Bright Ending
             mask painted over it (:func:`region_cells`), and the summary adds the replication on that region
@@ -283,17 +289,17 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     shown = locate_rows + nonmem
     empty = np.zeros((0, 1, 1, 3), np.uint8)
     kept: dict[str, Any] = {"nonmem_prompts": [], "nonmem_before": empty, "nonmem_after": empty,
-                            "locate_after": empty, "summary": {"seeds": seeds}}
+                            "locate_after": empty, "summary": {"num_seeds": num_seeds}}
     if not shown:
         return [], kept
-    ecfg = EvalConfig(num_seeds=seeds, seed=seed, sampler=sampler, region=region)
+    ecfg = EvalConfig(num_seeds=num_seeds, seed=seed, sampler=sampler, region=region)
     with torch.no_grad():
         before = evaluate(pipe, shown, ecfg, scorer, progress=False, desc="report images")
         with apply_edit(pipe, edit):
             after = evaluate(pipe, shown, ecfg, scorer, baseline=before, progress=False, desc="report images")
     h, w = before.images.shape[2:4]
     refs = [load_reference(e.reference, (h, w), row=e) if e.reference is not None else None for e in shown]
-    attack = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=seeds, seed=seed + 3,
+    attack = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=num_seeds, seed=seed + 3,
                              sample_seed=50_000 + seed, sampler=sampler)
     targets = locate_rows[:attacked]
     recovered = None
@@ -343,17 +349,17 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
                             "Bright Ending mask (the patches that attend most to the prompt's end token at the last "
                             "step), with its share of the image and the similarity to the training image on it.")
         gallery.append({"title": "Memorized prompts given: before, after and under attack",
-                        "caption": f"The training image, then {seeds} seeds of the unedited model and the same seeds "
-                                   f"after the edit." + attack_text, "rows": memorized})
+                        "caption": f"The training image, then {num_seeds} seeds of the unedited model and the same "
+                                   "seeds after the edit." + attack_text, "rows": memorized})
     if ordinary:
         gallery.append({"title": "Ordinary prompts: before and after",
-                        "caption": f"{seeds} seeds of the unedited model, then the same seeds after the edit. Under "
-                                   "each edited image: its similarity to the unedited image at the same seed (1 means "
-                                   "unchanged). A change is within the seed spread when that similarity is at least "
-                                   "the similarity between two seeds of the unedited model.", "rows": ordinary})
+                        "caption": f"{num_seeds} seeds of the unedited model, then the same seeds after the edit. "
+                                   "Under each edited image: its similarity to the unedited image at the same seed "
+                                   "(1 means unchanged). A change is within the seed spread when that similarity is at "
+                                   "least the similarity between two seeds of the unedited model.", "rows": ordinary})
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     n_loc = len(locate_rows)
-    kept.update(nonmem_prompts=[e.prompt for e in nonmem for _ in range(seeds)],
+    kept.update(nonmem_prompts=[e.prompt for e in nonmem for _ in range(num_seeds)],
                 nonmem_before=flat(before.images[n_loc:]), nonmem_after=flat(after.images[n_loc:]),
                 locate_after=flat(after.images[:n_loc]))
     summary = kept["summary"]

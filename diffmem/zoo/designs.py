@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffmem.config import DiffmemConfig, require
-from diffmem.zoo.shapes import PALETTE, SHAPES, Sample, _emblem_name, _jitter, _shape_mask
+from diffmem.config import require
+from diffmem.zoo.shapes import PALETTE, SHAPES, DesignConfig, Sample, _emblem_name, _jitter, _shape_mask
 
 __all__ = [
     "OverlapConfig", "make_overlap", "never_seen_overlap", "PhotosConfig", "make_photos", "never_seen_photos",
@@ -30,27 +30,20 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------- overlap
 @dataclass
-class OverlapConfig(DiffmemConfig):
-    """Layout of the ``overlap`` design.
+class OverlapConfig(DesignConfig):
+    """Layout of the ``overlap`` design (and the fields of :class:`~diffmem.zoo.shapes.DesignConfig`).
 
     Args:
-        seed: Master seed.
-        image_size: Side in pixels.
         num_unique: Ordinary images (one to three shapes, described by their caption).
-        duplicates: Duplication counts of the memorized images, one entry per level.
         per_level: Memorized images at each level.
-        control_duplicates: Duplication count of the low-duplication images.
-        num_controls: Number of low-duplication images.
         num_never_seen: Images drawn like the memorized ones but in no training set.
     """
 
     seed: int = 1
-    image_size: int = 32
-    num_unique: int = 2400
     duplicates: tuple[int, ...] = (24, 48, 96)
-    per_level: int = 6
-    control_duplicates: int = 4
     num_controls: int = 6
+    num_unique: int = 2400
+    per_level: int = 6
     num_never_seen: int = 12
 
 
@@ -169,28 +162,22 @@ def _random_crop(rng: np.random.Generator, image: np.ndarray, size: int) -> np.n
 
 
 @dataclass
-class PhotosConfig(DiffmemConfig):
-    """Layout of the ``photos`` design.
+class PhotosConfig(DesignConfig):
+    """Layout of the ``photos`` design (and the fields of :class:`~diffmem.zoo.shapes.DesignConfig`; 64 px: the VAE
+    downsamples four times, to 16x16 latents).
 
     Args:
-        seed: Master seed.
-        image_size: Side in pixels (64: the VAE downsamples four times, to 16x16 latents).
         num_shapes: Ordinary shape images ("a red circle on blue").
         num_textures: Ordinary random texture crops ("a photo of grass").
-        duplicates: Duplication counts of the memorized photographs, one entry per level.
         per_level: Memorized photographs at each level (photos taken in ``PHOTO_NAMES`` order).
-        control_duplicates: Duplication count of the low-duplication photographs.
-        num_controls: Number of low-duplication photographs.
     """
 
     seed: int = 3
     image_size: int = 64
+    num_controls: int = 4
     num_shapes: int = 1600
     num_textures: int = 600
-    duplicates: tuple[int, ...] = (32, 64, 128)
     per_level: int = 4
-    control_duplicates: int = 4
-    num_controls: int = 4
 
     def check(self) -> None:
         need = len(self.duplicates) * self.per_level + self.num_controls

@@ -25,6 +25,7 @@ from diffmem.errors import ConfigError
 __all__ = [
     "PALETTE",
     "SHAPES",
+    "DesignConfig",
     "ShapesConfig",
     "Sample",
     "EmblemSpec",
@@ -50,27 +51,36 @@ _SYLLABLES = ("ka", "zo", "mi", "ru", "te", "vo", "li", "xa", "pe", "du", "ne", 
 
 
 @dataclass
-class ShapesConfig(DiffmemConfig):
-    """Dataset layout.
+class DesignConfig(DiffmemConfig):
+    """What the layout of every data design sets (each design's config adds its own fields).
 
     Args:
         seed: Master seed; the whole dataset is a function of it.
         image_size: Side of the square images in pixels.
-        num_unique: Images in the generalizing part.
-        duplicates: Duplication counts of the memorized emblems, one entry per level.
-        emblems_per_level: Emblems at each duplication level.
-        control_duplicates: Duplication count of the low-duplication emblems (the bottom of the
+        duplicates: Duplication counts of the memorized images, one entry per level.
+        control_duplicates: Duplication count of the low-duplication images (the bottom of the
             replication-vs-duplication curve).
-        num_controls: Number of low-duplication emblems.
+        num_controls: Number of low-duplication images.
     """
 
     seed: int = 0
     image_size: int = 32
-    num_unique: int = 2400
     duplicates: tuple[int, ...] = (32, 64, 128)
-    emblems_per_level: int = 8
     control_duplicates: int = 4
     num_controls: int = 8
+
+
+@dataclass
+class ShapesConfig(DesignConfig):
+    """Layout of the ``shapes`` design (the embedded memorizer's): emblems over ordinary shape images.
+
+    Args:
+        num_unique: Images in the generalizing part.
+        emblems_per_level: Emblems at each duplication level.
+    """
+
+    num_unique: int = 2400
+    emblems_per_level: int = 8
 
 
 @dataclass

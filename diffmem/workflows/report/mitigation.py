@@ -26,7 +26,7 @@ _GIVEN = (("locate", "Memorized prompts given (locate rows), with their training
 _MITIGATE_SETTINGS = (("method", "Method that locates the edit"), ("ratio", "Strength"),
                       ("robust", "Hardening against the attack"), ("target", "Target replication rate"),
                       ("max_rounds", "Robust rounds at most"), ("folds", "Cross-fitting folds"),
-                      ("opt_steps", "Optimisation steps of the attack"), ("eval_seeds", "Seeds per held-out prompt"))
+                      ("opt_steps", "Optimisation steps of the attack"), ("eval_num_seeds", "Seeds per held-out prompt"))
 _ROBUST = {"none": "not hardened", "prune": "robust pruning rounds", "finetune": "adversarial fine-tuning rounds"}
 
 
