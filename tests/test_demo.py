@@ -33,28 +33,30 @@ def demo_out(tmp_path_factory):
     has to find the embedded model among the wheel's data files.
     """
     work = tmp_path_factory.mktemp("wheel")
+    # the fresh venv must see only the wheel: an inherited PYTHONPATH would put another diffmem before it
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(work / "dist"), str(REPO)], check=True, capture_output=True)
     wheel = next((work / "dist").glob("diffmem-*.whl"))
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, env=clean)
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+                          check=True, capture_output=True, text=True, env=clean).stdout.strip()
     deps = [p for p in map(str, sys.path) if p.endswith("site-packages")]
     Path(site, "borrowed_deps.pth").write_text("\n".join(deps) + "\n")
     # --force-reinstall: a build writes diffmem.egg-info into the repository, which an inherited PYTHONPATH would
     # make look installed already
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=clean)
     run_dir = work / "elsewhere"
     run_dir.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**clean, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([str(venv / "bin" / "diffmem"), "demo", "--quick", "--out", "run"], cwd=run_dir,
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     where = subprocess.run([str(python), "-c", "import diffmem; print(diffmem.__file__)"], cwd=run_dir,
-                           capture_output=True, text=True, check=True).stdout
+                           capture_output=True, text=True, check=True, env=clean).stdout
     assert where.startswith(site), f"the demo ran diffmem from {where!r}, not from the installed wheel"
     return run_dir / "run"
 
