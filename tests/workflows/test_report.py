@@ -31,7 +31,7 @@ from diffmem.workflows.report import render_html, short_layer_name, to_json_safe
 
 logger = logging.getLogger(__name__)
 
-MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd-memorizer"
+MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-sd-memorizer"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

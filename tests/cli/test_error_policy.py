@@ -22,7 +22,7 @@ from diffmem.config import LocateConfig
 from diffmem.errors import ConfigError, DiffmemError
 from diffmem.edits import Mask
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from diffmem.data import (
 )
 from diffmem.errors import DiffmemError, PromptFileError
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = Path(__file__).parents[3] / "shared" / "data"
 NEMO_MEM = DATA / "nemo_memorized_laion_prompts.csv"
 NEMO_UNMEM = DATA / "nemo_unmemorized_laion_prompts.csv"
 WEN = DATA / "wen_sdv1_500_memorized.jsonl"

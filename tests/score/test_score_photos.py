@@ -17,7 +17,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scorers_photos.py"
+BENCH_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scorers_photos.py"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 EDITS = ("crop70_centre", "jpeg_q30", "hflip")
 AUC_CLAIM = 0.99

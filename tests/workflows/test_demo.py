@@ -21,7 +21,7 @@ pytestmark = [
 EDITS = ["none", "sparse mask", "directions", "robust prune", "robust finetune"]
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from diffmem.zoo import default_model_path
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "walkthrough.ipynb"
 
 
 @pytest.mark.slow
