@@ -13,13 +13,16 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -27,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
+    "jsonable",
     "read_json",
     "pair_paths",
     "sha256_file",
@@ -78,20 +82,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _jsonable(obj: Any) -> Any:
-    """Replace non-finite floats by ``None`` so that the file is strict JSON."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+def jsonable(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """A strict-JSON copy of ``obj``, the one sanitiser of every file diffmem writes.
+
+    NaN and infinities become ``None``; numpy scalars and arrays become Python values; paths become strings; mapping
+    keys become strings. Anything else is passed through ``default`` when given (else left for the encoder).
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, default) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v, default) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):
+        return jsonable(obj.tolist(), default)
+    return default(obj) if default is not None else obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON with sorted keys, atomically; NaN and inf become ``null``."""
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     return atomic_write_text(path, text)
 
 
@@ -153,7 +171,7 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
         return atomic_write_text(path, buf.getvalue())
     if path.suffix != ".jsonl":
         raise ConfigError(f"table {str(path)!r}: use a .jsonl or .csv suffix")
-    return atomic_write_text(path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows))
+    return atomic_write_text(path, "".join(json.dumps(jsonable(r), sort_keys=True) + "\n" for r in rows))
 
 
 def _remove(path: Path) -> None:

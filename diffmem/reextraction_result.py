@@ -97,14 +97,4 @@ class ReextractResult:
         Returns:
             The path written.
         """
-        return write_json(Path(path), _jsonable({"summary": self.summary(), "rows": self.rows}))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    return obj
+        return write_json(Path(path), {"summary": self.summary(), "rows": self.rows})

@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from diffmem.errors import ExportError
+from diffmem.files import atomic_write_text, jsonable
 
 from .labels import _clean_text, _is_missing, short_layer_name
 from .sections import _sections
@@ -115,27 +114,19 @@ def _headline(report: Mapping[str, Any], model: str) -> str:
 
 
 def to_json_safe(obj: Any) -> Any:
-    """A JSON-safe copy of ``obj``: NaN and infinities become ``None``, numpy scalars and 1-d arrays become
-    Python values, paths become strings; keys starting with ``_`` and image data (arrays of 3 or more
-    dimensions, 2-d uint8 arrays, PIL images, bytes) are dropped.
+    """A JSON-safe copy of ``obj`` for report.json: keys starting with ``_`` and image data (arrays of 3 or more
+    dimensions, 2-d uint8 arrays, PIL images, bytes) are dropped, then :func:`diffmem.files.jsonable` (NaN and
+    infinities become ``None``, numpy values Python ones, paths strings); anything else becomes its string.
     """
+    return jsonable(_without_images(obj), default=str)
+
+
+def _without_images(obj: Any) -> Any:
     if isinstance(obj, Mapping):
-        return {str(k): to_json_safe(v) for k, v in obj.items() if not str(k).startswith("_") and not _is_image(v)}
+        return {k: _without_images(v) for k, v in obj.items() if not str(k).startswith("_") and not _is_image(v)}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_json_safe(v) for v in obj if not _is_image(v)]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if _is_missing(obj) else float(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist") and hasattr(obj, "shape"):
-        return to_json_safe(obj.tolist())
-    return str(obj)
+        return [_without_images(v) for v in obj if not _is_image(v)]
+    return obj
 
 
 def _is_image(obj: Any) -> bool:
@@ -149,35 +140,12 @@ def _is_image(obj: Any) -> bool:
     return len(shape) >= 3 or (len(shape) == 2 and str(getattr(obj, "dtype", "")) in ("uint8", "torch.uint8"))
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``.
-
-    The temporary file is created with mode 0o666, so the result gets the user's umask like any new file
-    (``tempfile.mkstemp`` would leave it 0600).
-    """
-    data = text.encode("utf-8")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+def _write_text(path: Path, text: str) -> Path:
+    """Write one report file atomically (:func:`diffmem.files.atomic_write_text`); a failure is an ExportError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-            try:
-                fd = os.open(tmp, flags, 0o666)
-                break
-            except FileExistsError:
-                continue
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return atomic_write_text(path, text)
     except OSError as err:
         raise ExportError(f"{path}: cannot write the report ({err.strerror or err})") from err
-    return path
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
@@ -198,7 +166,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str], *,
     out = Path(out_dir)
     text = json.dumps(to_json_safe(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
     page = render_html(report, gallery)
-    json_path = _atomic_write_text(out / "report.json", text)
-    html_path = _atomic_write_text(out / "report.html", page)
+    json_path = _write_text(out / "report.json", text)
+    html_path = _write_text(out / "report.html", page)
     logger.info("wrote %s and %s (%.1f kB)", json_path, html_path, len(page) / 1024)
     return json_path, html_path
