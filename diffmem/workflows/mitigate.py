@@ -31,8 +31,8 @@ from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline
 from diffmem.quality import get_feature_extractor, memorized_becomes, quality_report
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
-from diffmem.sampling import image_size
 from diffmem.score import ScorerUnavailableError, get_scorer
+from diffmem.workflows.report.rows import EditRow
 from diffmem.workflows.run import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
              controls: int | None = 8,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
-             attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[dict[str, Any], dict[str, Any]]:
+             attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[EditRow, dict[str, Any]]:
     """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
     Held-out memorized rows are measured with the prompt at every sampler of
@@ -133,7 +133,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
                                         num_seeds=num_seeds, seed=0, progress=False))
     held_attack = held["attack"].get("model")
     never_rate = never["attack"].get("model")
-    row = {
+    row: EditRow = {
         "name": name,
         "heldout_replication_prompt": held["prompt"].get("model"),
         "heldout_replication_attack": held_attack,

@@ -14,6 +14,7 @@ from .labels import (NOT_MEASURED, _SAMPLERS, _edit_label, _fmt, _humanize, _ini
                      _sampler_label, _signed)
 from .page import Block, Cell, Plot, Section, Table, _kv_table, _num_cell
 from .plots import _plot_rounds
+from .rows import EditRow
 from .settings import _sampler_blocks, _scorer_blocks
 
 # Rows of the "what was given" table: (key of ``given``, label).
@@ -316,7 +317,7 @@ def _section_quality(report: Mapping[str, Any]) -> Section | None:
                    "unlike them, such as dark noise.", blocks)
 
 
-def _held_out_sampler_table(edits: Sequence[Mapping[str, Any]]) -> Table | None:
+def _held_out_sampler_table(edits: Sequence[EditRow]) -> Table | None:
     """Held-out replication of each edit at every sampler setting, with the prompt and under attack, and by start."""
     prompt = [e.get("heldout_prompt_by_sampler") for e in edits]
     attack = [e.get("heldout_attack_by_sampler") for e in edits]

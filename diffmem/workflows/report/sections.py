@@ -9,6 +9,7 @@ from typing import Any
 from .gallery import _gallery_rows
 from .labels import (_DRIFT_KEYS, _HEADERS, _METRICS, _SPLIT_SHORT, _SPLITS, _clean_text, _edit_label,
                      _fmt_change, _guess_kind, _humanize, _is_missing, _split_label)
+from .rows import EditRow
 from .mitigation import (_held_out_sampler_table, _mitigation, _section_given, _section_quality, _section_result,
                          _section_rounds)
 from .page import Block, Cell, Plot, Section, Table, _kv_table, _num_cell, _scalar_items
@@ -63,7 +64,7 @@ def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str,
 
 
 def _section_edits(report: Mapping[str, Any], threshold: str) -> Section | None:
-    edits = [e for e in report.get("edits") or [] if isinstance(e, Mapping)]
+    edits: list[EditRow] = [e for e in report.get("edits") or [] if isinstance(e, Mapping)]  # type: ignore[misc]
     if not edits:
         return None
     keys = [k for k in _EDIT_COLUMNS if any(k in e for e in edits)]
