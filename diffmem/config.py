@@ -297,7 +297,9 @@ class SamplerConfig(DiffmemConfig):
         """
         current = scheduler if isinstance(scheduler, type) else type(scheduler)
         getter = getattr(current, "_get_compatibles", None)
-        usable = [c for c in getter() if ".dummy_" not in c.__module__] if getter else []  # diffusers' placeholders
+        # diffusers lists stand-in classes (defined in diffusers.utils.dummy_*_objects) for schedulers whose optional
+        # backend, e.g. torchsde, is not installed; they raise on use, so they are not offered as choices
+        usable = [c for c in getter() if ".dummy_" not in c.__module__] if getter else []
         compatible = sorted({c.__name__ for c in usable} | {current.__name__})
         if len(compatible) == 1:
             return False

@@ -432,8 +432,7 @@ class SamplerClock:
 
     def _remove(self) -> None:
         try:
-            for handle in self._handles:
-                handle.remove()
+            remove_handles(self._handles)
         finally:
             self._handles = []
             self.step = None
@@ -451,3 +450,9 @@ class SamplerClock:
             else:
                 self._pending = False  # a call interrupted before its half was known is not counted
         return None
+
+
+def remove_handles(handles: list[Any]) -> None:
+    """Remove hook handles (the clock's and the recorder's)."""
+    for handle in handles:
+        handle.remove()

@@ -21,7 +21,7 @@ from ..config import RecordConfig
 from ..errors import ConfigError, DiffmemError
 from ..stats import HALVES, ActivationStats, row_moments
 from ..targets import find_targets, get_denoiser, model_source
-from .clock import COND, PENDING, SPLIT, UNCOND, SamplerClock
+from .clock import COND, PENDING, SPLIT, UNCOND, SamplerClock, remove_handles
 
 logger = logging.getLogger(__name__)
 
@@ -353,8 +353,7 @@ class ActivationRecorder:
 
     def _remove(self) -> None:
         try:
-            for handle in self._handles:
-                handle.remove()
+            remove_handles(self._handles)
         finally:
             self._handles = []
             for m in self._registered:
