@@ -22,7 +22,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             scorer_weights=args.scorer_weights, overwrite=args.overwrite,
                             allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
                             opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
-                            folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region)
+                            folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
+                            margin_steps=args.margin_steps)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -44,6 +45,8 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                    help="cross-fitting folds over the locate rows for the out-of-fold estimate (0: off)")
     p.add_argument("--robust-aggregate", choices=["shared", "sum"], default="shared",
                    help="robust prune keeps weights that many images share (shared) or the summed saliency (sum)")
+    p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
+                   help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")
     p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=common.nonneg_int, default=0)

@@ -33,6 +33,9 @@ class MitigateConfig(DiffmemConfig):
         max_rounds: Rounds of the robust step.
         record_steps: Leading sampler steps recorded and used to locate (tau).
         sweep_num_seeds: Seeds per prompt when choosing the strength.
+        margin_steps: Strengths taken past the first one that meets ``target`` (each only while drift and the
+            memorized prompts' plausibility still pass): the first to pass is the one whose noisy figure happened to
+            be lowest, so it under-deletes images that were not given.
         sampler: The model's sampler: the recording, the strength sweep and the measurements use it, and the robust
             loop's attack samples at it and its :data:`~diffmem.crossfit.SAMPLER_NAMES` variants.
         attack: Settings of the re-extraction attack run during mitigation (``init="prompt"``); its sampler is set
@@ -79,6 +82,7 @@ class MitigateConfig(DiffmemConfig):
     robust_lambda: float = 5.0
     record_steps: int = 10
     sweep_num_seeds: int = 2
+    margin_steps: int = 1
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     attack: ReextractConfig = field(default_factory=lambda: ReextractConfig(checkpoints=(), num_seeds=2))
     finetune_steps: int = 100
@@ -108,6 +112,7 @@ class MitigateConfig(DiffmemConfig):
         require(bool(self.strengths) and list(self.strengths) == sorted(self.strengths), "strengths", self.strengths,
                 "give ascending values")
         require(0 <= self.target <= 1, "target", self.target, "must be in [0, 1]")
+        require(self.margin_steps >= 0, "margin_steps", self.margin_steps, "must be >= 0")
         for name in ("max_rounds", "record_steps", "sweep_num_seeds", "estimate_num_seeds", "finetune_steps",
                      "finetune_batch"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

@@ -147,6 +147,11 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     the seed-to-seed spread for at least half of the ordinary prompts, and the memorized prompts still render
     image-like (:func:`_plausible`). When none is, the choice prefers plausible renderings, then lower replication.
 
+    The first acceptable strength's figure is biased low: it is the first of several noisy measurements to pass
+    the target. With ``config.margin_steps`` (default 1) the choice therefore moves that many strengths further when
+    each of them still keeps drift within the spread and renders plausibly (those are measured, not the
+    replication, which only falls with strength); a strength given as ``ratio`` is kept as it is.
+
     When the given rows do not replicate on the unedited model at the sweep's seeds (rate at most the target), a
     replication count cannot tell strengths apart: they are then judged by the mean similarity of the memorized
     rows to their training images, which must fall to the ordinary (``nonmem``) rows' similarity to theirs, the
@@ -170,11 +175,12 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     sweep: list[dict[str, Any]] = []
     chosen: tuple[float, Edit] | None = None
     best = (True, float("inf"))
+    margin_left: int | None = None  # strengths still to try past the first acceptable one
     for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
         lcfg = locate_config(config.method, strength, config.record_steps)
         edit = locate(pipe, stats_mem, stats_base, lcfg)
         row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
-        if folds and len(strengths) > 1:
+        if margin_left is None and folds and len(strengths) > 1:
             row.update(_out_of_fold(pipe, locate_rows, folds, stats_parts, stats_base, lcfg, ecfg, scorer))
         if floor is not None:
             row["judged_by"], row["similarity_floor"] = "similarity", floor
@@ -183,9 +189,22 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
                     strength, row["parameters_changed"], row["locate_replication"],
                     row.get("out_of_fold_replication"), row.get("drift_within_spread"))
         row["plausible"] = _plausible(row, unedited_kid)
+        if margin_left is not None:  # a margin step: stronger, so only drift and plausibility can veto it
+            if not _keeps_quality(row, unedited_kid):
+                row["margin"] = "rejected: drift or plausibility"
+                break
+            row["margin"] = "taken"
+            chosen, margin_left = (strength, edit), margin_left - 1
+            if margin_left == 0:
+                break
+            continue
         if _acceptable(row, config.target, unedited_kid, floor):
             chosen = (strength, edit)
-            break
+            if config.margin_steps == 0 or config.ratio is not None:
+                break
+            margin_left = config.margin_steps
+            row["margin"] = "first acceptable"
+            continue
         judged = _judged(row, floor is not None)
         key = (not row["plausible"], judged if judged is not None else float("inf"))
         if chosen is None or key < best:
@@ -193,3 +212,10 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
     if chosen is None:
         raise DiffmemError("no strength was tried: give strengths or a ratio")
     return StrengthChoice(chosen[0], chosen[1], sweep, unedited_kid, unedited_rep)
+
+
+def _keeps_quality(row: dict[str, Any], unedited_kid: float | None) -> bool:
+    """Drift within the seed spread for at least half of the ordinary prompts, and a plausible rendering of the
+    memorized prompts (the vetoes of :func:`_acceptable` without the replication test)."""
+    spread = row.get("drift_within_spread")
+    return (spread is None or spread >= 0.5) and _plausible(row, unedited_kid)

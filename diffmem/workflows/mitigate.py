@@ -49,8 +49,8 @@ class MitigateRunConfig(RunConfig):
 
     Args:
         prompts: Manifest with ``locate``, ``heldout`` and ``nonmem`` rows (and ``never_seen`` controls).
-        method, ratio, robust, target, max_rounds, folds, robust_aggregate: The :class:`MitigateConfig` settings
-            of the same names.
+        method, ratio, robust, target, max_rounds, folds, robust_aggregate, margin_steps: The
+            :class:`MitigateConfig` settings of the same names.
         scorer_weights: SSCD weights file.
         overwrite: Replace an earlier diffmem output at ``out``.
         eval_num_seeds: Seeds per held-out prompt in the measurement.
@@ -66,6 +66,7 @@ class MitigateRunConfig(RunConfig):
     max_rounds: int = 3
     folds: int = 3
     robust_aggregate: str = "shared"
+    margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False
     eval_num_seeds: int = 4
@@ -189,7 +190,7 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
     load_s = time.time() - t0
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, seed=run.seed, folds=run.folds,
-                          robust_aggregate=run.robust_aggregate, sampler=sampler,
+                          robust_aggregate=run.robust_aggregate, margin_steps=run.margin_steps, sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
