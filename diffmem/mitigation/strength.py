@@ -23,7 +23,7 @@ from .config import MitigateConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StrengthChoice", "choose_strength", "locate_config", "merged_stats"]
+__all__ = ["StrengthChoice", "choose_strength", "decide", "locate_config", "merged_stats"]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -173,49 +173,63 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
                            "seeds (target %.3f): strengths are judged by their mean similarity to the training "
                            "images, against the ordinary rows' own (%.3f)", unedited_rep, config.target, floor)
     sweep: list[dict[str, Any]] = []
-    chosen: tuple[float, Edit] | None = None
-    best = (True, float("inf"))
-    margin_left: int | None = None  # strengths still to try past the first acceptable one
+    edits: list[Edit] = []
+    index = None
     for strength in tqdm(strengths, desc="strength", disable=not progress or len(strengths) == 1):
         lcfg = locate_config(config.method, strength, config.record_steps)
         edit = locate(pipe, stats_mem, stats_base, lcfg)
         row = {"strength": strength, **_score_strength(pipe, edit, locate_rows, nonmem, nonmem_before, ecfg, scorer)}
-        if margin_left is None and folds and len(strengths) > 1:
+        if folds and len(strengths) > 1:
             row.update(_out_of_fold(pipe, locate_rows, folds, stats_parts, stats_base, lcfg, ecfg, scorer))
         if floor is not None:
             row["judged_by"], row["similarity_floor"] = "similarity", floor
+        row["plausible"] = _plausible(row, unedited_kid)
         sweep.append(row)
+        edits.append(edit)
         logger.info("strength %g: %d weights changed, locate replication %s (out of fold %s), drift within spread %s",
                     strength, row["parameters_changed"], row["locate_replication"],
                     row.get("out_of_fold_replication"), row.get("drift_within_spread"))
-        row["plausible"] = _plausible(row, unedited_kid)
-        if margin_left is not None:  # a margin step: stronger, so only drift and plausibility can veto it
-            if not _keeps_quality(row, unedited_kid):
-                row["margin"] = "rejected: drift or plausibility"
-                break
-            row["margin"] = "taken"
-            chosen, margin_left = (strength, edit), margin_left - 1
-            if margin_left == 0:
-                break
-            continue
-        if _acceptable(row, config.target, unedited_kid, floor):
-            chosen = (strength, edit)
-            if config.margin_steps == 0 or config.ratio is not None:
-                break
-            margin_left = config.margin_steps
-            row["margin"] = "first acceptable"
-            continue
-        judged = _judged(row, floor is not None)
-        key = (not row["plausible"], judged if judged is not None else float("inf"))
-        if chosen is None or key < best:
-            chosen, best = (strength, edit), key
-    if chosen is None:
+        index, done = decide(sweep, config.target, floor, 0 if config.ratio is not None else config.margin_steps)
+        if done:
+            break
+    if index is None:
         raise DiffmemError("no strength was tried: give strengths or a ratio")
-    return StrengthChoice(chosen[0], chosen[1], sweep, unedited_kid, unedited_rep)
+    return StrengthChoice(sweep[index]["strength"], edits[index], sweep, unedited_kid, unedited_rep)
 
 
-def _keeps_quality(row: dict[str, Any], unedited_kid: float | None) -> bool:
+def decide(sweep: list[dict[str, Any]], target: float, similarity_floor: float | None = None,
+           margin_steps: int = 0) -> tuple[int | None, bool]:
+    """The strength chosen from the sweep so far (its index) and whether the sweep can stop; marks each margin row.
+
+    Each row holds its measurements and ``plausible`` (:func:`_plausible`, already decided). The first acceptable
+    strength (:func:`_acceptable`) is chosen, then up to ``margin_steps`` stronger ones, each only while it keeps
+    drift within the spread and renders plausibly (:func:`_keeps_quality`); a veto or the last margin step stops
+    the sweep. With no acceptable strength, the best so far: plausible first, then the lowest judged figure.
+    """
+    first = next((i for i, r in enumerate(sweep)
+                  if r.get("plausible", True) and _acceptable(r, target, None, similarity_floor)), None)
+    if first is None:
+        best, key = None, (True, float("inf"))
+        for i, r in enumerate(sweep):
+            judged = _judged(r, similarity_floor is not None)
+            k = (not r["plausible"], judged if judged is not None else float("inf"))
+            if best is None or k < key:
+                best, key = i, k
+        return best, False
+    chosen = first
+    if margin_steps:
+        sweep[first]["margin"] = "first acceptable"
+    for i in range(first + 1, len(sweep)):
+        if not _keeps_quality(sweep[i]):
+            sweep[i]["margin"] = "rejected: drift or plausibility"
+            return chosen, True
+        sweep[i]["margin"] = "taken"
+        chosen = i
+    return chosen, chosen - first >= margin_steps
+
+
+def _keeps_quality(row: dict[str, Any]) -> bool:
     """Drift within the seed spread for at least half of the ordinary prompts, and a plausible rendering of the
-    memorized prompts (the vetoes of :func:`_acceptable` without the replication test)."""
+    memorized prompts (``row["plausible"]``): the vetoes of :func:`_acceptable` without the replication test."""
     spread = row.get("drift_within_spread")
-    return (spread is None or spread >= 0.5) and _plausible(row, unedited_kid)
+    return (spread is None or spread >= 0.5) and bool(row.get("plausible", True))

@@ -13,7 +13,7 @@ from diffmem.data import ManifestEntry
 from diffmem.edits import Mask, WeightDelta
 from diffmem.errors import DiffmemError
 from diffmem.mitigation import MitigateConfig, finetune_against, load_rows, locality_evidence, mitigate
-from diffmem.mitigation.strength import _acceptable, _judged
+from diffmem.mitigation.strength import _acceptable, _judged, decide
 from diffmem.reextraction import ReextractConfig
 from diffmem.sampling import generate_images
 from diffmem.score import get_scorer
@@ -96,3 +96,35 @@ def test_mitigate_cross_fits_and_reports_the_estimate_beside_in_sample(tiny_pipe
     assert est["out_of_fold"]["rows"] == 4 and est["in_sample"]["rows"] == 4
     assert set(est["out_of_fold"]["prompt"]) == {"model", "diffusers-default", "high-guidance"}
     assert 0.0 <= est["memorized_replication_unedited"] <= 1.0
+
+
+
+def _row(rep, spread=1.0, plausible=True):
+    return {"locate_replication": rep, "out_of_fold_replication": rep, "drift_within_spread": spread,
+            "plausible": plausible}
+
+
+def test_decide_takes_the_margin_step_unless_drift_or_plausibility_vetoes_it():
+    sweep = [_row(0.5), _row(0.04)]
+    assert decide(sweep, 0.05, margin_steps=0) == (1, True)  # the first acceptable, at once
+    assert decide(sweep, 0.05, margin_steps=1) == (1, False)  # one more strength to try
+    assert decide(sweep + [_row(0.0)], 0.05, margin_steps=1) == (2, True)
+    assert sweep[1]["margin"] == "first acceptable" and "margin" not in sweep[0]
+    vetoed = [_row(0.5), _row(0.04), _row(0.0, spread=0.25)]
+    assert decide(vetoed, 0.05, margin_steps=2) == (1, True) and vetoed[2]["margin"].startswith("rejected")
+    implausible = [_row(0.5), _row(0.04), {**_row(0.0), "plausible": False}]
+    assert decide(implausible, 0.05, margin_steps=1) == (1, True)
+    two = [_row(0.04), _row(0.02), _row(0.0)]
+    assert decide(two, 0.05, margin_steps=2) == (2, True) and [r.get("margin") for r in two][1:] == ["taken"] * 2
+    # nothing acceptable: the plausible one with the lowest replication, and the sweep goes on
+    none = [_row(0.6), _row(0.3), {**_row(0.1), "plausible": False}]
+    assert decide(none, 0.05, margin_steps=1) == (1, False)
+
+
+def test_mitigate_stops_the_sweep_after_the_margin_step(tiny_pipe, rows):
+    cfg = MitigateConfig(strengths=(0.02, 0.1, 0.2, 0.5), margin_steps=1, folds=0, sweep_num_seeds=1,
+                         record_steps=2, sampler=SAMPLER)
+    res = mitigate(tiny_pipe, rows, cfg, get_scorer("ssim"), progress=False)
+    index, done = decide([dict(r) for r in res.sweep], cfg.target, res.sweep[0].get("similarity_floor"), 1)
+    assert res.strength == res.sweep[index]["strength"]  # the sweep's own rows give the same choice
+    assert done or len(res.sweep) == len(cfg.strengths)  # it stopped only where the rule says it may

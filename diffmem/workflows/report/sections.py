@@ -212,6 +212,14 @@ _SWEEP_COLUMNS = ("strength", "ratio", "fraction", "parameters_changed", "locate
                   "drift_within_spread")
 
 
+_MARGIN_NOTE = {  # (chosen, the row's margin mark) -> the Chosen cell
+    (False, "first acceptable"): "first to meet the target",
+    (True, "first acceptable"): "chosen: first to meet the target",
+    (True, "taken"): "chosen: a margin step past the first to meet the target",
+    (False, "rejected: drift or plausibility"): "margin step refused: drift or plausibility",
+}
+
+
 def _section_sweep(report: Mapping[str, Any]) -> Section | None:
     rows = [r for r in report.get("sweep") or _mitigation(report).get("sweep") or [] if isinstance(r, Mapping)]
     if not rows:
@@ -228,7 +236,7 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
         cells = [_num_cell(r.get(k), "setting" if k == "strength" else _guess_kind(k, r.get(k))) for k in keys]
         if mark:
             picked = not _is_missing(r.get("strength")) and float(r["strength"]) == float(chosen)
-            cells.append(Cell("chosen" if picked else ""))
+            cells.append(Cell(_MARGIN_NOTE.get((picked, str(r.get("margin") or "")), "chosen" if picked else "")))
         table_rows.append(cells)
     columns = [_HEADERS.get(k, _humanize(k)) for k in keys] + (["Chosen"] if mark else [])
     table = Table(columns, table_rows, [True] * len(keys) + ([False] if mark else []))
@@ -246,7 +254,12 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
         intro += " The strength is the mask ratio (the rank for the directions method)"
         intro += (": this run was given one." if not _is_missing(given.get("ratio")) else
                   "; the smallest strength whose replication (out of fold when measured) meets the target while "
-                  "ordinary images stay within their seed spread is chosen.")
+                  "ordinary images stay within their seed spread and memorized prompts still render plausible "
+                  "images is found first.")
+        if any(r.get("margin") for r in rows):
+            intro += (" That first figure is the lowest of several noisy measurements, so it flatters the edit on "
+                      "images that were not given: the choice then moves on by a margin step to the next strength "
+                      "when it too keeps drift and plausibility.")
     return Section("sweep", "How large an edit is needed", intro, blocks)
 
 
