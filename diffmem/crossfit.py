@@ -168,6 +168,7 @@ def measure_rows(
     progress: bool = False,
     summaries: dict[str, Any] | None = None,
     references: list[np.ndarray] | None = None,
+    prompt: bool = True,
 ) -> list[dict[str, Any]]:
     """Replication of each row under ``edit``: with the prompt at each sampler, and under the attack.
 
@@ -189,6 +190,7 @@ def measure_rows(
         summaries: When given, receives each start's attack summary (``{init: summary}``, with the rate-vs-steps
             curve when ``attack.checkpoints`` asks for one), sampled at the first attack sampler.
         references: The rows' reference pixels at the model's size, when the caller has loaded them already.
+        prompt: Measure the prompt at each sampler (``False``: the attack only; ``prompt_rate`` stays empty).
 
     Returns:
         One dict per row: ``prompt``, ``split``, ``duplicates``, ``prompt_rate`` ({sampler: rate}),
@@ -203,7 +205,7 @@ def measure_rows(
     out = [{"prompt": e.prompt, "split": e.split, "duplicates": e.duplicates, "prompt_rate": {}, "attack_rate": {},
             "attack_worst": {}} for e in rows]
     with apply_edit(pipe, edit), torch.no_grad():
-        for name, sampler in samplers.items():
+        for name, sampler in samplers.items() if prompt else ():
             res = evaluate(pipe, rows, EvalConfig(num_seeds=num_seeds, seed=seed, sampler=sampler), scorer,
                            progress=False)
             for o, r in zip(out, res.rows):

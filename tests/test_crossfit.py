@@ -105,6 +105,14 @@ def test_measure_rows_attack_worst_case_is_any_start(tiny_pipe, own_rows):
             assert max(rates) <= o["attack_worst"][name] <= min(1.0, sum(rates))
 
 
+def test_measure_rows_can_skip_the_prompt_and_measure_the_attack_only(tiny_pipe, own_rows):
+    rows, sampler = own_rows
+    out = measure_rows(tiny_pipe, None, rows, get_scorer("ssim"), {"model": sampler},
+                       attack=ReextractConfig(opt_steps=1, checkpoints=(), sample_seed=0), inits=("prompt",),
+                       num_seeds=1, seed=0, prompt=False)
+    assert all(o["prompt_rate"] == {} and set(o["attack_worst"]) == {"model"} for o in out)
+
+
 def test_shared_saliency_keeps_only_weights_most_terms_agree_on():
     w = {"a": torch.tensor([[1.0, 1.0, 1.0, 1.0]])}
     shared = _SharedSaliency(w)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from diffmem.config import LocateConfig, RecordConfig
+from diffmem.config import LocateConfig, RecordConfig, require
 from diffmem.data import load_reference, read_manifest, read_prompts
 from diffmem.detection import DetectConfig, detect
 from diffmem.edits import apply_edit, chance_iou, check_output_dir, export_edited, mask_iou
@@ -59,7 +59,9 @@ class DemoConfig(RunConfig):
         target: Target rate of the mitigation (replication on the ``locate`` split, and under the attack).
         eval_num_seeds: Seeds per prompt in the evaluation.
         attack_generations: Generations per prompt in Carlini et al.'s attack.
-        attack_controls: Non-memorized training images attacked as the re-extraction control, per edit.
+        attack_rows: Held-out memorized rows attacked per edit (spread evenly; ``None``: all); the prompt rates
+            use every held-out row.
+        attack_controls: Rows of each re-extraction control (once-seen and never-seen images) attacked per edit.
         max_rounds: Robust pruning rounds.
         compare_directions: Also run the low-rank projection editor.
         quick: Reduced settings for CI.
@@ -75,7 +77,8 @@ class DemoConfig(RunConfig):
     target: float = 0.05
     eval_num_seeds: int = 4
     attack_generations: int = 8
-    attack_controls: int = 8
+    attack_rows: int | None = 8
+    attack_controls: int = 4
     max_rounds: int = 3
     compare_directions: bool = True
     quick: bool = False
@@ -84,6 +87,8 @@ class DemoConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
+        require(self.attack_rows is None or self.attack_rows >= 1, "attack_rows", self.attack_rows, "must be >= 1")
+        require(self.attack_controls >= 1, "attack_controls", self.attack_controls, "must be >= 1")
         EvalConfig(region=self.region)  # checks the value
 
 
@@ -185,7 +190,9 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
-    final_attack = final_attack_config(opt_steps, sampler, config.seed, num_seeds=2)
+    # the budget of a ten-minute run: every held-out row with the prompt at three samplers, the attack on a spread
+    # of them and on small control sets, its curve at three checkpoints
+    final_attack = final_attack_config(opt_steps, sampler, config.seed, num_seeds=2, checkpoints=(0, 25, 50))
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
 
@@ -196,6 +203,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     def measure(name: str, edit: Any, seconds: float) -> None:
         row, summary = edit_row(pipe, name, edit, entries, scorer, sampler, num_seeds=eval_num_seeds,
                                 attack=final_attack, seconds=seconds, controls=config.attack_controls,
+                                attack_rows=config.attack_rows,
                                 baseline=unedited, progress=progress, inits=("prompt",), attack_samplers=("model",))
         rows.append(row)
         curves[name] = summary

@@ -94,7 +94,7 @@ def _spread(rows: list[ManifestEntry], count: int | None) -> list[ManifestEntry]
 
 def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntry], scorer: Any,
              sampler: SamplerConfig, *, num_seeds: int, attack: ReextractConfig, seconds: float,
-             controls: int | None = 8,
+             controls: int | None = 8, attack_rows: int | None = None,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
              attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[EditRow, dict[str, Any]]:
@@ -105,8 +105,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     (a seed counts as replicated when any start replicates it), sampled at ``attack_samplers``. The same attack,
     with the same budget, runs on two controls at the model's sampler: ``nonmem`` rows (training images seen once)
     and ``never_seen`` rows (images like the memorized ones that are in no training set). The figure that counts
-    is the held-out rate's advantage over the never-seen rate. ``controls`` caps each control set (rows spread
-    evenly). The row also holds drift, size, the time to find the edit (``seconds``) and the time of this
+    is the held-out rate's advantage over the never-seen rate. ``controls`` caps each control set and
+    ``attack_rows`` the held-out rows attacked (rows spread evenly; the prompt rates use every held-out row). The row also holds drift, size, the time to find the edit (``seconds``) and the time of this
     measurement. ``baseline`` is the unedited evaluation of the ``nonmem`` rows with the same settings; it is
     computed when not given (pass it when measuring several edits).
     """
@@ -123,9 +123,18 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     with apply_edit(pipe, edit), torch.no_grad():
         drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
     summaries: dict[str, Any] = {}
-    held = summarise_rows(measure_rows(pipe, edit, heldout, scorer, samplers, attack=attack, inits=inits,
-                                       attack_samplers=attack_samplers, num_seeds=num_seeds, seed=0,
-                                       progress=progress, summaries=summaries))
+    attacked = _spread(heldout, attack_rows)
+    if len(attacked) == len(heldout):
+        held = summarise_rows(measure_rows(pipe, edit, heldout, scorer, samplers, attack=attack, inits=inits,
+                                           attack_samplers=attack_samplers, num_seeds=num_seeds, seed=0,
+                                           progress=progress, summaries=summaries))
+    else:  # the prompt on every held-out row, the attack on a spread of them
+        held = summarise_rows(measure_rows(pipe, edit, heldout, scorer, samplers, attack=None, num_seeds=num_seeds,
+                                           seed=0))
+        part = summarise_rows(measure_rows(pipe, edit, attacked, scorer, samplers, attack=attack, inits=inits,
+                                           attack_samplers=attack_samplers, num_seeds=num_seeds, seed=0,
+                                           progress=progress, summaries=summaries, prompt=False))
+        held["attack"], held["attack_by_init"] = part["attack"], part["attack_by_init"]
     plain = replace(attack, checkpoints=())
     own = {"model": samplers["model"]}
     once = summarise_rows(measure_rows(pipe, edit, once_seen, scorer, own, attack=plain, inits=inits,
@@ -141,6 +150,7 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         "heldout_prompt_by_sampler": held["prompt"],
         "heldout_attack_by_sampler": held["attack"],
         "heldout_attack_by_start": held["attack_by_init"],
+        "heldout_rows_attacked": len(attacked),
         "control_rate": once["attack"].get("model"),
         "never_seen_rate": never_rate,
         "attack_advantage": (None if held_attack is None or never_rate is None else held_attack - never_rate),
@@ -163,9 +173,11 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     return row, summary
 
 
-def final_attack_config(opt_steps: int, sampler: SamplerConfig, seed: int, num_seeds: int = 4) -> ReextractConfig:
-    """The evaluation attack: held-out seeds and an optimisation seed that mitigation never used."""
-    return ReextractConfig(opt_steps=opt_steps, checkpoints=tuple(c for c in (0, 10, 25, 50) if c <= opt_steps),
+def final_attack_config(opt_steps: int, sampler: SamplerConfig, seed: int, num_seeds: int = 4,
+                        checkpoints: tuple[int, ...] = (0, 10, 25, 50)) -> ReextractConfig:
+    """The evaluation attack: held-out seeds and an optimisation seed that mitigation never used; the rate is
+    sampled at each of ``checkpoints`` (optimiser steps, up to ``opt_steps``) for the rate-vs-steps curve."""
+    return ReextractConfig(opt_steps=opt_steps, checkpoints=tuple(c for c in checkpoints if c <= opt_steps),
                            num_seeds=num_seeds, sample_seed=20_000 + seed, seed=seed + 1, sampler=sampler)
 
 

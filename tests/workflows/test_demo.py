@@ -76,6 +76,8 @@ def test_demo_table_has_one_row_per_edit_from_real_generations(demo_out):
     # the unedited model replicates its held-out memorized images; the sparse mask cuts that
     assert rows["none"]["heldout_replication_prompt"] > rows["sparse mask"]["heldout_replication_prompt"]
     assert set(report["reextract"]) == set(EDITS)
+    # the attack ran on a spread of the held-out rows, at most the demo's attack_rows
+    assert all(1 <= r["heldout_rows_attacked"] <= report["settings"]["attack_rows"] for r in rows.values())
     assert report["locality"]["trigger_distance_rms"] > 0 and "trigger_mask_iou" in report["locality"]
     assert 0.0 <= report["iou_subsets"]["overall"] <= 1.0 and report["detection"]["auc"] is not None
     assert {"before", "after"} <= set(report["attack"])

@@ -31,6 +31,7 @@ _METRICS: dict[str, tuple[str, str]] = {
     # edits
     "heldout_replication_prompt": ("Held-out replication, prompt", "rate"),
     "heldout_replication_attack": ("Held-out replication, attack", "rate"),
+    "heldout_rows_attacked": ("Held-out rows attacked", "count"),
     "control_rate": ("Control re-extraction", "rate"),
     "never_seen_rate": ("Never-seen images under attack", "rate"),
     "attack_advantage": ("Held-out attack rate above the never-seen rate", "points"),
@@ -90,6 +91,7 @@ _SETTINGS: dict[str, str] = {
 _HEADERS: dict[str, str] = {
     "heldout_replication_prompt": "Replication from prompt",
     "heldout_replication_attack": "Replication under attack",
+    "heldout_rows_attacked": "Rows attacked",
     "control_rate": "Once-seen under attack",
     "never_seen_rate": "Never-seen under attack",
     "attack_advantage": "Advantage over never-seen",

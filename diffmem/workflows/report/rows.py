@@ -17,6 +17,7 @@ class EditRow(TypedDict, total=False):
     heldout_prompt_by_sampler: dict[str, float]  # {sampler name: rate}
     heldout_attack_by_sampler: dict[str, float]
     heldout_attack_by_start: dict[str, dict[str, float]]  # {start: {sampler name: rate}}
+    heldout_rows_attacked: int  # held-out rows under the attack (a spread of them, or all)
     control_rate: float | None  # the attack on once-seen training images
     never_seen_rate: float | None  # the attack on images in no training set
     attack_advantage: float | None  # held-out under attack minus never-seen

@@ -17,8 +17,8 @@ from .plots import (_plot_duplication, _plot_iou, _plot_reextract, _plot_roc, _p
                     _series)
 from .settings import _has_given, _sampler_blocks, _scorer_blocks, _timings_table
 
-_EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "never_seen_rate", "attack_advantage",
-                 "control_rate", "drift_similarity", "seed_similarity_before", "drift_within_spread",
+_EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "heldout_rows_attacked",
+                 "never_seen_rate", "attack_advantage", "control_rate", "drift_similarity", "seed_similarity_before", "drift_within_spread",
                  "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
 
 
