@@ -48,6 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--robust-aggregate", default="shared", choices=["shared", "sum"])
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--margin-steps", type=int, default=1)
+    p.add_argument("--min-rounds", type=int, default=1)
     p.add_argument("--max-rounds", type=int, default=3)
     p.add_argument("--eval-seeds", type=int, default=4)
     p.add_argument("--opt-steps", type=int, default=50)
@@ -85,7 +86,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
     t0 = time.time()
     run = MitigateRunConfig(model=str(path), prompts=str(path / "memorization.jsonl"), out=str(Path(args.work) / name),
                             robust=args.robust, robust_aggregate=args.robust_aggregate, folds=args.folds,
-                            margin_steps=args.margin_steps,
+                            margin_steps=args.margin_steps, min_rounds=args.min_rounds,
                             max_rounds=args.max_rounds, eval_num_seeds=args.eval_seeds, opt_steps=args.opt_steps,
                             scorer=args.scorer, overwrite=True)
     report = run_mitigate(run, progress=False)

@@ -23,7 +23,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
                             opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
-                            margin_steps=args.margin_steps)
+                            margin_steps=args.margin_steps, min_rounds=args.min_rounds)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -40,6 +40,8 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--robust", choices=["none", "prune", "finetune"], default="none")
     p.add_argument("--target", type=common.rate, default=0.05)
     p.add_argument("--max-rounds", type=common.positive_int, default=3)
+    p.add_argument("--min-rounds", type=common.nonneg_int, default=1,
+                   help="robust rounds run even when the attack already fails on the given rows")
     p.add_argument("--opt-steps", type=common.positive_int, default=50, help="attack steps during mitigation")
     p.add_argument("--folds", type=common.folds, default=3,
                    help="cross-fitting folds over the locate rows for the out-of-fold estimate (0: off)")

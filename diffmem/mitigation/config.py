@@ -31,6 +31,10 @@ class MitigateConfig(DiffmemConfig):
         target: Largest acceptable ``locate`` replication (and, with ``robust``, attack rate).
         robust: ``none``, ``prune`` or ``finetune``.
         max_rounds: Rounds of the robust step.
+        min_rounds: Rounds run even when the attack already fails on the given rows (at most ``max_rounds``): the
+            given rows may be weaker memories than those not given, and a round's saliency (the training loss toward
+            the memorized images under the attack's conditionings) points at their weights whether or not the
+            conditionings replicate.
         record_steps: Leading sampler steps recorded and used to locate (tau).
         sweep_num_seeds: Seeds per prompt when choosing the strength.
         margin_steps: Strengths taken past the first one that meets ``target`` (each only while drift and the
@@ -71,6 +75,7 @@ class MitigateConfig(DiffmemConfig):
     target: float = 0.05
     robust: str = "none"
     max_rounds: int = 3
+    min_rounds: int = 1
     robust_score: str = "saliency"
     robust_fraction: float = 0.001
     robust_aggregate: str = "sum"
@@ -112,6 +117,7 @@ class MitigateConfig(DiffmemConfig):
         require(bool(self.strengths) and list(self.strengths) == sorted(self.strengths), "strengths", self.strengths,
                 "give ascending values")
         require(0 <= self.target <= 1, "target", self.target, "must be in [0, 1]")
+        require(0 <= self.min_rounds <= self.max_rounds, "min_rounds", self.min_rounds, "must be in [0, max_rounds]")
         require(self.margin_steps >= 0, "margin_steps", self.margin_steps, "must be >= 0")
         for name in ("max_rounds", "record_steps", "sweep_num_seeds", "estimate_num_seeds", "finetune_steps",
                      "finetune_batch"):

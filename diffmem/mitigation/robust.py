@@ -55,7 +55,7 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
         rounds.append(info)
         logger.info("robust round %d: attack rate on the given rows %s", k,
                     ", ".join(f"{n} {r:.3f}" for n, r in rates.items()))
-        if worst <= config.target or k == config.max_rounds:
+        if (worst <= config.target and k >= config.min_rounds) or k == config.max_rounds:
             break
         if first_adversarial is None:
             first_adversarial = embeds[: len(items)]  # the prompt start's conditionings on the plain edit

@@ -49,7 +49,7 @@ class MitigateRunConfig(RunConfig):
 
     Args:
         prompts: Manifest with ``locate``, ``heldout`` and ``nonmem`` rows (and ``never_seen`` controls).
-        method, ratio, robust, target, max_rounds, folds, robust_aggregate, margin_steps: The
+        method, ratio, robust, target, max_rounds, min_rounds, folds, robust_aggregate, margin_steps: The
             :class:`MitigateConfig` settings of the same names.
         scorer_weights: SSCD weights file.
         overwrite: Replace an earlier diffmem output at ``out``.
@@ -64,6 +64,7 @@ class MitigateRunConfig(RunConfig):
     robust: str = "none"
     target: float = 0.05
     max_rounds: int = 3
+    min_rounds: int = 1
     folds: int = 3
     robust_aggregate: str = "shared"
     margin_steps: int = 1
@@ -201,7 +202,8 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
     own_scheduler = sampler.apply_scheduler(pipe)
     load_s = time.time() - t0
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
-                          max_rounds=run.max_rounds, seed=run.seed, folds=run.folds,
+                          max_rounds=run.max_rounds, min_rounds=min(run.min_rounds, run.max_rounds), seed=run.seed,
+                          folds=run.folds,
                           robust_aggregate=run.robust_aggregate, margin_steps=run.margin_steps, sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
