@@ -128,7 +128,8 @@ def test_shared_saliency_keeps_only_weights_most_terms_agree_on():
 
 @pytest.mark.parametrize("field,value", [("folds", 1), ("robust_aggregate", "mean"), ("robust_share", 0.0),
                                          ("attack_inits", ("prompt", "other")), ("robust_samplers", ("fast",)),
-                                         ("estimate_num_seeds", 0)])
+                                         ("estimate_num_seeds", 0), ("margin_steps", -1), ("min_rounds", 4),
+                                         ("min_rounds", -1)])
 def test_mitigate_config_checks_the_new_settings(field, value):
     with pytest.raises(ConfigError, match=field):
         MitigateConfig(**{field: value})

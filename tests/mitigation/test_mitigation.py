@@ -75,3 +75,20 @@ def test_plausibility_guard_allows_the_kid_estimates_own_noise():
     assert not _plausible({"memorized_becomes": {"kid_mean": 5e-4, "kid_std": 1e-4}}, unedited)
     # not measured: no veto
     assert _plausible({}, unedited) and _plausible({"memorized_becomes": {"kid_mean": 1.0}}, None)
+
+
+@pytest.mark.parametrize("min_rounds", [0, 1])
+def test_min_rounds_runs_a_round_even_when_the_attack_already_fails(pipe, min_rounds):
+    entries = [e for e in _subset(read_manifest(MODEL / "memorization.jsonl")) if e.split in ("locate", "nonmem")]
+    sampler = SamplerConfig(**{k: v for k, v in sampling_defaults(MODEL).items() if v})
+    # target 1.0: every attack "fails", so only min_rounds can make a round run
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, min_rounds=min_rounds, target=1.0, folds=0,
+                         sweep_num_seeds=1, sampler=sampler, attack_inits=("prompt",), robust_samplers=("model",),
+                         attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
+    result = mitigate(pipe, entries, cfg, get_scorer("ssim"), progress=False)
+    assert [r["round"] for r in result.rounds] == list(range(min_rounds + 1))
+    if min_rounds:
+        assert result.rounds[0]["parameters_changed_after"] > result.rounds[0]["parameters_changed"]
+        assert result.edit.num_masked() > result.plain_edit.num_masked()
+    else:
+        assert result.edit.num_masked() == result.plain_edit.num_masked()
