@@ -27,15 +27,7 @@ from diffmem.data import (
 from diffmem.errors import PromptFileError
 from diffmem.data.formats import WEBSTER_LABELS, assign_splits, detect_format
 
-DATA = Path(__file__).parents[3] / "shared" / "data"
-NEMO_MEM = DATA / "nemo_memorized_laion_prompts.csv"
-NEMO_UNMEM = DATA / "nemo_unmemorized_laion_prompts.csv"
-WEN = DATA / "wen_sdv1_500_memorized.jsonl"
-
-needs_data = pytest.mark.skipif(
-    not (NEMO_MEM.exists() and NEMO_UNMEM.exists() and WEN.exists()),
-    reason=f"published prompt lists not found in {DATA} (the shared data folder next to the repository)",
-)
+from published import NEMO_MEM, NEMO_UNMEM, WEN, needs_data
 
 try:
     import pyarrow as pa
