@@ -53,17 +53,24 @@ class DemoConfig(RunConfig):
     """Settings of ``diffmem demo`` (and those of :class:`~diffmem.workflows.run.RunConfig`; SSIM is the scorer
     because the embedded model makes 32 px images, too small for SSCD).
 
+    The default budget fits ten minutes on two CPU cores; ``full`` runs the complete comparison (about three times
+    as long). A setting left ``None`` takes its value from the budget (default / full).
+
     Args:
         model: Checkpoint folder with ``memorization.jsonl`` (default: the embedded tiny memorizer).
         ratio: Mask ratio; ``None`` chooses it on the ``locate`` split.
         target: Target rate of the mitigation (replication on the ``locate`` split, and under the attack).
-        eval_num_seeds: Seeds per prompt in the evaluation.
+        full: The complete comparison instead of the ten-minute budget.
+        eval_num_seeds: Seeds per prompt in the evaluation (2 / 4).
         attack_generations: Generations per prompt in Carlini et al.'s attack.
-        attack_rows: Held-out memorized rows attacked per edit (spread evenly; ``None``: all); the prompt rates
-            use every held-out row.
-        attack_controls: Rows of each re-extraction control (once-seen and never-seen images) attacked per edit.
+        attack_rows: Held-out memorized rows attacked per edit, spread evenly (8 / all); the prompt rates use
+            every held-out row.
+        attack_controls: Rows of each re-extraction control (once-seen and never-seen images) attacked per edit
+            (4 / 8).
+        attack_inits: Starts of the robust loop's attack (the prompt / the prompt and a random one).
+        locality_rows: Memorized rows whose re-extraction triggers are compared (4 / 8).
         max_rounds: Robust pruning rounds.
-        compare_directions: Also run the low-rank projection editor.
+        compare_directions: Also run the low-rank projection editor (no / yes).
         quick: Reduced settings for CI.
         seed: First seed everywhere.
         region: ``"bright-ending"``: the evaluation grids also measure replication on each generation's memorized
@@ -75,20 +82,34 @@ class DemoConfig(RunConfig):
     out: str = "runs/demo"
     ratio: float | None = None
     target: float = 0.05
-    eval_num_seeds: int = 4
+    full: bool = False
+    eval_num_seeds: int | None = None
     attack_generations: int = 8
-    attack_rows: int | None = 8
-    attack_controls: int = 4
+    attack_rows: int | None = None
+    attack_controls: int | None = None
+    attack_inits: tuple[str, ...] | None = None
+    locality_rows: int | None = None
     max_rounds: int = 3
-    compare_directions: bool = True
+    compare_directions: bool | None = None
     quick: bool = False
     seed: int = 0
     region: str = "full"
 
+    def budget(self) -> dict[str, Any]:
+        """The settings left ``None``, filled from the budget (the ten-minute default, or ``full``)."""
+        full = self.full
+        chosen = {"eval_num_seeds": 4 if full else 2, "attack_rows": None if full else 8,
+                  "attack_controls": 8 if full else 4, "attack_inits": ("prompt", "random") if full else ("prompt",),
+                  "locality_rows": 8 if full else 4, "compare_directions": full}
+        return {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in chosen.items()}
+
     def check(self) -> None:
         super().check()
-        require(self.attack_rows is None or self.attack_rows >= 1, "attack_rows", self.attack_rows, "must be >= 1")
-        require(self.attack_controls >= 1, "attack_controls", self.attack_controls, "must be >= 1")
+        for name in ("eval_num_seeds", "attack_rows", "attack_controls", "locality_rows"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be >= 1")
+        require(self.attack_inits is None or (bool(self.attack_inits) and set(self.attack_inits) <= {"prompt", "random"}),
+                "attack_inits", self.attack_inits, "give prompt and/or random")
         EvalConfig(region=self.region)  # checks the value
 
 
@@ -135,7 +156,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     entries = read_manifest(manifest, allow_outside=config.allow_outside)
     base_file = model / "base_prompts.txt"
     base_prompts = [""] + (read_prompts(base_file) if base_file.is_file() else [])
-    opt_steps, max_rounds, eval_num_seeds = config.opt_steps, config.max_rounds, config.eval_num_seeds
+    budget = config.budget()
+    opt_steps, max_rounds, eval_num_seeds = config.opt_steps, config.max_rounds, budget["eval_num_seeds"]
     if config.quick:
         entries = _quick_subset(entries, 1)
         base_prompts, opt_steps, max_rounds, eval_num_seeds = base_prompts[:7], min(opt_steps, 10), 1, 2
@@ -160,12 +182,12 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     # 2. mitigation (locate and nonmem rows only)
     attack_m = ReextractConfig(opt_steps=opt_steps, checkpoints=(), num_seeds=2, seed=config.seed,
                                sample_seed=10_000 + config.seed, sampler=sampler)
-    # the demo measures held-out rows itself, so it skips the cross-fitted estimate and keeps the budget of a
-    # ten-minute run on two cores: the robust loop attacks from both starts at the model's sampler
-    budget = dict(folds=0, robust_samplers=("model",),
-                  attack_inits=("prompt",) if config.quick else ("prompt", "random"))
+    # the demo measures held-out rows itself, so it skips the cross-fitted estimate; the robust loop attacks at the
+    # model's sampler, from the budget's starts
     mcfg = MitigateConfig(ratio=config.ratio, robust="prune", target=config.target, max_rounds=max_rounds,
-                          attack=attack_m, seed=config.seed, robust_aggregate="shared", sampler=sampler, **budget,
+                          attack=attack_m, seed=config.seed, robust_aggregate="shared", sampler=sampler, folds=0,
+                          robust_samplers=("model",),
+                          attack_inits=("prompt",) if config.quick else tuple(budget["attack_inits"]),
                           strengths=(DEFAULT_RATIOS[0], DEFAULT_RATIOS[-1]) if config.quick else DEFAULT_RATIOS)
     t_m = time.time()
     result = mitigate(pipe, visible, mcfg, scorer, base_prompts=base_prompts, progress=progress)
@@ -184,15 +206,16 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     iou = mask_iou(mask_a, mask_b)
     iou_block = {"overall": iou["overall"], "per_layer": iou["per_layer"], "chance_overall": chance_iou(mask_a, mask_b),
                  "subset_sizes": [len(half_a), len(half_b)]}
-    strongest = sorted(locate_rows, key=lambda e: -e.duplicates)[: 2 if config.quick else 8]
+    strongest = sorted(locate_rows, key=lambda e: -e.duplicates)[: 2 if config.quick else budget["locality_rows"]]
     locality = locality_evidence(pipe, strongest, base_prompts, attack_m, scorer, ratio=result.strength,
                                  progress=progress)
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
-    # the budget of a ten-minute run: every held-out row with the prompt at three samplers, the attack on a spread
-    # of them and on small control sets, its curve at three checkpoints
-    final_attack = final_attack_config(opt_steps, sampler, config.seed, num_seeds=2, checkpoints=(0, 25, 50))
+    # every held-out row with the prompt at three samplers; the attack on the budget's rows and controls (in the
+    # ten-minute budget a spread of them, its curve at three checkpoints)
+    final_attack = final_attack_config(opt_steps, sampler, config.seed, num_seeds=2,
+                                       checkpoints=(0, 10, 25, 50) if config.full else (0, 25, 50))
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
 
@@ -202,15 +225,15 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
 
     def measure(name: str, edit: Any, seconds: float) -> None:
         row, summary = edit_row(pipe, name, edit, entries, scorer, sampler, num_seeds=eval_num_seeds,
-                                attack=final_attack, seconds=seconds, controls=config.attack_controls,
-                                attack_rows=config.attack_rows,
+                                attack=final_attack, seconds=seconds, controls=budget["attack_controls"],
+                                attack_rows=budget["attack_rows"],
                                 baseline=unedited, progress=progress, inits=("prompt",), attack_samplers=("model",))
         rows.append(row)
         curves[name] = summary
 
     measure("none", None, 0.0)
     measure("sparse mask", mask, result.timings_s.get("record", 0) + result.timings_s.get("strength", 0))
-    if config.compare_directions:
+    if budget["compare_directions"]:
         t_d = time.time()
         dres = mitigate(pipe, visible, MitigateConfig(method="directions", target=config.target,
                         strengths=(4, 16) if not config.quick else (4,), seed=config.seed, sampler=sampler),
@@ -250,7 +273,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     quality = _quality(shown, before, after)
     lap("quality")
     report: dict[str, Any] = {
-        "title": "diffmem demo", "model": str(model), "sampler": sampler.to_dict(), "settings": config.to_dict(),
+        "title": "diffmem demo", "model": str(model), "sampler": sampler.to_dict(), "settings": {**config.to_dict(), **budget},
         "scorer": scorer.describe(), "edits": rows,
         "detection": {"auc": det.auc, "tpr_at_1pct_fpr": det.tpr_at_1fpr, "roc": {"fpr": list(map(float, fpr)),
                       "tpr": list(map(float, tpr))}, "scores": [{"prompt": p, "score": float(s), "memorized": bool(m)}
