@@ -16,6 +16,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                ("scorer", args.scorer)) if v is not None}
     cfg = DemoConfig(model=args.model, out=args.out, ratio=args.ratio, quick=args.quick, seed=args.seed,
                      full=args.full, compare_directions=False if args.no_directions else None,
+                     compare_finetune=False if args.no_finetune else None,
                      sampler=common.sampler_flags(args),
                      region=args.region, **extra)
     report = run_demo(cfg)
@@ -30,9 +31,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="mask ratio (default: chosen on the locate split)")
     p.add_argument("--quick", action="store_true", help="reduced settings (CI)")
     p.add_argument("--full", action="store_true",
-                   help="the complete comparison (every held-out row attacked from two starts, 4 seeds, larger "
-                        "controls, the low-rank projection editor): about three times the ten-minute default")
+                   help="the complete comparison instead of the ten-minute budget: six strengths, the robust loop "
+                        "attacking from two starts, every held-out row attacked, 4 seeds, larger controls, the "
+                        "locality evidence, adversarial fine-tuning and the low-rank projection editor")
     p.add_argument("--no-directions", action="store_true", help="skip the low-rank projection editor (with --full)")
+    p.add_argument("--no-finetune", action="store_true", help="skip adversarial fine-tuning (with --full)")
     p.add_argument("--eval-seeds", type=common.positive_int, default=None, help="seeds per prompt in the evaluation")
     p.add_argument("--attack-generations", type=common.positive_int, default=None,
                    help="generations per attacked prompt")

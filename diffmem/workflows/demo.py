@@ -1,4 +1,5 @@
-"""``diffmem demo``: ``mitigate --robust prune`` on the embedded tiny memorizer, against every other edit.
+"""``diffmem demo``: ``mitigate --robust prune`` on the embedded tiny memorizer, against the plain mask (and, with
+``full``, every other edit).
 
 The demo runs on a checkpoint with a ground-truth manifest (by default the embedded tiny memorizer):
 
@@ -6,8 +7,8 @@ The demo runs on a checkpoint with a ground-truth manifest (by default the embed
 2. mitigation on the ``locate`` and ``nonmem`` rows only: statistics, a sparse mask whose ratio is chosen on the
    ``locate`` split, then robust pruning rounds against the re-extraction attack (Finding DoRI);
 3. the shared-subspace evidence: masks located from two disjoint halves of the ``locate`` split, their IoU against
-   chance, and how far re-extraction triggers found from different starts lie from each other;
-4. one row per edit (none, sparse mask, directions, robust prune, robust finetune) measured on the ``heldout``
+   chance, and (``full``) how far re-extraction triggers found from different starts lie from each other;
+4. one row per edit (none, sparse mask, robust prune; ``full`` adds directions and robust finetune) on the ``heldout``
    rows: replication with the prompt and under the attack, the control rate, drift and size;
 5. Carlini et al.'s extraction attack before and after the robust edit;
 6. the export of the robust pipeline and ``report.json`` / ``report.html``.
@@ -62,15 +63,17 @@ class DemoConfig(RunConfig):
         target: Target rate of the mitigation (replication on the ``locate`` split, and under the attack).
         full: The complete comparison instead of the ten-minute budget.
         eval_num_seeds: Seeds per prompt in the evaluation (2 / 4).
-        attack_generations: Generations per prompt in Carlini et al.'s attack.
+        attack_generations: Generations per prompt in Carlini et al.'s attack (4 / 8).
         attack_rows: Held-out memorized rows attacked per edit, spread evenly (8 / all); the prompt rates use
             every held-out row.
         attack_controls: Rows of each re-extraction control (once-seen and never-seen images) attacked per edit
             (4 / 8).
         attack_inits: Starts of the robust loop's attack (the prompt / the prompt and a random one).
-        locality_rows: Memorized rows whose re-extraction triggers are compared (4 / 8).
+        locality_rows: Memorized rows whose re-extraction triggers are compared (none / 8; 0 skips it).
         max_rounds: Robust pruning rounds.
         compare_directions: Also run the low-rank projection editor (no / yes).
+        compare_finetune: Also run adversarial fine-tuning, Finding DoRI's mitigation (no / yes).
+        strengths: Mask ratios the strength sweep tries (0.05, 0.2, 0.5 / mitigate's default six).
         quick: Reduced settings for CI.
         seed: First seed everywhere.
         region: ``"bright-ending"``: the evaluation grids also measure replication on each generation's memorized
@@ -84,13 +87,15 @@ class DemoConfig(RunConfig):
     target: float = 0.05
     full: bool = False
     eval_num_seeds: int | None = None
-    attack_generations: int = 8
+    attack_generations: int | None = None
     attack_rows: int | None = None
     attack_controls: int | None = None
     attack_inits: tuple[str, ...] | None = None
     locality_rows: int | None = None
     max_rounds: int = 3
     compare_directions: bool | None = None
+    compare_finetune: bool | None = None
+    strengths: tuple[float, ...] | None = None
     quick: bool = False
     seed: int = 0
     region: str = "full"
@@ -100,14 +105,21 @@ class DemoConfig(RunConfig):
         full = self.full
         chosen = {"eval_num_seeds": 4 if full else 2, "attack_rows": None if full else 8,
                   "attack_controls": 8 if full else 4, "attack_inits": ("prompt", "random") if full else ("prompt",),
-                  "locality_rows": 8 if full else 4, "compare_directions": full}
+                  "locality_rows": 8 if full else 0, "compare_directions": full, "compare_finetune": full,
+                  "strengths": DEFAULT_RATIOS if full else (0.05, 0.2, 0.5),
+                  "attack_generations": 8 if full else 4}
         return {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in chosen.items()}
 
     def check(self) -> None:
         super().check()
-        for name in ("eval_num_seeds", "attack_rows", "attack_controls", "locality_rows"):
+        for name in ("eval_num_seeds", "attack_rows", "attack_controls", "attack_generations"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
+        require(self.locality_rows is None or self.locality_rows >= 0, "locality_rows", self.locality_rows,
+                "must be >= 0")
+        require(self.strengths is None or (bool(self.strengths) and list(self.strengths) == sorted(self.strengths)
+                                           and all(0 < r <= 1 for r in self.strengths)),
+                "strengths", self.strengths, "give ascending ratios in (0, 1]")
         require(self.attack_inits is None or (bool(self.attack_inits) and set(self.attack_inits) <= {"prompt", "random"}),
                 "attack_inits", self.attack_inits, "give prompt and/or random")
         EvalConfig(region=self.region)  # checks the value
@@ -188,7 +200,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
                           attack=attack_m, seed=config.seed, robust_aggregate="shared", sampler=sampler, folds=0,
                           robust_samplers=("model",),
                           attack_inits=("prompt",) if config.quick else tuple(budget["attack_inits"]),
-                          strengths=(DEFAULT_RATIOS[0], DEFAULT_RATIOS[-1]) if config.quick else DEFAULT_RATIOS)
+                          strengths=(DEFAULT_RATIOS[0], DEFAULT_RATIOS[-1]) if config.quick
+                          else tuple(budget["strengths"]))
     t_m = time.time()
     result = mitigate(pipe, visible, mcfg, scorer, base_prompts=base_prompts, progress=progress)
     robust_s = time.time() - t_m
@@ -207,8 +220,8 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     iou_block = {"overall": iou["overall"], "per_layer": iou["per_layer"], "chance_overall": chance_iou(mask_a, mask_b),
                  "subset_sizes": [len(half_a), len(half_b)]}
     strongest = sorted(locate_rows, key=lambda e: -e.duplicates)[: 2 if config.quick else budget["locality_rows"]]
-    locality = locality_evidence(pipe, strongest, base_prompts, attack_m, scorer, ratio=result.strength,
-                                 progress=progress)
+    locality = (locality_evidence(pipe, strongest, base_prompts, attack_m, scorer, ratio=result.strength,
+                                  progress=progress) if strongest else {})
     lap("subspace")
 
     # 4. one row per edit, on the held-out rows
@@ -240,21 +253,22 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
                         scorer, base_prompts=base_prompts, progress=False)
         measure("directions", dres.edit, time.time() - t_d)
     measure("robust prune", robust, robust_s)
-    t_f = time.time()
-    adv = result.first_adversarial  # the attack on the plain mask, already run by the first robust round
-    if adv is None:
-        adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, progress)
-    delta = finetune_against(pipe, mask, locate_rows, adv, [e for e in visible if e.split == "nonmem"],
-                             MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed,
-                                            sampler=sampler), progress=progress)
-    measure("robust finetune", delta, time.time() - t_f + result.timings_s.get("strength", 0))
+    if budget["compare_finetune"]:
+        t_f = time.time()
+        adv = result.first_adversarial  # the attack on the plain mask, already run by the first robust round
+        if adv is None:
+            adv = _adversarial(pipe, mask, locate_rows, attack_m, scorer, progress)
+        delta = finetune_against(pipe, mask, locate_rows, adv, [e for e in visible if e.split == "nonmem"],
+                                 MitigateConfig(finetune_steps=20 if config.quick else 100, seed=config.seed,
+                                                sampler=sampler), progress=progress)
+        measure("robust finetune", delta, time.time() - t_f + result.timings_s.get("strength", 0))
     lap("edits")
 
     # 5. Carlini et al. before / after the robust edit
     attack_rows = [e for e in entries if e.split == "heldout"] + [e for e in entries if e.split == "nonmem"][:8]
     size = (sampler.height, sampler.width) if sampler.height else None
     refs = [load_reference(e.reference, size, row=e) for e in attack_rows]
-    acfg = ExtractionConfig(num_generations=4 if config.quick else config.attack_generations,
+    acfg = ExtractionConfig(num_generations=4 if config.quick else budget["attack_generations"],
                             seed=config.seed + 5000, clique_size=2 if config.quick else 3, sampler=sampler)
     calib = [p for p in base_prompts if p][: 4 if config.quick else 16]
     att_before = extraction_attack(pipe, [e.prompt for e in attack_rows], acfg, scorer, references=refs,

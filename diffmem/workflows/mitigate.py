@@ -121,8 +121,10 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     if baseline is not None and [r["prompt"] for r in baseline.rows] != [e.prompt for e in nonmem]:
         raise ValueError("baseline must be the unedited evaluation of the nonmem rows, in order")
     base = baseline if baseline is not None or not nonmem else evaluate(pipe, nonmem, ecfg, scorer, progress=False)
-    with apply_edit(pipe, edit), torch.no_grad():
-        drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False) if base is not None else None
+    drift = None  # the unedited model does not drift from itself (same seeds, same images): nothing to measure
+    if base is not None and edit is not None:
+        with apply_edit(pipe, edit), torch.no_grad():
+            drift = evaluate(pipe, nonmem, ecfg, scorer, baseline=base, progress=False)
     summaries: dict[str, Any] = {}
     attacked = _spread(heldout, attack_rows)
     if len(attacked) == len(heldout):
