@@ -70,7 +70,7 @@ class DemoConfig(RunConfig):
             (4 / 8).
         attack_inits: Starts of the robust loop's attack (the prompt / the prompt and a random one).
         locality_rows: Memorized rows whose re-extraction triggers are compared (none / 8; 0 skips it).
-        max_rounds: Robust pruning rounds.
+        max_rounds: Robust pruning rounds at most (2 / 3).
         compare_directions: Also run the low-rank projection editor (no / yes).
         compare_finetune: Also run adversarial fine-tuning, Finding DoRI's mitigation (no / yes).
         strengths: Mask ratios the strength sweep tries (0.05, 0.2, 0.5 / mitigate's default six).
@@ -92,7 +92,7 @@ class DemoConfig(RunConfig):
     attack_controls: int | None = None
     attack_inits: tuple[str, ...] | None = None
     locality_rows: int | None = None
-    max_rounds: int = 3
+    max_rounds: int | None = None
     compare_directions: bool | None = None
     compare_finetune: bool | None = None
     strengths: tuple[float, ...] | None = None
@@ -107,12 +107,12 @@ class DemoConfig(RunConfig):
                   "attack_controls": 8 if full else 4, "attack_inits": ("prompt", "random") if full else ("prompt",),
                   "locality_rows": 8 if full else 0, "compare_directions": full, "compare_finetune": full,
                   "strengths": DEFAULT_RATIOS if full else (0.05, 0.2, 0.5),
-                  "attack_generations": 8 if full else 4}
+                  "attack_generations": 8 if full else 4, "max_rounds": 3 if full else 2}
         return {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in chosen.items()}
 
     def check(self) -> None:
         super().check()
-        for name in ("eval_num_seeds", "attack_rows", "attack_controls", "attack_generations"):
+        for name in ("eval_num_seeds", "attack_rows", "attack_controls", "attack_generations", "max_rounds"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
         require(self.locality_rows is None or self.locality_rows >= 0, "locality_rows", self.locality_rows,
@@ -169,7 +169,7 @@ def run_demo(config: DemoConfig | None = None, progress: bool = True) -> dict[st
     base_file = model / "base_prompts.txt"
     base_prompts = [""] + (read_prompts(base_file) if base_file.is_file() else [])
     budget = config.budget()
-    opt_steps, max_rounds, eval_num_seeds = config.opt_steps, config.max_rounds, budget["eval_num_seeds"]
+    opt_steps, max_rounds, eval_num_seeds = config.opt_steps, budget["max_rounds"], budget["eval_num_seeds"]
     if config.quick:
         entries = _quick_subset(entries, 1)
         base_prompts, opt_steps, max_rounds, eval_num_seeds = base_prompts[:7], min(opt_steps, 10), 1, 2
