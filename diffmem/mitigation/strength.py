@@ -93,13 +93,12 @@ def _plausible(row: dict[str, Any], unedited_kid: float | None) -> bool:
 
 def _acceptable(row: dict[str, Any], target: float, unedited_kid: float | None = None,
                 similarity_floor: float | None = None) -> bool:
-    """Replication at most ``target`` (or, with ``similarity_floor``, mean similarity at most that floor), drift
-    within the seed spread for at least half of the ordinary prompts, and a plausible rendering."""
+    """Replication at most ``target`` (or, with ``similarity_floor``, mean similarity at most that floor), and the
+    quality vetoes of :func:`_keeps_quality` (a ``plausible`` already in the row counts, beside ``unedited_kid``)."""
     rep = _judged(row, similarity_floor is not None)
     limit = target if similarity_floor is None else similarity_floor
-    spread = row.get("drift_within_spread")
-    return (rep is not None and rep <= limit and (spread is None or spread >= 0.5)
-            and _plausible(row, unedited_kid))
+    plausible = bool(row.get("plausible", True)) and _plausible(row, unedited_kid)
+    return rep is not None and rep <= limit and _keeps_quality({**row, "plausible": plausible})
 
 
 def _judged(row: dict[str, Any], by_similarity: bool = False) -> float | None:
@@ -206,16 +205,13 @@ def decide(sweep: list[dict[str, Any]], target: float, similarity_floor: float |
     drift within the spread and renders plausibly (:func:`_keeps_quality`); a veto or the last margin step stops
     the sweep. With no acceptable strength, the best so far: plausible first, then the lowest judged figure.
     """
-    first = next((i for i, r in enumerate(sweep)
-                  if r.get("plausible", True) and _acceptable(r, target, None, similarity_floor)), None)
+    first = next((i for i, r in enumerate(sweep) if _acceptable(r, target, None, similarity_floor)), None)
     if first is None:
-        best, key = None, (True, float("inf"))
-        for i, r in enumerate(sweep):
-            judged = _judged(r, similarity_floor is not None)
-            k = (not r["plausible"], judged if judged is not None else float("inf"))
-            if best is None or k < key:
-                best, key = i, k
-        return best, False
+        def key(i: int) -> tuple[bool, float]:
+            judged = _judged(sweep[i], similarity_floor is not None)
+            return not sweep[i].get("plausible", True), judged if judged is not None else float("inf")
+
+        return (min(range(len(sweep)), key=key) if sweep else None), False
     chosen = first
     if margin_steps:
         sweep[first]["margin"] = "first acceptable"
