@@ -23,7 +23,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             allow_pickle=args.allow_pickle, allow_outside=args.allow_outside_references,
                             opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
-                            margin_steps=args.margin_steps, min_rounds=args.min_rounds)
+                            margin_steps=args.margin_steps, min_rounds=args.min_rounds,
+                            robust_fraction=args.robust_fraction)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -47,6 +48,8 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                    help="cross-fitting folds over the locate rows for the out-of-fold estimate (0: off)")
     p.add_argument("--robust-aggregate", choices=["shared", "sum"], default="shared",
                    help="robust prune keeps weights that many images share (shared) or the summed saliency (sum)")
+    p.add_argument("--robust-fraction", type=float, default=0.001,
+                   help="share of the denoiser's weights one robust pruning round may add, in (0, 0.1]")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")

@@ -49,7 +49,8 @@ class MitigateRunConfig(RunConfig):
 
     Args:
         prompts: Manifest with ``locate``, ``heldout`` and ``nonmem`` rows (and ``never_seen`` controls).
-        method, ratio, robust, target, max_rounds, min_rounds, folds, robust_aggregate, margin_steps: The
+        method, ratio, robust, target, max_rounds, min_rounds, folds, robust_aggregate, robust_fraction,
+            margin_steps: The
             :class:`MitigateConfig` settings of the same names.
         scorer_weights: SSCD weights file.
         overwrite: Replace an earlier diffmem output at ``out``.
@@ -67,6 +68,7 @@ class MitigateRunConfig(RunConfig):
     min_rounds: int = 1
     folds: int = 3
     robust_aggregate: str = "shared"
+    robust_fraction: float = 0.001
     margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False
@@ -77,6 +79,7 @@ class MitigateRunConfig(RunConfig):
     def check(self) -> None:
         super().check()
         require(self.eval_num_seeds >= 1, "eval_num_seeds", self.eval_num_seeds, "must be >= 1")
+        require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
         EvalConfig(region=self.region)  # checks the value
 
 
@@ -206,7 +209,8 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
     mcfg = MitigateConfig(method=run.method, ratio=run.ratio, robust=run.robust, target=run.target,
                           max_rounds=run.max_rounds, min_rounds=min(run.min_rounds, run.max_rounds), seed=run.seed,
                           folds=run.folds,
-                          robust_aggregate=run.robust_aggregate, margin_steps=run.margin_steps, sampler=sampler,
+                          robust_aggregate=run.robust_aggregate, robust_fraction=run.robust_fraction,
+                          margin_steps=run.margin_steps, sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
