@@ -126,3 +126,19 @@ def test_a_bug_shows_its_traceback_and_exits_1(mask_file, tmp_path):
 def test_a_working_command_exits_0(mask_file, tmp_path):
     res = _python(["iou", mask_file, mask_file], tmp_path)
     assert res.returncode == 0 and '"overall": 1.0' in res.stdout, res.stderr
+
+
+def test_mitigate_robust_fraction_out_of_range_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """``--robust-fraction`` is checked before the model loads; the output folder is never created."""
+    from diffmem.workflows.mitigate import MitigateRunConfig
+
+    model = REPO / "assets" / "tiny-sd-memorizer"
+    with pytest.raises(ConfigError, match=r"robust_fraction=0.5 is invalid: must be in \(0, 0.1\]"):
+        MitigateRunConfig(model=str(model), prompts=str(model / "memorization.jsonl"), out=str(tmp_path / "o"),
+                          robust_fraction=0.5)
+    out = tmp_path / "out"
+    assert main(["mitigate", str(model), "--prompts", str(model / "memorization.jsonl"), "--out", str(out),
+                 "--robust-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffmem: error:") and err.count("\n") == 1 and "robust_fraction=0.0" in err, err
+    assert not out.exists()
