@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, help="zoo member names or model folders (default: all present)")
     p.add_argument("--robust", default="prune", choices=["none", "prune", "finetune"])
     p.add_argument("--robust-aggregate", default="shared", choices=["shared", "sum"])
-    p.add_argument("--robust-fraction", type=float, default=0.001,
+    p.add_argument("--robust-fraction", type=float, default=0.002,
                    help="share of the denoiser's weights one robust pruning round may add")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--margin-steps", type=int, default=1)

@@ -97,3 +97,26 @@ def test_workflow_configs_check_the_sampler_settings_they_are_given():
     with pytest.raises(ConfigError, match=r"SamplerConfig keys=\['steps'\] is invalid"):
         DemoConfig(sampler={"steps": 4})
     assert DemoConfig(sampler={"guidance_scale": 2.0}).resolve_sampler("missing/folder").guidance_scale == 2.0
+
+
+def test_mitigate_defaults_agree_across_the_library_the_run_config_the_cli_and_the_benchmark():
+    """One default per setting: ``MitigateConfig``, ``diffmem mitigate``'s run config and flags, and
+    ``benchmarks/bench_mitigate.py`` must not drift apart (the benchmark measures what users get)."""
+    import importlib.util
+
+    from diffmem.cli import build_parser
+    from diffmem.mitigation import MitigateConfig
+    from diffmem.workflows.mitigate import MitigateRunConfig
+
+    fields = ("robust_aggregate", "robust_fraction", "margin_steps", "min_rounds", "folds")
+    lib = {f.name: f.default for f in dataclasses.fields(MitigateConfig)}
+    run = {f.name: f.default for f in dataclasses.fields(MitigateRunConfig)}
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "mitigate" in a.choices)
+    cli = sub.choices["mitigate"].parse_args(["model", "--prompts", "p.jsonl", "--out", "o"])
+    spec = importlib.util.spec_from_file_location("bench_mitigate", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_mitigate.py")
+    bench_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_mod)
+    bench = bench_mod.parse_args([])
+    for name in fields:
+        assert lib[name] == run[name] == getattr(cli, name) == getattr(bench, name), name

@@ -48,7 +48,7 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                    help="cross-fitting folds over the locate rows for the out-of-fold estimate (0: off)")
     p.add_argument("--robust-aggregate", choices=["shared", "sum"], default="shared",
                    help="robust prune keeps weights that many images share (shared) or the summed saliency (sum)")
-    p.add_argument("--robust-fraction", type=float, default=0.001,
+    p.add_argument("--robust-fraction", type=float, default=0.002,
                    help="share of the denoiser's weights one robust pruning round may add, in (0, 0.1]")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")

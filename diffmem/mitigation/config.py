@@ -77,8 +77,8 @@ class MitigateConfig(DiffmemConfig):
     max_rounds: int = 3
     min_rounds: int = 1
     robust_score: str = "saliency"
-    robust_fraction: float = 0.001
-    robust_aggregate: str = "sum"
+    robust_fraction: float = 0.002
+    robust_aggregate: str = "shared"
     robust_share: float = 0.5
     attack_inits: tuple[str, ...] = ("prompt", "random")
     robust_samplers: tuple[str, ...] = ("model", "diffusers-default")

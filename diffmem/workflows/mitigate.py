@@ -68,7 +68,7 @@ class MitigateRunConfig(RunConfig):
     min_rounds: int = 1
     folds: int = 3
     robust_aggregate: str = "shared"
-    robust_fraction: float = 0.001
+    robust_fraction: float = 0.002
     margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False
