@@ -115,6 +115,9 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
         "once_seen": row.get("control_rate"),
         "advantage": row.get("attack_advantage"),
         "drift_within_spread": row.get("drift_within_spread"),
+        "drift_similarity": row.get("drift_similarity"),
+        "seed_similarity": row.get("seed_similarity_before"),
+        "memorized_becomes": _kid_summary(report.get("quality") or {}),
         "weights_changed": report["mitigation"]["parameters_changed"],
         "fraction_changed": report["mitigation"]["fraction_changed"],
         "strength": report["mitigation"]["strength"],
@@ -129,6 +132,14 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
     if args.baseline:
         out["unedited"] = _unedited(path, run, args)
     return out
+
+
+def _kid_summary(quality: dict[str, Any]) -> dict[str, Any] | None:
+    """What the memorized prompts render as after the edit: KID to ordinary generations, edited and unedited."""
+    mem = quality.get("memorized")
+    if not isinstance(mem, dict) or "kid_mean" not in mem:
+        return None
+    return {k: mem.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
 
 
 def _unedited(path: Path, run: Any, args: argparse.Namespace) -> dict[str, Any]:
