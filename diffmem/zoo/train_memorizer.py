@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,8 +336,9 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
     from accelerate import Accelerator
     from diffusers import StableDiffusionPipeline
 
-    accelerator = Accelerator()
     out, work_dir = Path(out), Path(work_dir)
+    check_output_folders(out, work_dir)
+    accelerator = Accelerator()
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     t0 = time.time()
@@ -393,21 +395,44 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
             pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=sample_sched, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_assets(tmp, samples, config)
         stats = dict(vae_psnr_db=vae_psnr, wall_seconds=round(time.time() - t0, 1),
                      device=str(accelerator.device), num_processes=accelerator.num_processes)
         (tmp / "train_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        old = out.with_name(out.name + ".old")
+        check_output_folders(out, work_dir)  # the folder may have changed during training
+        old = None
         if out.exists():
-            out.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old)
         logger.info("wrote %s in %.1f min", out, (time.time() - t0) / 60)
     accelerator.wait_for_everyone()
     return out
+
+
+TRAINED_MARK = "train_stats.json"  # written last into every trained model: the folder is this trainer's output
+WORK_MARK = "train_config.json"  # written first into every work folder
+
+
+def check_output_folders(out: Path, work_dir: Path) -> None:
+    """Refuse an output or work folder that this trainer did not write, before any training starts.
+
+    A finished model folder (``train_stats.json`` beside ``train_config.json``) may be replaced by a new run, and a
+    work folder holding ``train_config.json`` is resumed; anything else that exists and is not empty is left alone.
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+            (out / TRAINED_MARK).is_file() and (out / "train_config.json").is_file()))):
+        raise ValueError(f"--out {out}: exists and is not a model this trainer wrote (no {TRAINED_MARK}); "
+                         "choose a new folder")
+    if work_dir.exists() and (not work_dir.is_dir() or (any(work_dir.iterdir())
+                                                        and not (work_dir / WORK_MARK).is_file())):
+        raise ValueError(f"--work-dir {work_dir}: exists and is not a work folder of this trainer (no {WORK_MARK}); "
+                         "choose a new folder")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -436,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
         write_assets(Path(args.out), build_dataset(config), config)
         return
     work = Path(args.work_dir) if args.work_dir else Path(args.out + ".work")
+    try:
+        check_output_folders(Path(args.out), work)
+    except ValueError as err:
+        raise SystemExit(f"train_memorizer: {err}") from None
     train_memorizer(args.out, config, work)
 
 

@@ -92,6 +92,29 @@ def test_training_script_writes_pipeline_and_resumes(tmp_path, caplog):
     train_memorizer(out, cfg, work)
     assert "resumed unet at step 4" in caplog.text
     assert json.loads((work / "unet" / "progress.json").read_text())["step"] == 6
+    # the second run replaced its own earlier output and left no temporary folder beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "work"]
+
+
+@pytest.mark.parametrize("which", ["out", "work"])
+def test_training_script_refuses_folders_it_did_not_write(tmp_path, capsys, which):
+    """An existing folder of the user's is refused in one line before any training, and nothing in it changes."""
+    from diffmem.zoo.train_memorizer import main
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    out = user if which == "out" else tmp_path / "model"
+    argv = ["--out", str(out), "--vae-steps", "1", "--unet-steps", "1"]
+    if which == "work":
+        argv += ["--work-dir", str(user)]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = str(err.value)
+    assert "\n" not in message and str(user) in message and f"--{'out' if which == 'out' else 'work-dir'}" in message
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"], "nothing was created beside it"
 
 
 @needs_model
