@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.files import replace_dir
 from diffmem.zoo.members import member_config, zoo_model_path
 from diffmem.zoo.shapes import Sample, caption_words
 from diffmem.zoo.train_config import DESIGNS, TrainConfig, build_dataset, build_never_seen, config_from_dict
@@ -395,21 +395,16 @@ def train_memorizer(out: str | Path, config: TrainConfig, work_dir: str | Path) 
             pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=sample_sched, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        write_assets(tmp, samples, config)
-        stats = dict(vae_psnr_db=vae_psnr, wall_seconds=round(time.time() - t0, 1),
-                     device=str(accelerator.device), num_processes=accelerator.num_processes)
-        (tmp / "train_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
+        def fill(folder: Path) -> None:
+            pipe.save_pretrained(folder, safe_serialization=True)
+            write_assets(folder, samples, config)
+            stats = dict(vae_psnr_db=vae_psnr, wall_seconds=round(time.time() - t0, 1),
+                         device=str(accelerator.device), num_processes=accelerator.num_processes)
+            (folder / TRAINED_MARK).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+
         check_output_folders(out, work_dir)  # the folder may have changed during training
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(out, fill)
         logger.info("wrote %s in %.1f min", out, (time.time() - t0) / 60)
     accelerator.wait_for_everyone()
     return out

@@ -97,7 +97,7 @@ def test_training_script_writes_pipeline_and_resumes(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("which", ["out", "work"])
-def test_training_script_refuses_folders_it_did_not_write(tmp_path, capsys, which):
+def test_training_script_refuses_folders_it_did_not_write(tmp_path, which):
     """An existing folder of the user's is refused in one line before any training, and nothing in it changes."""
     from diffmem.zoo.train_memorizer import main
 
