@@ -49,6 +49,11 @@ class MitigateConfig(DiffmemConfig):
             conditionings, minus ``robust_lambda`` times how much it changes the loss of the ``nonmem`` rows;
             ``"activations"`` records FFN statistics under the adversarial conditionings and reruns ``method``.
         robust_fraction: Share of the denoiser's weights a saliency round may add.
+        robust_gate: Hold every robust round to the strength sweep's quality vetoes (needs ``nonmem`` rows): the
+            memorized prompts must still render plausibly (their KID to ordinary generations within the unedited
+            one's plus two standard deviations) and the ordinary prompts' drift must stay within the seed spread
+            for at least half of them; a round that breaks them is shrunk or dropped.
+        robust_shrinks: Times a saliency round's addition is halved before the round is dropped (with the gate).
         robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
             normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
             at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's
@@ -78,6 +83,8 @@ class MitigateConfig(DiffmemConfig):
     min_rounds: int = 1
     robust_score: str = "saliency"
     robust_fraction: float = 0.002
+    robust_gate: bool = True
+    robust_shrinks: int = 2
     robust_aggregate: str = "shared"
     robust_share: float = 0.5
     attack_inits: tuple[str, ...] = ("prompt", "random")
@@ -111,6 +118,7 @@ class MitigateConfig(DiffmemConfig):
                 "robust_samplers", self.robust_samplers, f"give names from {', '.join(SAMPLER_NAMES)}")
         require(self.folds == 0 or self.folds >= 2, "folds", self.folds, "0 (off) or >= 2")
         require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
+        require(self.robust_shrinks >= 0, "robust_shrinks", self.robust_shrinks, "must be >= 0")
         require(self.robust_lambda >= 0, "robust_lambda", self.robust_lambda, "must be >= 0")
         require(self.ratio is None or 0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1),
                 "ratio", self.ratio, "must be in (0, 1] (a rank >= 1 for directions)")

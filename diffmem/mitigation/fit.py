@@ -21,7 +21,7 @@ from ..sampling import image_size
 from .config import MitigateConfig, MitigationResult
 from .robust import harden
 from .rows import Rows, load_rows
-from .strength import choose_strength, locate_config, merged_stats
+from .strength import QualityGate, choose_strength, locate_config, merged_stats
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,14 @@ def mitigate(
     first_adversarial: torch.Tensor | None = None
     if config.robust != "none":
         edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
-                                                 progress)
+                                                 progress, gate=choice.gate)
         lap("robust")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
-                                             strength, config, scorer, progress)
+                                             strength, config, scorer, progress, choice.gate)
         lap("estimate")
     given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(config.sampler, pipe=pipe), attack=None,
                          num_seeds=config.estimate_num_seeds, seed=40_000 + config.seed, progress=False)
@@ -122,17 +122,20 @@ def mitigate(
 
 def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
                stats_base: Any, base: list[str], rcfg: RecordConfig, strength: float, config: MitigateConfig,
-               scorer: Any, progress: bool) -> dict[str, Any]:
-    """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds), measure the one left
-    out with the prompt and under attack, at every reported sampler; rates over all rows and their spread."""
+               scorer: Any, progress: bool, gate: QualityGate | None = None) -> dict[str, Any]:
+    """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds and the quality gate of
+    their rows), measure the one left out with the prompt and under attack, at every reported sampler; rates over
+    all rows and their spread."""
     samplers = sampler_variants(config.sampler, pipe=pipe)
     measured: list[dict[str, Any]] = [{} for _ in range(len(rows))]
     for k, fold in enumerate(tqdm(folds, desc="cross-fit", disable=not progress)):
-        train = rows.subset([i for j, f in enumerate(folds) if j != k for i in f])
+        kept = [i for j, f in enumerate(folds) if j != k for i in f]
+        train = rows.subset(kept)
         others = merged_stats([p for j, p in enumerate(stats_parts) if j != k])
         edit = locate(pipe, others, stats_base, locate_config(config.method, strength, config.record_steps))
         if config.robust != "none":
-            edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False)
+            edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False,
+                                gate=gate.subset(kept) if gate is not None else None)
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,

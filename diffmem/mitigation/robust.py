@@ -4,7 +4,7 @@ the attack fails at every sampler."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..targets import get_denoiser
 from .config import MitigateConfig
 from .finetune import finetune_against
 from .rows import Rows
-from .strength import locate_config
+from .strength import QualityGate, locate_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,20 @@ __all__ = ["harden"]
 
 
 def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[str], rcfg: RecordConfig,
-           strength: float, config: MitigateConfig, scorer: Any,
-           progress: bool) -> tuple[Edit, list[dict[str, Any]], torch.Tensor | None]:
+           strength: float, config: MitigateConfig, scorer: Any, progress: bool,
+           gate: QualityGate | None = None) -> tuple[Edit, list[dict[str, Any]], torch.Tensor | None]:
     """The robust rounds: attack ``rows`` from every start, locate again (or fine-tune), until the attack fails.
+
+    With ``gate`` (and ``config.robust_gate``), every round's edit must keep the strength sweep's quality vetoes:
+    the memorized prompts still render plausibly (KID to ordinary generations) and the ordinary prompts' drift stays
+    within the seed spread. A saliency round that breaks them is shrunk (its addition halved, up to
+    ``config.robust_shrinks`` times); a round that still breaks them is dropped and the rounds stop.
 
     Args:
         rows: The memorized rows, loaded (their references are the attack's targets).
         nonmem: The ordinary rows, loaded (what a saliency round or the fine-tuning must keep); ``None`` only with
             ``robust_score="activations"``.
+        gate: The quality vetoes of the same ``locate`` rows as ``rows`` (:class:`~.strength.QualityGate`).
 
     Returns:
         The hardened edit, one record per round, and the first round's adversarial conditionings (prompt start).
@@ -47,6 +53,8 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
     samplers = sampler_variants(config.sampler, tuple(config.robust_samplers), pipe)
     rounds: list[dict[str, Any]] = []
     first_adversarial: torch.Tensor | None = None
+    gate = gate if config.robust_gate else None
+    quality = gate.measure(pipe, edit) if gate is not None else None
     for k in range(config.max_rounds + 1):
         rates, embeds = _attack_all(pipe, edit, items, config, samplers, scorer, k, progress)
         worst = max(rates.values())
@@ -61,14 +69,46 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
             first_adversarial = embeds[: len(items)]  # the prompt start's conditionings on the plain edit
         times = embeds.shape[0] // len(rows)
         if config.robust == "prune" and config.robust_score == "saliency":
-            edit = _saliency_round(pipe, edit, rows, times, embeds, nonmem, config)
+            scores = _saliency_scores(pipe, edit, rows, times, embeds, nonmem, config)
+            fractions = [config.robust_fraction / 2**j for j in range(config.robust_shrinks + 1 if gate is not None else 1)]
+            candidates: Iterable[tuple[float | None, Edit]] = ((f, _grow(edit, scores, f)) for f in fractions)
         elif config.robust == "prune":
-            edit = _prune_round(pipe, edit, embeds, base, rcfg, strength, config, progress)
+            candidates = [(None, _prune_round(pipe, edit, embeds, base, rcfg, strength, config, progress))]
         else:
             memorized = rows.subset(list(range(len(rows))) * times)
-            edit = finetune_against(pipe, edit, memorized, embeds, nonmem, config, progress=progress)
+            candidates = [(None, finetune_against(pipe, edit, memorized, embeds, nonmem, config, progress=progress))]
+        accepted = None
+        for fraction, candidate in candidates:
+            if fraction is not None:
+                info["fraction_added"] = fraction
+            if gate is None:
+                accepted = candidate
+                break
+            row = gate.measure(pipe, candidate)
+            info["quality"] = _quality_summary(row)
+            if gate.holds(row, quality):
+                accepted, quality = candidate, row
+                break
+            logger.info("robust round %d: the edit%s breaks the quality vetoes (memorized prompts' KID %s, drift "
+                        "within spread %s)", k, f" adding {fraction:g} of the weights" if fraction else "",
+                        info["quality"].get("memorized_kid"), info["quality"].get("drift_within_spread"))
+        if accepted is None:
+            info["stopped"] = "every candidate of this round broke the quality vetoes: the round was dropped"
+            logger.warning("robust round %d dropped: it makes the memorized prompts implausible or moves the ordinary "
+                           "ones beyond the seed spread; the rounds stop here", k)
+            break
+        edit = accepted
         info["parameters_changed_after"] = edit.num_params_changed()
     return edit, rounds, first_adversarial
+
+
+def _quality_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The gate's figures of one candidate, for the round's record."""
+    becomes = row.get("memorized_becomes") or {}
+    return {"memorized_kid": becomes.get("kid_mean"), "memorized_kid_std": becomes.get("kid_std"),
+            "drift_within_spread": row.get("drift_within_spread"), "drift_similarity": row.get("drift_similarity"),
+            "locate_replication": row.get("locate_replication"), "plausible": row.get("plausible"),
+            "passes": row.get("passes")}
 
 
 def _attack_all(pipe: Any, edit: Edit, items: list, config: MitigateConfig, samplers: dict[str, SamplerConfig],
@@ -127,15 +167,15 @@ def _loss_gradients(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, params: dic
     return grads
 
 
-def _saliency_round(pipe: Any, edit: Edit, rows: Rows, times: int, adversarial: torch.Tensor, nonmem: Rows | None,
-                    config: MitigateConfig) -> Mask:
-    """Zero the weights that carry the memorized images under the attacker's conditionings, and little else.
+def _saliency_scores(pipe: Any, edit: Edit, rows: Rows, times: int, adversarial: torch.Tensor,
+                     nonmem: Rows | None, config: MitigateConfig) -> dict[str, torch.Tensor]:
+    """Score every denoiser weight by how much zeroing it removes the memorized images under the attacker's
+    conditionings, and little else (weights already masked score ``-inf``).
 
     With the edit applied, the first-order change of the training loss when a weight ``w`` is zeroed is
     ``-w * dL/dw``. A weight scores ``-w * dL_mem/dw - lambda * |w * dL_non/dw|``: ``L_mem`` is the loss toward the
     memorized training images under their adversarial conditionings, ``L_non`` the loss of the ``nonmem`` rows
-    under their own prompts. The top ``robust_fraction`` of all denoiser weights (with a positive score, not yet
-    masked) join the mask. ``adversarial`` holds ``times`` conditionings per row (one per attack start, in order).
+    under their own prompts. ``adversarial`` holds ``times`` conditionings per row (one per attack start, in order).
     """
     if not isinstance(edit, Mask):
         raise DiffmemError("robust pruning merges masks: the edit must be a mask")
@@ -163,8 +203,15 @@ def _saliency_round(pipe: Any, edit: Edit, rows: Rows, times: int, adversarial: 
             if n in edit.layers:
                 score[edit.layers[n].to(score.device)] = float("-inf")
             scores[n] = score.cpu()
+    return scores
+
+
+def _grow(edit: Edit, scores: dict[str, torch.Tensor], fraction: float) -> Mask:
+    """The edit with the top ``fraction`` of all scored weights (those with a positive score) masked too."""
+    if not isinstance(edit, Mask):
+        raise DiffmemError("robust pruning merges masks: the edit must be a mask")
     flat = torch.cat([s.flatten() for s in scores.values()])
-    k = max(1, int(config.robust_fraction * flat.numel()))
+    k = max(1, int(fraction * flat.numel()))
     threshold = torch.topk(flat, k).values.min()
     new = Mask({n: (s >= threshold) & (s > 0) for n, s in scores.items()}, meta={"method": "saliency"})
     new = Mask({n: m for n, m in new.layers.items() if bool(m.any())}, meta=new.meta)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from .config import MitigateConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StrengthChoice", "choose_strength", "decide", "locate_config", "merged_stats"]
+__all__ = ["QualityGate", "StrengthChoice", "choose_strength", "decide", "locate_config", "merged_stats"]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -61,16 +61,27 @@ def _score_strength(pipe: Any, edit: Edit, locate_rows: list[ManifestEntry], non
             after = evaluate(pipe, nonmem, ecfg, scorer, baseline=nonmem_before, progress=False, desc="sweep drift")
             row["drift_similarity"] = _mean([r["drift_similarity"] for r in after.rows])
             row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in after.rows])
-            row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows])
+            # one seed has no seed-to-seed spread to be within: not measured rather than "outside"
+            row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in after.rows
+                                                if r.get("seed_similarity_before") is not None
+                                                and np.isfinite(r["seed_similarity_before"])])
     return row
+
+
+MIN_KID_IMAGES = 8  # below this many images on a side, KID subsets are (nearly) the whole set: no spread to judge by
 
 
 def _becomes(memorized: np.ndarray, ordinary: np.ndarray) -> dict[str, Any] | None:
     """What the memorized prompts render under the edit: KID to the unedited model's ordinary generations (and the
-    KID between two halves of those, as the yardstick); ``None`` when no feature extractor is available."""
+    KID between two halves of those, as the yardstick); ``None`` when no feature extractor is available or either
+    side has fewer than :data:`MIN_KID_IMAGES` images (the estimate would have no spread to judge it by)."""
+    mem, ordi = memorized.reshape(-1, *memorized.shape[-3:]), ordinary.reshape(-1, *ordinary.shape[-3:])
+    if min(len(mem), len(ordi)) < MIN_KID_IMAGES:
+        logger.info("memorized-prompt quality not measured: %d memorized and %d ordinary images (needs %d each)",
+                    len(mem), len(ordi), MIN_KID_IMAGES)
+        return None
     try:
-        res = memorized_becomes(list(memorized.reshape(-1, *memorized.shape[-3:])),
-                                list(ordinary.reshape(-1, *ordinary.shape[-3:])), subsets=50)
+        res = memorized_becomes(list(mem), list(ordi), subsets=50)
     except (DiffmemError, ImportError, OSError) as err:  # optional: a missing extractor must not stop mitigation
         logger.info("memorized-prompt quality not measured: %s", str(err).splitlines()[0])
         return None
@@ -126,15 +137,63 @@ def _out_of_fold(pipe: Any, rows: list[ManifestEntry], folds: list[list[int]], s
 
 
 @dataclass
+class QualityGate:
+    """The sweep's quality vetoes, reusable on any later edit (a robust round's): drift of the ordinary prompts
+    within the seed spread for at least half of them, and plausible renderings of the memorized prompts.
+
+    It holds the unedited model's generations at the sweep's seeds, so that a check costs one evaluation of the
+    memorized and the ordinary rows under the edit.
+    """
+
+    locate_rows: list[ManifestEntry]
+    nonmem: list[ManifestEntry]
+    nonmem_before: EvalResult
+    mem_before_images: np.ndarray | None
+    unedited_kid: float | None
+    ecfg: EvalConfig
+    scorer: Any
+
+    def subset(self, indices: list[int]) -> QualityGate:
+        """The gate of some ``locate`` rows only (a cross-fitting fold's training rows), with their own unedited KID."""
+        images = self.mem_before_images[indices] if self.mem_before_images is not None else None
+        kid = None
+        if images is not None and self.nonmem_before.images is not None:
+            kid = (_becomes(images, self.nonmem_before.images) or {}).get("kid_mean")
+        return replace(self, locate_rows=[self.locate_rows[i] for i in indices], mem_before_images=images,
+                       unedited_kid=kid)
+
+    def measure(self, pipe: Any, edit: Edit) -> dict[str, Any]:
+        """Replication of the memorized rows, what they render (KID) and the ordinary rows' drift under ``edit``;
+        ``plausible`` and ``passes`` (both vetoes) are filled in."""
+        row = _score_strength(pipe, edit, self.locate_rows, self.nonmem, self.nonmem_before, self.ecfg, self.scorer)
+        row["plausible"] = _plausible(row, self.unedited_kid)
+        row["passes"] = _keeps_quality(row)
+        return row
+
+    def holds(self, row: dict[str, Any], start: dict[str, Any]) -> bool:
+        """Whether ``row`` (a candidate edit) passes; when the edit it grows from (``start``) already failed, whether it
+        is no worse: KID within the start's plus two standard deviations, drift within the spread for no fewer
+        ordinary prompts."""
+        if start.get("passes", True):
+            return bool(row["passes"])
+        kid, kid0 = ((r.get("memorized_becomes") or {}).get("kid_mean") for r in (row, start))
+        std = float((row.get("memorized_becomes") or {}).get("kid_std") or 0.0)
+        spread, spread0 = row.get("drift_within_spread"), start.get("drift_within_spread")
+        return ((kid is None or kid0 is None or kid <= kid0 + 2.0 * std)
+                and (spread is None or spread0 is None or spread >= spread0))
+
+
+@dataclass
 class StrengthChoice:
     """The chosen strength, its edit, every strength's row, and the unedited memorized images' KID to ordinary
-    generations and replication at the sweep's seeds."""
+    generations and replication at the sweep's seeds; ``gate`` (with ordinary rows) checks later edits the same way."""
 
     strength: float
     edit: Edit
     sweep: list[dict[str, Any]]
     unedited_kid: float | None
     unedited_replication: float | None = None
+    gate: QualityGate | None = None
 
 
 def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[ManifestEntry], stats_mem: Any,
@@ -193,7 +252,10 @@ def choose_strength(pipe: Any, locate_rows: list[ManifestEntry], nonmem: list[Ma
             break
     if index is None:
         raise DiffmemError("no strength was tried: give strengths or a ratio")
-    return StrengthChoice(sweep[index]["strength"], edits[index], sweep, unedited_kid, unedited_rep)
+    gate = None
+    if nonmem_before is not None:
+        gate = QualityGate(locate_rows, nonmem, nonmem_before, mem_before.images, unedited_kid, ecfg, scorer)
+    return StrengthChoice(sweep[index]["strength"], edits[index], sweep, unedited_kid, unedited_rep, gate)
 
 
 def decide(sweep: list[dict[str, Any]], target: float, similarity_floor: float | None = None,

@@ -3,6 +3,8 @@ fine-tuning, the locality evidence and a cross-fitted ``mitigate``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,68 @@ def test_mitigate_stops_the_sweep_after_the_margin_step(tiny_pipe, rows):
     index, done = decide([dict(r) for r in res.sweep], cfg.target, res.sweep[0].get("similarity_floor"), 1)
     assert res.strength == res.sweep[index]["strength"]  # the sweep's own rows give the same choice
     assert done or len(res.sweep) == len(cfg.strengths)  # it stopped only where the rule says it may
+
+
+def test_quality_gate_holds_a_round_to_the_vetoes_or_to_the_edit_it_grows_from():
+    from diffmem.mitigation.strength import QualityGate
+
+    def row(kid, std, spread, passes):
+        return {"memorized_becomes": {"kid_mean": kid, "kid_std": std}, "drift_within_spread": spread,
+                "passes": passes}
+
+    gate = QualityGate.__new__(QualityGate)  # holds() reads only the two rows
+    good = row(1e-4, 1e-4, 1.0, True)
+    assert gate.holds(row(1e-4, 1e-4, 1.0, True), good)
+    assert not gate.holds(row(1e-4, 1e-4, 0.25, False), good)  # the start passed: the candidate must pass too
+    bad = row(3e-3, 2e-4, 0.5, False)
+    # the start already failed: no worse is enough (KID within two of the candidate's deviations, no less drift)
+    assert gate.holds(row(3.3e-3, 2e-4, 0.5, False), bad)
+    assert not gate.holds(row(3.5e-3, 2e-4, 0.5, False), bad)
+    assert not gate.holds(row(3e-3, 2e-4, 0.25, False), bad)
+
+
+class _RefusingGate:
+    """A quality gate that refuses every candidate (the drop path of the robust rounds), counting its checks."""
+
+    def __init__(self):
+        self.checked = []
+
+    def measure(self, pipe, edit):
+        self.checked.append(edit.num_params_changed())
+        return {"passes": len(self.checked) == 1}  # the start passes, no candidate does
+
+    def holds(self, row, start):
+        return bool(row["passes"])
+
+
+def test_a_robust_round_that_breaks_the_gate_is_shrunk_then_dropped(tiny_pipe, rows):
+    from diffmem.config import RecordConfig
+    from diffmem.localization import locate
+    from diffmem.mitigation.robust import harden
+    from diffmem.mitigation.rows import Rows
+    from diffmem.mitigation.strength import locate_config
+    from diffmem.recording import record
+
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=2, min_rounds=1, target=0.0, folds=0,
+                         robust_fraction=0.01, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
+                         attack_inits=("prompt",), robust_samplers=("model",),
+                         attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
+    mem, non = [e for e in rows if e.split == "locate"], [e for e in rows if e.split == "nonmem"]
+    rcfg = RecordConfig(sampler=SAMPLER, record_steps=2, seed=0)
+    edit = locate(tiny_pipe, record(tiny_pipe, [e.prompt for e in mem], rcfg, progress=False),
+                  record(tiny_pipe, [""], rcfg, progress=False), locate_config("wanda", 0.02, 2))
+    loaded, kept = load_rows(mem, (16, 16)), load_rows(non, (16, 16))
+    assert isinstance(loaded, Rows)
+    gate = _RefusingGate()
+    out, rounds, _ = harden(tiny_pipe, edit, loaded, kept, [""], rcfg, 0.02, cfg, get_scorer("ssim"), False,
+                            gate=gate)
+    assert len(rounds) == 1 and "stopped" in rounds[0] and "parameters_changed_after" not in rounds[0]
+    assert out is edit  # the dropped round left the edit as it was
+    # the start, then the round at its full share and halved twice, each larger than the edit it grows from
+    assert len(gate.checked) == 1 + 3 and gate.checked[0] == edit.num_params_changed()
+    assert gate.checked[1] > gate.checked[2] > gate.checked[3] > gate.checked[0]
+    assert rounds[0]["fraction_added"] == pytest.approx(0.01 / 4)
+    ungated, _, _ = harden(tiny_pipe, edit, loaded, kept, [""], rcfg, 0.02, replace(cfg, robust_gate=False,
+                           max_rounds=1), get_scorer("ssim"), False, gate=gate)
+    assert len(gate.checked) == 4  # with robust_gate off the gate is never consulted
+    assert ungated.num_params_changed() == gate.checked[1]  # and the round adds its full share
