@@ -51,8 +51,9 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--robust-fraction", type=float, default=0.002,
                    help="share of the denoiser's weights one robust pruning round may add, in (0, 0.1]")
     p.add_argument("--no-robust-gate", action="store_true",
-                   help="let robust rounds make the memorized prompts implausible or move ordinary ones beyond the "
-                        "seed spread (by default such a round is shrunk, then dropped)")
+                   help="keep each robust round at its full size even when it makes the memorized prompts "
+                        "implausible or moves ordinary ones beyond the seed spread (by default it is halved, up to "
+                        "twice, to pass)")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")

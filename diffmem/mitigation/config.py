@@ -52,8 +52,9 @@ class MitigateConfig(DiffmemConfig):
         robust_gate: Hold every robust round to the strength sweep's quality vetoes (needs ``nonmem`` rows): the
             memorized prompts must still render plausibly (their KID to ordinary generations within the unedited
             one's plus two standard deviations) and the ordinary prompts' drift must stay within the seed spread
-            for at least half of them; a round that breaks them is shrunk or dropped.
-        robust_shrinks: Times a saliency round's addition is halved before the round is dropped (with the gate).
+            for at least half of them; a saliency round that breaks them is shrunk (the smallest size is kept
+            when every size breaks them).
+        robust_shrinks: Times a saliency round's addition may be halved to pass the gate.
         robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
             normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
             at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's

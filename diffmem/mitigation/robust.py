@@ -35,10 +35,12 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
            gate: QualityGate | None = None) -> tuple[Edit, list[dict[str, Any]], torch.Tensor | None]:
     """The robust rounds: attack ``rows`` from every start, locate again (or fine-tune), until the attack fails.
 
-    With ``gate`` (and ``config.robust_gate``), every round's edit must keep the strength sweep's quality vetoes:
-    the memorized prompts still render plausibly (KID to ordinary generations) and the ordinary prompts' drift stays
-    within the seed spread. A saliency round that breaks them is shrunk (its addition halved, up to
-    ``config.robust_shrinks`` times); a round that still breaks them is dropped and the rounds stop.
+    With ``gate`` (and ``config.robust_gate``), every round's edit is checked against the strength sweep's quality
+    vetoes: the memorized prompts still render plausibly (KID to ordinary generations) and the ordinary prompts'
+    drift stays within the seed spread. A saliency round that breaks them is shrunk (its addition halved, up to
+    ``config.robust_shrinks`` times); when every size breaks them the smallest is kept, since dropping the round
+    would leave memorized images extractable (on the DiT member, dropping it left 0.21 of the held-out images
+    re-extractable while the out-of-fold estimate said 0.00).
 
     Args:
         rows: The memorized rows, loaded (their references are the attack's targets).
@@ -77,27 +79,30 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
         else:
             memorized = rows.subset(list(range(len(rows))) * times)
             candidates = [(None, finetune_against(pipe, edit, memorized, embeds, nonmem, config, progress=progress))]
-        accepted = None
+        accepted = row = None
         for fraction, candidate in candidates:
             if fraction is not None:
                 info["fraction_added"] = fraction
+            accepted = candidate
             if gate is None:
-                accepted = candidate
                 break
             row = gate.measure(pipe, candidate)
             info["quality"] = _quality_summary(row)
             if gate.holds(row, quality):
-                accepted, quality = candidate, row
+                info["gate"] = "passed"
                 break
             logger.info("robust round %d: the edit%s breaks the quality vetoes (memorized prompts' KID %s, drift "
                         "within spread %s)", k, f" adding {fraction:g} of the weights" if fraction else "",
                         info["quality"].get("memorized_kid"), info["quality"].get("drift_within_spread"))
-        if accepted is None:
-            info["stopped"] = "every candidate of this round broke the quality vetoes: the round was dropped"
-            logger.warning("robust round %d dropped: it makes the memorized prompts implausible or moves the ordinary "
-                           "ones beyond the seed spread; the rounds stop here", k)
-            break
+        else:
+            if gate is not None:
+                info["gate"] = "kept the smallest: broke the vetoes at every size"
+                logger.warning("robust round %d breaks the quality vetoes at every size tried: the smallest is kept "
+                               "(deleting the memorized images comes first)", k)
+        assert accepted is not None
         edit = accepted
+        if row is not None:
+            quality = row
         info["parameters_changed_after"] = edit.num_params_changed()
     return edit, rounds, first_adversarial
 

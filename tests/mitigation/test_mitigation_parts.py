@@ -151,7 +151,7 @@ def test_quality_gate_holds_a_round_to_the_vetoes_or_to_the_edit_it_grows_from()
 
 
 class _RefusingGate:
-    """A quality gate that refuses every candidate (the drop path of the robust rounds), counting its checks."""
+    """A quality gate that refuses every candidate of a round (its smallest size is kept), counting its checks."""
 
     def __init__(self):
         self.checked = []
@@ -164,15 +164,14 @@ class _RefusingGate:
         return bool(row["passes"])
 
 
-def test_a_robust_round_that_breaks_the_gate_is_shrunk_then_dropped(tiny_pipe, rows):
+def test_a_robust_round_that_breaks_the_gate_is_halved_and_its_smallest_size_kept(tiny_pipe, rows):
     from diffmem.config import RecordConfig
     from diffmem.localization import locate
     from diffmem.mitigation.robust import harden
-    from diffmem.mitigation.rows import Rows
     from diffmem.mitigation.strength import locate_config
     from diffmem.recording import record
 
-    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=2, min_rounds=1, target=0.0, folds=0,
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, min_rounds=1, target=0.0, folds=0,
                          robust_fraction=0.01, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
                          attack_inits=("prompt",), robust_samplers=("model",),
                          attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
@@ -181,17 +180,46 @@ def test_a_robust_round_that_breaks_the_gate_is_shrunk_then_dropped(tiny_pipe, r
     edit = locate(tiny_pipe, record(tiny_pipe, [e.prompt for e in mem], rcfg, progress=False),
                   record(tiny_pipe, [""], rcfg, progress=False), locate_config("wanda", 0.02, 2))
     loaded, kept = load_rows(mem, (16, 16)), load_rows(non, (16, 16))
-    assert isinstance(loaded, Rows)
     gate = _RefusingGate()
     out, rounds, _ = harden(tiny_pipe, edit, loaded, kept, [""], rcfg, 0.02, cfg, get_scorer("ssim"), False,
                             gate=gate)
-    assert len(rounds) == 1 and "stopped" in rounds[0] and "parameters_changed_after" not in rounds[0]
-    assert out is edit  # the dropped round left the edit as it was
+    first = rounds[0]
+    assert first["gate"].startswith("kept the smallest") and first["fraction_added"] == pytest.approx(0.01 / 4)
     # the start, then the round at its full share and halved twice, each larger than the edit it grows from
     assert len(gate.checked) == 1 + 3 and gate.checked[0] == edit.num_params_changed()
     assert gate.checked[1] > gate.checked[2] > gate.checked[3] > gate.checked[0]
-    assert rounds[0]["fraction_added"] == pytest.approx(0.01 / 4)
-    ungated, _, _ = harden(tiny_pipe, edit, loaded, kept, [""], rcfg, 0.02, replace(cfg, robust_gate=False,
-                           max_rounds=1), get_scorer("ssim"), False, gate=gate)
-    assert len(gate.checked) == 4  # with robust_gate off the gate is never consulted
+    assert out.num_params_changed() == gate.checked[3] == first["parameters_changed_after"]  # the smallest kept
+    ungated, again, _ = harden(tiny_pipe, edit, loaded, kept, [""], rcfg, 0.02, replace(cfg, robust_gate=False),
+                               get_scorer("ssim"), False, gate=gate)
+    assert len(gate.checked) == 4 and "gate" not in again[0]  # with robust_gate off the gate is never consulted
     assert ungated.num_params_changed() == gate.checked[1]  # and the round adds its full share
+
+
+class _PassingSecondGate(_RefusingGate):
+    """Refuses the full-size round, passes it halved."""
+
+    def measure(self, pipe, edit):
+        self.checked.append(edit.num_params_changed())
+        return {"passes": len(self.checked) != 2}
+
+
+def test_a_robust_round_keeps_the_largest_size_that_passes_the_gate(tiny_pipe, rows):
+    from diffmem.config import RecordConfig
+    from diffmem.localization import locate
+    from diffmem.mitigation.robust import harden
+    from diffmem.mitigation.strength import locate_config
+    from diffmem.recording import record
+
+    cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, min_rounds=1, target=0.0, folds=0,
+                         robust_fraction=0.01, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
+                         attack_inits=("prompt",), robust_samplers=("model",),
+                         attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
+    mem, non = [e for e in rows if e.split == "locate"], [e for e in rows if e.split == "nonmem"]
+    rcfg = RecordConfig(sampler=SAMPLER, record_steps=2, seed=0)
+    edit = locate(tiny_pipe, record(tiny_pipe, [e.prompt for e in mem], rcfg, progress=False),
+                  record(tiny_pipe, [""], rcfg, progress=False), locate_config("wanda", 0.02, 2))
+    gate = _PassingSecondGate()
+    out, rounds, _ = harden(tiny_pipe, edit, load_rows(mem, (16, 16)), load_rows(non, (16, 16)), [""], rcfg, 0.02,
+                            cfg, get_scorer("ssim"), False, gate=gate)
+    assert rounds[0]["gate"] == "passed" and rounds[0]["fraction_added"] == pytest.approx(0.005)
+    assert len(gate.checked) == 3 and out.num_params_changed() == gate.checked[2] < gate.checked[1]

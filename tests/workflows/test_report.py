@@ -850,17 +850,16 @@ def test_mitigate_report_shows_the_quality_gate_of_each_robust_round(mitigate_re
 
     report, gallery = copy.deepcopy(mitigate_report[0]), mitigate_report[1]
     rounds = report["mitigation"]["rounds"]
-    rounds[0].update(fraction_added=0.001, quality={"memorized_kid": 0.0012, "memorized_kid_std": 0.0003,
-                                                    "drift_within_spread": 0.75, "passes": True})
-    rounds[1].update(fraction_added=0.0005, stopped="every candidate of this round broke the quality vetoes",
+    rounds[0].update(fraction_added=0.001, gate="passed", quality={
+        "memorized_kid": 0.0012, "memorized_kid_std": 0.0003, "drift_within_spread": 0.75, "passes": True})
+    rounds[1].update(fraction_added=0.0005, gate="kept the smallest: broke the vetoes at every size",
                      quality={"memorized_kid": 0.0041, "memorized_kid_std": 0.0002, "drift_within_spread": 0.5,
                               "passes": False})
-    del rounds[1]["parameters_changed_after"]
-    del rounds[2]
     text = _section_text(render_html(report, gallery), "robust")
-    assert "passed, adding 0.1 % of the weights" in text and "dropped: broke the vetoes at every size" in text
+    assert "passed, adding 0.1 % of the weights" in text
+    assert "failed at every size; the smallest kept, adding 0.05 % of the weights" in text
     assert "1.200 \u00b1 0.300" in text and "4.100 \u00b1 0.200" in text and "75.0%" in text
-    assert "none: round dropped" in text and "last check only" not in text  # a dropped round is not a last check
+    assert "last check only" in text  # the last round only measures
 
 
 def test_mitigate_report_has_every_section_once(mitigate_page):

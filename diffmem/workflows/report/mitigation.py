@@ -205,21 +205,21 @@ def _section_rounds(report: Mapping[str, Any]) -> Section | None:
     for i, r in enumerate(rounds):
         by = r.get("attack_rate_by_sampler") if isinstance(r.get("attack_rate_by_sampler"), Mapping) else {}
         after = r.get("parameters_changed_after")
-        last = i == len(rounds) - 1 and _is_missing(after) and not r.get("stopped")
+        last = i == len(rounds) - 1 and _is_missing(after)
         change = ""
         if not _is_missing(after) and not _is_missing(r.get("parameters_changed")):
             delta = int(after) - int(r["parameters_changed"])
             change = _signed(f"{abs(delta):,}", delta)
-        added = (Cell("last check only", css="missing") if last
-                 else Cell("none: round dropped", css="missing") if r.get("stopped") else Cell(change, numeric=True))
+        added = Cell("last check only", css="missing") if last else Cell(change, numeric=True)
         row = ([Cell(_fmt(r.get("round", i), "count")), _num_cell(r.get("attack_rate_before_round"), "rate")]
                + [_num_cell(by.get(s), "rate") for s in samplers]
                + [_num_cell(r.get("parameters_changed"), "count"), added])
         if gated:
             q = r.get("quality") if isinstance(r.get("quality"), Mapping) else {}
-            verdict = ("" if not q else "dropped: broke the vetoes at every size" if r.get("stopped")
-                       else f"passed, adding {100 * float(r['fraction_added']):.3g} % of the weights"
-                       if not _is_missing(r.get("fraction_added")) else "passed")
+            share = ("" if _is_missing(r.get("fraction_added"))
+                     else f", adding {100 * float(r['fraction_added']):.3g} % of the weights")
+            verdict = ("" if not q else f"passed{share}" if r.get("gate") == "passed"
+                       else f"failed at every size; the smallest kept{share}")
             row += [Cell(_kid_text(q.get("memorized_kid"), q.get("memorized_kid_std")) if q else "",
                          numeric=True), _num_cell(q.get("drift_within_spread"), "rate"), Cell(verdict)]
         rows.append(row)
@@ -238,8 +238,8 @@ def _section_rounds(report: Mapping[str, Any]) -> Section | None:
                    "still succeeds more often than the target, adds the weights the recovered images rely on. The "
                    "last round only measures. With the quality gate, a round's edit must keep the memorized prompts "
                    "rendering plausibly (their KID to ordinary generations within the unedited model's band) and the "
-                   "ordinary prompts within the seed-to-seed spread; a round that breaks this is halved, then "
-                   "dropped, and the rounds stop.", blocks)
+                   "ordinary prompts within the seed-to-seed spread; a round that breaks this is halved (up to "
+                   "twice), and when every size breaks it the smallest is kept.", blocks)
 
 
 def _kid_text(mean: Any, std: Any) -> str:
