@@ -72,7 +72,8 @@ def harden(pipe: Any, edit: Edit, rows: Rows, nonmem: Rows | None, base: list[st
         times = embeds.shape[0] // len(rows)
         if config.robust == "prune" and config.robust_score == "saliency":
             scores = _saliency_scores(pipe, edit, rows, times, embeds, nonmem, config)
-            fractions = [config.robust_fraction / 2**j for j in range(config.robust_shrinks + 1 if gate is not None else 1)]
+            sizes = config.robust_shrinks + 1 if gate is not None else 1
+            fractions = [config.robust_fraction / 2**j for j in range(sizes)]
             candidates: Iterable[tuple[float | None, Edit]] = ((f, _grow(edit, scores, f)) for f in fractions)
         elif config.robust == "prune":
             candidates = [(None, _prune_round(pipe, edit, embeds, base, rcfg, strength, config, progress))]

@@ -226,7 +226,8 @@ def _section_rounds(report: Mapping[str, Any]) -> Section | None:
     columns = (["Round", "Attack rate, worst sampler"] + [f"Attack rate, {_sampler_label(s)}" for s in samplers]
                + ["Parameters changed", "Weights added by the round"])
     if gated:
-        columns += ["Memorized prompts' KID \u00d710\u00b3 after the round", "Ordinary prompts within seed spread", "Quality gate"]
+        columns += ["Memorized prompts' KID \u00d710\u00b3 after the round", "Ordinary prompts within seed spread",
+                    "Quality gate"]
     blocks = [Block("table", table=Table(columns, rows, [False] + [True] * (len(columns) - 1)))]
     target = (report.get("settings") or {}).get("target") if isinstance(report.get("settings"), Mapping) else None
     uri = _plot_rounds(rounds, samplers, target)
