@@ -120,4 +120,4 @@ def test_mitigate_defaults_agree_across_the_library_the_run_config_the_cli_and_t
     bench = bench_mod.parse_args([])
     for name in fields:
         assert lib[name] == run[name] == getattr(cli, name) == getattr(bench, name), name
-    assert lib["robust_gate"] == run["robust_gate"] == (not cli.no_robust_gate) == (not bench.no_robust_gate)
+    assert lib["robust_gate"] == run["robust_gate"] == cli.robust_gate == bench.robust_gate

@@ -24,7 +24,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
-                            robust_fraction=args.robust_fraction, robust_gate=not args.no_robust_gate)
+                            robust_fraction=args.robust_fraction, robust_gate=args.robust_gate)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -50,10 +50,9 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                    help="robust prune keeps weights that many images share (shared) or the summed saliency (sum)")
     p.add_argument("--robust-fraction", type=float, default=0.002,
                    help="share of the denoiser's weights one robust pruning round may add, in (0, 0.1]")
-    p.add_argument("--no-robust-gate", action="store_true",
-                   help="keep each robust round at its full size even when it makes the memorized prompts "
-                        "implausible or moves ordinary ones beyond the seed spread (by default it is halved, up to "
-                        "twice, to pass)")
+    p.add_argument("--robust-gate", action="store_true",
+                   help="halve a robust round (up to twice) that makes the memorized prompts implausible or moves "
+                        "ordinary ones beyond the seed spread (off by default: it trades deletion for plausibility)")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")

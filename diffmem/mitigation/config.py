@@ -53,7 +53,8 @@ class MitigateConfig(DiffmemConfig):
             memorized prompts must still render plausibly (their KID to ordinary generations within the unedited
             one's plus two standard deviations) and the ordinary prompts' drift must stay within the seed spread
             for at least half of them; a saliency round that breaks them is shrunk (the smallest size is kept
-            when every size breaks them).
+            when every size breaks them). Off by default: on the zoo it lowered the memorized prompts' KID a
+            little but left the embedded model's held-out emblems replicating (docs/mitigation.md).
         robust_shrinks: Times a saliency round's addition may be halved to pass the gate.
         robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
             normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
@@ -84,7 +85,7 @@ class MitigateConfig(DiffmemConfig):
     min_rounds: int = 1
     robust_score: str = "saliency"
     robust_fraction: float = 0.002
-    robust_gate: bool = True
+    robust_gate: bool = False
     robust_shrinks: int = 2
     robust_aggregate: str = "shared"
     robust_share: float = 0.5

@@ -69,7 +69,7 @@ class MitigateRunConfig(RunConfig):
     folds: int = 3
     robust_aggregate: str = "shared"
     robust_fraction: float = 0.002
-    robust_gate: bool = True
+    robust_gate: bool = False
     margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False

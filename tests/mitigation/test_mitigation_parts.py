@@ -68,7 +68,8 @@ def test_finetune_against_returns_a_delta_and_leaves_the_model_unchanged(fresh_t
     denoiser = get_denoiser(pipe)
     before = {n: p.detach().clone() for n, p in denoiser.named_parameters()}
     memorized, nonmem = rows[:2], rows[4:]
-    adversarial = torch.randn(2, *pipe.encode_prompt("x", "cpu", 1, False)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    shape = pipe.encode_prompt("x", "cpu", 1, False)[0].shape[1:]
+    adversarial = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     cfg = MitigateConfig(finetune_steps=2, finetune_batch=2, sampler=SAMPLER)
     delta = finetune_against(pipe, Mask({}), memorized, adversarial, nonmem, cfg, progress=False)
     assert isinstance(delta, WeightDelta) and delta.num_params_changed() > 0
@@ -172,7 +173,7 @@ def test_a_robust_round_that_breaks_the_gate_is_halved_and_its_smallest_size_kep
     from diffmem.recording import record
 
     cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, min_rounds=1, target=0.0, folds=0,
-                         robust_fraction=0.01, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
+                         robust_fraction=0.01, robust_gate=True, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
                          attack_inits=("prompt",), robust_samplers=("model",),
                          attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
     mem, non = [e for e in rows if e.split == "locate"], [e for e in rows if e.split == "nonmem"]
@@ -211,7 +212,7 @@ def test_a_robust_round_keeps_the_largest_size_that_passes_the_gate(tiny_pipe, r
     from diffmem.recording import record
 
     cfg = MitigateConfig(ratio=0.02, robust="prune", max_rounds=1, min_rounds=1, target=0.0, folds=0,
-                         robust_fraction=0.01, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
+                         robust_fraction=0.01, robust_gate=True, robust_shrinks=2, record_steps=2, sampler=SAMPLER,
                          attack_inits=("prompt",), robust_samplers=("model",),
                          attack=ReextractConfig(opt_steps=2, checkpoints=(), num_seeds=1))
     mem, non = [e for e in rows if e.split == "locate"], [e for e in rows if e.split == "nonmem"]
