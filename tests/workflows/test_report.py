@@ -862,6 +862,22 @@ def test_mitigate_report_shows_the_quality_gate_of_each_robust_round(mitigate_re
     assert "last check only" in text  # the last round only measures
 
 
+def test_mitigate_report_shows_each_strengths_memorized_kid_and_plausibility(mitigate_report, mitigate_page):
+    import copy
+
+    assert "KID" not in _section_text(mitigate_page, "sweep")  # not measured: no column
+    report, gallery = copy.deepcopy(mitigate_report[0]), mitigate_report[1]
+    report["mitigation"]["estimate"]["memorized_kid_unedited"] = 0.0009
+    for row, (kid, std, ok) in zip(report["mitigation"]["sweep"], [(0.0008, 0.0002, True), (0.0016, 0.0003, False)]):
+        row.update(memorized_becomes={"kid_mean": kid, "kid_std": std, "kid_name": "KID_sscd"}, plausible=ok)
+    sweep = _section_text(render_html(report, gallery), "sweep")
+    assert "Memorized prompts' KID \u00d710\u00b3" in sweep and "Memorized prompts plausible" in sweep
+    assert "0.800 \u00b1 0.200" in sweep and "1.600 \u00b1 0.300" in sweep and "(0.900 \u00d710\u207b\u00b3)" in sweep
+    cells = sweep[sweep.index("1.600 \u00b1 0.300"):]
+    assert cells.split()[3] == "no" and "yes" in sweep  # the failing strength is marked, the passing one too
+    assert sweep.count("not measured") == 2  # the third strength: its KID, and its missing out-of-fold figure
+
+
 def test_mitigate_report_has_every_section_once(mitigate_page):
     page = mitigate_page
     ids = re.findall(r'<section id="([^"]+)">', page)

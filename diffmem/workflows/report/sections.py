@@ -10,8 +10,8 @@ from .gallery import _gallery_rows
 from .labels import (_DRIFT_KEYS, _HEADERS, _METRICS, _SPLIT_SHORT, _SPLITS, _clean_text, _edit_label,
                      _fmt_change, _guess_kind, _humanize, _is_missing, _split_label)
 from .rows import EditRow
-from .mitigation import (_held_out_sampler_table, _mitigation, _section_given, _section_quality, _section_result,
-                         _section_rounds)
+from .mitigation import (_held_out_sampler_table, _kid_text, _mitigation, _section_given, _section_quality,
+                         _section_result, _section_rounds)
 from .page import Block, Cell, Plot, Section, Table, _kv_table, _num_cell, _scalar_items
 from .plots import (_plot_duplication, _plot_iou, _plot_reextract, _plot_roc, _plot_scores, _plot_sweep,
                     _series)
@@ -231,15 +231,24 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
         keys.remove("ratio")
     chosen = _mitigation(report).get("strength")
     mark = "strength" in keys and not _is_missing(chosen)
+    kid = any(isinstance(r.get("memorized_becomes"), Mapping) for r in rows)
+    judged = any(isinstance(r.get("plausible"), bool) for r in rows)
     table_rows = []
     for r in rows:
         cells = [_num_cell(r.get(k), "setting" if k == "strength" else _guess_kind(k, r.get(k))) for k in keys]
+        becomes = r.get("memorized_becomes") if isinstance(r.get("memorized_becomes"), Mapping) else {}
+        if kid:
+            cells.append(Cell(_kid_text(becomes.get("kid_mean"), becomes.get("kid_std")), numeric=True))
+        if judged:
+            cells.append(Cell({True: "yes", False: "no"}.get(r.get("plausible"), "")))
         if mark:
             picked = not _is_missing(r.get("strength")) and float(r["strength"]) == float(chosen)
             cells.append(Cell(_MARGIN_NOTE.get((picked, str(r.get("margin") or "")), "chosen" if picked else "")))
         table_rows.append(cells)
-    columns = [_HEADERS.get(k, _humanize(k)) for k in keys] + (["Chosen"] if mark else [])
-    table = Table(columns, table_rows, [True] * len(keys) + ([False] if mark else []))
+    extra = ((["Memorized prompts' KID \u00d710\u00b3"] if kid else [])
+             + (["Memorized prompts plausible"] if judged else []))
+    columns = [_HEADERS.get(k, _humanize(k)) for k in keys] + extra + (["Chosen"] if mark else [])
+    table = Table(columns, table_rows, [True] * (len(keys) + kid) + [False] * (judged + mark))
     blocks = [Block("table", table=table)]
     uri = _plot_sweep(rows, chosen)
     if uri:
@@ -256,6 +265,13 @@ def _section_sweep(report: Mapping[str, Any]) -> Section | None:
                   "; the smallest strength whose replication (out of fold when measured) meets the target while "
                   "ordinary images stay within their seed spread and memorized prompts still render plausible "
                   "images is found first.")
+        if kid:
+            unedited = _mitigation(report).get("estimate") or {}
+            band = unedited.get("memorized_kid_unedited") if isinstance(unedited, Mapping) else None
+            intro += (" Plausible: the memorized prompts' generations are as close to the model's ordinary "
+                      "generations (KID on SSCD features) as the unedited memorized images are"
+                      + ("" if _is_missing(band) else f" ({_kid_text(band, None)} \u00d710\u207b\u00b3)")
+                      + ", within two standard deviations of the edited figure.")
         if any(r.get("margin") for r in rows):
             intro += (" That first figure is the lowest of several noisy measurements, so it flatters the edit on "
                       "images that were not given: the choice then moves on by a margin step to the next strength "
