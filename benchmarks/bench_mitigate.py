@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--robust-fraction", type=float, default=0.002,
                    help="share of the denoiser's weights one robust pruning round may add")
     p.add_argument("--robust-gate", action="store_true", help="robust rounds held to the quality vetoes")
+    p.add_argument("--redirect", type=float, default=None, help="redirect the memorized prompts (LAMBDA)")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--margin-steps", type=int, default=1)
     p.add_argument("--min-rounds", type=int, default=1)
@@ -89,7 +90,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
     t0 = time.time()
     run = MitigateRunConfig(model=str(path), prompts=str(path / "memorization.jsonl"), out=str(Path(args.work) / name),
                             robust=args.robust, robust_aggregate=args.robust_aggregate, folds=args.folds,
-                            robust_fraction=args.robust_fraction, robust_gate=args.robust_gate,
+                            robust_fraction=args.robust_fraction, robust_gate=args.robust_gate, redirect=args.redirect,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
                             max_rounds=args.max_rounds, eval_num_seeds=args.eval_seeds, opt_steps=args.opt_steps,
                             scorer=args.scorer, overwrite=True)

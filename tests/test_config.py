@@ -108,7 +108,7 @@ def test_mitigate_defaults_agree_across_the_library_the_run_config_the_cli_and_t
     from diffmem.mitigation import MitigateConfig
     from diffmem.workflows.mitigate import MitigateRunConfig
 
-    fields = ("robust_aggregate", "robust_fraction", "margin_steps", "min_rounds", "folds")
+    fields = ("robust_aggregate", "robust_fraction", "margin_steps", "min_rounds", "folds", "redirect")
     lib = {f.name: f.default for f in dataclasses.fields(MitigateConfig)}
     run = {f.name: f.default for f in dataclasses.fields(MitigateRunConfig)}
     sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "mitigate" in a.choices)

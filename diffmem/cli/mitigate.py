@@ -24,7 +24,8 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             opt_steps=args.opt_steps, seed=args.seed, sampler=common.sampler_flags(args),
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
-                            robust_fraction=args.robust_fraction, robust_gate=args.robust_gate)
+                            robust_fraction=args.robust_fraction, robust_gate=args.robust_gate,
+                            redirect=args.redirect)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -53,6 +54,10 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--robust-gate", action="store_true",
                    help="halve a robust round (up to twice) that makes the memorized prompts implausible or moves "
                         "ordinary ones beyond the seed spread (off by default: it trades deletion for plausibility)")
+    p.add_argument("--redirect", type=common.positive_float, default=None, metavar="LAMBDA",
+                   help="after the deletion, send the given memorized prompts to ordinary captions (a closed-form "
+                        "edit of the cross-attention keys and values; LAMBDA weighs keeping the ordinary prompts, "
+                        "e.g. 1): they render as plausible images instead of noise, at a drift cost")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")

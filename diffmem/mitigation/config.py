@@ -56,6 +56,10 @@ class MitigateConfig(DiffmemConfig):
             when every size breaks them). Off by default: on the zoo it lowered the memorized prompts' KID a
             little but left the embedded model's held-out emblems replicating (docs/mitigation.md).
         robust_shrinks: Times a saliency round's addition may be halved to pass the gate.
+        redirect: After the deletion, send the given memorized prompts to ordinary captions (a closed-form edit of
+            every cross-attention layer's keys and values, :func:`~diffmem.mitigation.redirect.fit_redirect`), so
+            that they render as plausible ordinary images instead of noise; the value is ``λ``, the weight on
+            keeping the ordinary prompts' text features where they are. ``None`` (default): off.
         robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
             normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
             at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's
@@ -87,6 +91,7 @@ class MitigateConfig(DiffmemConfig):
     robust_fraction: float = 0.002
     robust_gate: bool = False
     robust_shrinks: int = 2
+    redirect: float | None = None
     robust_aggregate: str = "shared"
     robust_share: float = 0.5
     attack_inits: tuple[str, ...] = ("prompt", "random")
@@ -121,6 +126,7 @@ class MitigateConfig(DiffmemConfig):
         require(self.folds == 0 or self.folds >= 2, "folds", self.folds, "0 (off) or >= 2")
         require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
         require(self.robust_shrinks >= 0, "robust_shrinks", self.robust_shrinks, "must be >= 0")
+        require(self.redirect is None or self.redirect > 0, "redirect", self.redirect, "must be > 0 (or None: off)")
         require(self.robust_lambda >= 0, "robust_lambda", self.robust_lambda, "must be >= 0")
         require(self.ratio is None or 0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1),
                 "ratio", self.ratio, "must be in (0, 1] (a rank >= 1 for directions)")

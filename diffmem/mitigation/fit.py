@@ -19,6 +19,7 @@ from ..localization import locate
 from ..recording import record
 from ..sampling import image_size
 from .config import MitigateConfig, MitigationResult
+from .redirect import fit_redirect
 from .robust import harden
 from .rows import Rows, load_rows
 from .strength import QualityGate, choose_strength, locate_config, merged_stats
@@ -101,6 +102,9 @@ def mitigate(
         edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
                                                  progress, gate=choice.gate)
         lap("robust")
+    if config.redirect is not None:
+        edit = _redirect(pipe, edit, [e.prompt for e in locate_rows], nonmem, base, config)
+        lap("redirect")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
@@ -120,6 +124,16 @@ def mitigate(
                             estimate=estimate)
 
 
+def _redirect(pipe: Any, edit: Any, prompts: list[str], nonmem: Any, base: list[str],
+              config: MitigateConfig) -> Any:
+    """The edit with the given memorized prompts sent to ordinary captions (the base and ``nonmem`` prompts)."""
+    ordinary = [e.prompt for e in nonmem] if isinstance(nonmem, list) else list(getattr(nonmem, "prompts", []) or [])
+    anchors = list(dict.fromkeys(p for p in base + ordinary if p.strip()))
+    if not anchors:
+        raise DiffmemError("redirect needs ordinary captions: give 'nonmem' rows or base prompts")
+    return fit_redirect(pipe, edit, prompts, anchors, keep=anchors, preserve=float(config.redirect))
+
+
 def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
                stats_base: Any, base: list[str], rcfg: RecordConfig, strength: float, config: MitigateConfig,
                scorer: Any, progress: bool, gate: QualityGate | None = None) -> dict[str, Any]:
@@ -136,6 +150,8 @@ def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]
         if config.robust != "none":
             edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False,
                                 gate=gate.subset(kept) if gate is not None else None)
+        if config.redirect is not None:
+            edit = _redirect(pipe, edit, train.prompts, nonmem, base, config)
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,

@@ -50,7 +50,7 @@ class MitigateRunConfig(RunConfig):
     Args:
         prompts: Manifest with ``locate``, ``heldout`` and ``nonmem`` rows (and ``never_seen`` controls).
         method, ratio, robust, target, max_rounds, min_rounds, folds, robust_aggregate, robust_fraction,
-            robust_gate, margin_steps: The
+            robust_gate, redirect, margin_steps: The
             :class:`MitigateConfig` settings of the same names.
         scorer_weights: SSCD weights file.
         overwrite: Replace an earlier diffmem output at ``out``.
@@ -70,6 +70,7 @@ class MitigateRunConfig(RunConfig):
     robust_aggregate: str = "shared"
     robust_fraction: float = 0.002
     robust_gate: bool = False
+    redirect: float | None = None
     margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False
@@ -211,7 +212,7 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
                           max_rounds=run.max_rounds, min_rounds=min(run.min_rounds, run.max_rounds), seed=run.seed,
                           folds=run.folds,
                           robust_aggregate=run.robust_aggregate, robust_fraction=run.robust_fraction,
-                          robust_gate=run.robust_gate, margin_steps=run.margin_steps, sampler=sampler,
+                          robust_gate=run.robust_gate, redirect=run.redirect, margin_steps=run.margin_steps, sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen
