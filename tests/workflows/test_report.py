@@ -794,6 +794,7 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
                 "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
+                "robust_gate": False, "redirect": 10.0,
                 "eval_num_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
     report: dict[str, Any] = {
         "title": "diffmem mitigate", "model": MITIGATE_MODEL,
@@ -916,6 +917,10 @@ def test_mitigate_report_sweep_rounds_images_quality_and_time(mitigate_report, m
     rounds = _section_text(mitigate_page, "robust")
     assert "+12,345" in rounds and "last check only" in rounds and "87.5%" in rounds
     assert "DDIMScheduler (the model's own)" in text and "chosen automatically" in text
+    given = _section_text(mitigate_page, "given")
+    assert "Robust rounds held to the quality vetoes no" in given
+    assert ("Memorized prompts redirected to ordinary captions yes (\u03bb = 10, weight on keeping ordinary "
+            "prompts)") in given
     quality = _section_text(mitigate_page, "quality")
     assert "KID on SSCD features" in quality and "FD on SSCD features" in quality
     assert "\u22120.006 \u00b1 0.014" in quality and "2.310 \u00b1 0.400" in quality and "0.046 \u00b1 0.047" in quality

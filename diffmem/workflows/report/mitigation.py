@@ -26,8 +26,11 @@ _GIVEN = (("locate", "Memorized prompts given (locate rows), with their training
 # Settings of ``diffmem mitigate`` worth showing beside the inputs: (key of ``settings``, label).
 _MITIGATE_SETTINGS = (("method", "Method that locates the edit"), ("ratio", "Strength"),
                       ("robust", "Hardening against the attack"), ("target", "Target replication rate"),
-                      ("max_rounds", "Robust rounds at most"), ("folds", "Cross-fitting folds"),
-                      ("opt_steps", "Optimisation steps of the attack"), ("eval_num_seeds", "Seeds per held-out prompt"))
+                      ("max_rounds", "Robust rounds at most"),
+                      ("robust_gate", "Robust rounds held to the quality vetoes"),
+                      ("redirect", "Memorized prompts redirected to ordinary captions"),
+                      ("folds", "Cross-fitting folds"), ("opt_steps", "Optimisation steps of the attack"),
+                      ("eval_num_seeds", "Seeds per held-out prompt"))
 _ROBUST = {"none": "not hardened", "prune": "robust pruning rounds", "finetune": "adversarial fine-tuning rounds"}
 
 
@@ -79,6 +82,11 @@ def _section_given(report: Mapping[str, Any]) -> Section | None:
             value = "chosen automatically"
         elif key == "robust":
             value = _ROBUST.get(str(value), value)
+        elif key == "robust_gate":
+            value = "yes" if value else "no"
+        elif key == "redirect":
+            value = ("no" if _is_missing(value)
+                     else f"yes (\u03bb = {float(value):g}, weight on keeping ordinary prompts)")
         items.append((label, value, "rate" if key == "target" else "setting"))
     if items:
         blocks.append(Block("table", table=_kv_table(items, key_header="Setting", caption="Mitigation")))
