@@ -18,7 +18,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 logger = logging.getLogger("probe_noise_norm_triggers")
 
@@ -42,23 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from diffmem.config import SamplerConfig
-    from diffmem.data import load_reference, read_manifest
+    from diffmem.data import load_reference
     from diffmem.objective import denoiser_call, encode_conditioning, initial_conditioning
-    from diffmem.pipelines import load_pipeline
     from diffmem.reextraction import ReextractConfig
     from diffmem.sampling import generate_images, image_size
     from diffmem.score import get_scorer
     from diffmem.targets import get_denoiser
-    from diffmem.zoo.members import MEMBERS, zoo_model_path
+    from diffmem.zoo.members import load_zoo_model
 
     torch.set_num_threads(args.threads)
-    path = zoo_model_path(args.model) if args.model in MEMBERS else Path(args.model)
-    pipe = load_pipeline(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe)
-    sampler.apply_scheduler(pipe)
-    entries = read_manifest(path / "memorization.jsonl")
+    _, pipe, sampler, entries = load_zoo_model(args.model)
     memorized = [e for e in entries if e.split in ("locate", "heldout") and e.reference is not None]
     ordinary = [e.prompt for e in entries if e.split == "nonmem"]
     h, w = image_size(pipe)

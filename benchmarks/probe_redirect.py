@@ -47,23 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from diffmem.config import SamplerConfig
-    from diffmem.data import read_manifest
     from diffmem.edits import apply_edit, load_edit
     from diffmem.mitigation.redirect import fit_redirect
     from diffmem.evaluation import EvalConfig, evaluate
-    from diffmem.pipelines import load_pipeline
     from diffmem.quality import memorized_becomes
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import MEMBERS, zoo_model_path
+    from diffmem.zoo.members import load_zoo_model
 
     torch.set_num_threads(args.threads)
-    path = zoo_model_path(args.model) if args.model in MEMBERS else Path(args.model)
-    pipe = load_pipeline(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe)
-    sampler.apply_scheduler(pipe)
-    entries = read_manifest(path / "memorization.jsonl")
+    path, pipe, sampler, entries = load_zoo_model(args.model)
     rows = {s: [e for e in entries if e.split == s] for s in ("locate", "heldout", "nonmem")}
     base = [ln.strip() for ln in (path / "base_prompts.txt").read_text().splitlines() if ln.strip()]
     scorer = get_scorer("ssim")

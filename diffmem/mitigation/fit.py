@@ -102,15 +102,17 @@ def mitigate(
         edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
                                                  progress, gate=choice.gate)
         lap("robust")
-    if config.redirect is not None:
-        edit = _redirect(pipe, edit, [e.prompt for e in locate_rows], nonmem, base, config)
+    anchors = _anchors(base, nonmem) if config.redirect is not None else None
+    if anchors is not None:
+        edit = fit_redirect(pipe, edit, [e.prompt for e in locate_rows], anchors, keep=anchors,
+                            preserve=float(config.redirect))
         lap("redirect")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
-                                             strength, config, scorer, progress, choice.gate)
+                                             strength, config, scorer, progress, choice.gate, anchors)
         lap("estimate")
     given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(config.sampler, pipe=pipe), attack=None,
                          num_seeds=config.estimate_num_seeds, seed=40_000 + config.seed, progress=False)
@@ -124,19 +126,18 @@ def mitigate(
                             estimate=estimate)
 
 
-def _redirect(pipe: Any, edit: Any, prompts: list[str], nonmem: Any, base: list[str],
-              config: MitigateConfig) -> Any:
-    """The edit with the given memorized prompts sent to ordinary captions (the base and ``nonmem`` prompts)."""
-    ordinary = [e.prompt for e in nonmem] if isinstance(nonmem, list) else list(getattr(nonmem, "prompts", []) or [])
-    anchors = list(dict.fromkeys(p for p in base + ordinary if p.strip()))
+def _anchors(base: list[str], nonmem: list[ManifestEntry]) -> list[str]:
+    """The ordinary captions a redirect sends the memorized prompts to (and keeps in place): base and ``nonmem``."""
+    anchors = list(dict.fromkeys(p for p in base + [e.prompt for e in nonmem] if p.strip()))
     if not anchors:
         raise DiffmemError("redirect needs ordinary captions: give 'nonmem' rows or base prompts")
-    return fit_redirect(pipe, edit, prompts, anchors, keep=anchors, preserve=float(config.redirect))
+    return anchors
 
 
 def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
                stats_base: Any, base: list[str], rcfg: RecordConfig, strength: float, config: MitigateConfig,
-               scorer: Any, progress: bool, gate: QualityGate | None = None) -> dict[str, Any]:
+               scorer: Any, progress: bool, gate: QualityGate | None = None,
+               anchors: list[str] | None = None) -> dict[str, Any]:
     """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds and the quality gate of
     their rows), measure the one left out with the prompt and under attack, at every reported sampler; rates over
     all rows and their spread."""
@@ -150,8 +151,8 @@ def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]
         if config.robust != "none":
             edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False,
                                 gate=gate.subset(kept) if gate is not None else None)
-        if config.redirect is not None:
-            edit = _redirect(pipe, edit, train.prompts, nonmem, base, config)
+        if anchors is not None:
+            edit = fit_redirect(pipe, edit, train.prompts, anchors, keep=anchors, preserve=float(config.redirect))
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,

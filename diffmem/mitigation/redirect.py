@@ -41,14 +41,13 @@ def cross_attention_layers(denoiser: Any) -> dict[str, Any]:
 def _features(pipe: Any, cond: torch.Tensor, layers: dict[str, Any], batch: int = 16) -> dict[str, torch.Tensor]:
     """The inputs of every layer's ``to_k`` for the conditionings ``cond`` ``[P, L, D]``: ``{name: [P, L, D']}``."""
     denoiser = get_denoiser(pipe)
-    size = int(pipe.vae_scale_factor) if hasattr(pipe, "vae_scale_factor") else 8
-    height = width = int(denoiser.config.get("sample_size") or 8) * size
-    predict = denoiser_call(pipe, height, width)
+    side = int(denoiser.config.get("sample_size") or 8)  # latent side; keys and values do not depend on it
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    predict = denoiser_call(pipe, side * scale, side * scale)
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     hooks = [m.to_k.register_forward_pre_hook(lambda _m, inp, n=n: seen[n].append(inp[0].detach().float().cpu()))
              for n, m in layers.items()]
     channels = int(denoiser.config.get("in_channels"))
-    side = int(denoiser.config.get("sample_size") or 8)
     param = next(denoiser.parameters())
     try:
         with torch.no_grad():

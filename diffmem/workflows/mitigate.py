@@ -212,7 +212,8 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
                           max_rounds=run.max_rounds, min_rounds=min(run.min_rounds, run.max_rounds), seed=run.seed,
                           folds=run.folds,
                           robust_aggregate=run.robust_aggregate, robust_fraction=run.robust_fraction,
-                          robust_gate=run.robust_gate, redirect=run.redirect, margin_steps=run.margin_steps, sampler=sampler,
+                          robust_gate=run.robust_gate, redirect=run.redirect, margin_steps=run.margin_steps,
+                          sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
     visible = [e for e in entries if e.split in ("locate", "nonmem")]  # held-out rows stay unseen

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diffmem.errors import ConfigError
 from diffmem.zoo.designs import OverlapConfig, PhotosConfig
@@ -55,6 +56,23 @@ def zoo_model_path(name: str) -> Path:
     if name == "tiny-sd-memorizer":
         return default_model_path()
     return Path(__file__).resolve().parents[2] / "assets" / "zoo" / name
+
+
+def load_zoo_model(name: str) -> tuple[Path, Any, Any, list]:
+    """A zoo member (by name) or a model folder, loaded for measuring: ``(path, pipeline, sampler, manifest rows)``.
+
+    The pipeline's progress bars are off and its own sampler settings (``diffmem_defaults.json``) are applied.
+    """
+    from diffmem.config import SamplerConfig
+    from diffmem.data import read_manifest
+    from diffmem.pipelines import load_pipeline
+
+    path = zoo_model_path(name) if name in MEMBERS else Path(name)
+    pipe = load_pipeline(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    sampler = SamplerConfig.resolve(pipe)
+    sampler.apply_scheduler(pipe)
+    return path, pipe, sampler, read_manifest(path / "memorization.jsonl")
 
 
 def zoo_models() -> dict[str, Path]:
