@@ -132,25 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    from diffmem.config import SamplerConfig
-    from diffmem.data import read_manifest
     from diffmem.evaluation import EvalConfig, evaluate
     from diffmem.parallel import choose_num_threads
-    from diffmem.pipelines import load_pipeline
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import MEMBERS, zoo_model_path
+    from diffmem.zoo.members import load_zoo_model
 
     threads = args.threads or choose_num_threads()[0]
     if threads:
         torch.set_num_threads(threads)
-    path = zoo_model_path(args.model) if args.model in MEMBERS else Path(args.model)
-    if not (path / "model_index.json").is_file():
-        raise SystemExit(f"bench_robust_variants: {args.model}: no model at {path}")
-    pipe = load_pipeline(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    sampler = SamplerConfig.resolve(pipe)
-    sampler.apply_scheduler(pipe)
-    entries = read_manifest(path / "memorization.jsonl")
+    try:
+        _, pipe, sampler, entries = load_zoo_model(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"bench_robust_variants: {e}") from None
     scorer = get_scorer(args.scorer)
     nonmem = [e for e in entries if e.split == "nonmem"]
     baseline = evaluate(pipe, nonmem, EvalConfig(num_seeds=args.eval_seeds, seed=0, sampler=sampler), scorer,

@@ -62,12 +62,15 @@ def load_zoo_model(name: str) -> tuple[Path, Any, Any, list]:
     """A zoo member (by name) or a model folder, loaded for measuring: ``(path, pipeline, sampler, manifest rows)``.
 
     The pipeline's progress bars are off and its own sampler settings (``diffmem_defaults.json``) are applied.
+    A folder without ``model_index.json`` is a ``FileNotFoundError`` naming it.
     """
     from diffmem.config import SamplerConfig
     from diffmem.data import read_manifest
     from diffmem.pipelines import load_pipeline
 
     path = zoo_model_path(name) if name in MEMBERS else Path(name)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{name}: no diffusers model at {path} (model_index.json missing)")
     pipe = load_pipeline(str(path))
     pipe.set_progress_bar_config(disable=True)
     sampler = SamplerConfig.resolve(pipe)

@@ -112,3 +112,14 @@ def test_every_stage_on_the_dit_memorizer(tmp_path):
 
     start = encode_conditioning(pipe, [row.prompt])[0][0]
     assert torch.equal(embeds[0].abs().sum(-1) > 0, start.abs().sum(-1) > 0)
+
+
+def test_load_zoo_model_loads_a_member_with_its_sampler_and_names_a_missing_folder(tmp_path):
+    from diffmem.zoo.members import load_zoo_model
+
+    path, pipe, sampler, entries = load_zoo_model("tiny-sd-memorizer")
+    assert path == zoo_model_path("tiny-sd-memorizer")
+    assert sampler.to_dict() == SamplerConfig.resolve(pipe).to_dict()
+    assert {e.split for e in entries} >= {"locate", "heldout", "nonmem"}
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_zoo_model(str(tmp_path / "nothing-here"))
