@@ -1,0 +1,133 @@
+"""Probe: after a robust prune, does a short distillation toward the unedited model on ordinary rows bring the
+ordinary prompts back within the seed-to-seed spread, without bringing the deleted images back?
+
+Starts from a saved edit (e.g. a ``bench_mitigate.py --work`` folder's ``edit.safetensors``), splits the ``nonmem``
+rows in two (even rows: the repair's data; odd rows: never seen by the repair), runs
+:func:`diffmem.mitigation.repair.repair_edit` on the first half, and measures, before and after: the drift of each
+half (the share of ordinary prompts whose image at a seed moves less than a change of seed moves it), replication of
+the ``heldout`` and ``locate`` rows with the prompt at the model's sampler and at diffusers' defaults, the held-out
+memorized prompts' KID to the unedited model's ordinary generations, and with ``--attack`` the re-extraction attack
+on the held-out rows from the prompt and from a random start (a seed counts when either replicates).
+
+    python benchmarks/probe_repair.py --model tiny-sd-photos --edit /tmp/run/tiny-sd-photos/edit.safetensors \
+        --steps 200 --attack
+
+Result line::
+
+    probe model=<m> <stage>: heldout_prompt_model=<rate> heldout_prompt_default=<rate> locate_prompt=<rate>
+        kid_heldout=<x1e3> drift_fit=<share> drift_unseen=<share> [heldout_attack=<rate>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("probe_repair")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--edit", required=True, help="the edit to start from")
+    p.add_argument("--steps", type=int, action="append", help="repair steps (default 200); repeat for several")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--scope", choices=("edited", "all"), default="edited")
+    p.add_argument("--hold", type=float, default=None,
+                   help="hold the locate rows at the edited model's predictions with this weight (default: off)")
+    p.add_argument("--eval-seeds", type=int, default=2)
+    p.add_argument("--attack", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON file (one key per model and scope; earlier keys kept)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import numpy as np
+    import torch
+
+    from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
+    from diffmem.edits import apply_edit, load_edit
+    from diffmem.evaluation import EvalConfig, evaluate
+    from diffmem.mitigation.repair import repair_edit
+    from diffmem.mitigation.rows import load_rows
+    from diffmem.quality import memorized_becomes
+    from diffmem.sampling import image_size
+    from diffmem.score import get_scorer
+    from diffmem.workflows.mitigate import final_attack_config
+    from diffmem.zoo.members import load_zoo_model
+
+    torch.set_num_threads(args.threads)
+    _, pipe, sampler, entries = load_zoo_model(args.model)
+    rows = {s: [e for e in entries if e.split == s] for s in ("locate", "heldout", "nonmem")}
+    fit, unseen = rows["nonmem"][0::2], rows["nonmem"][1::2]
+    scorer = get_scorer("ssim")
+    ecfg = EvalConfig(num_seeds=args.eval_seeds, seed=0, sampler=sampler)
+    before = {name: evaluate(pipe, part, ecfg, scorer, progress=False) for name, part in (("fit", fit),
+                                                                                           ("unseen", unseen))}
+    ordinary_images = np.concatenate([b.images.reshape(-1, *b.images.shape[-3:]) for b in before.values()])
+    samplers = sampler_variants(sampler, ("model", "diffusers-default"), pipe=pipe)
+    edit = load_edit(args.edit)
+    size = image_size(pipe, sampler.height, sampler.width)
+    fit_rows = load_rows(fit, size)
+    held = load_rows(rows["locate"], size) if args.hold is not None else None
+
+    def measure(stage: str, current: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        held = summarise_rows(measure_rows(pipe, current, rows["heldout"], scorer, samplers, attack=None,
+                                           num_seeds=args.eval_seeds))
+        out["heldout_prompt_model"] = held["prompt"]["model"]
+        out["heldout_prompt_default"] = held["prompt"]["diffusers-default"]
+        with apply_edit(pipe, current), torch.no_grad():
+            res = evaluate(pipe, rows["locate"], ecfg, scorer, progress=False)
+            out["locate_prompt"] = float(np.mean([r["replication_rate"] for r in res.rows]))
+            res = evaluate(pipe, rows["heldout"], ecfg, scorer, progress=False)
+            kid = memorized_becomes(list(res.images.reshape(-1, *res.images.shape[-3:])), list(ordinary_images),
+                                    subsets=50)
+            out["kid_heldout"], out["kid_heldout_std"] = kid["kid_mean"], kid["kid_std"]
+            for name, part in (("fit", fit), ("unseen", unseen)):
+                drift = evaluate(pipe, part, ecfg, scorer, baseline=before[name], progress=False)
+                out[f"drift_{name}"] = float(np.mean([float(r["drift_within_seed_spread"]) for r in drift.rows]))
+                out[f"drift_similarity_{name}"] = float(np.mean([r["drift_similarity"] for r in drift.rows]))
+        if args.attack:
+            cfg = final_attack_config(50, sampler, 0, checkpoints=())
+            att = summarise_rows(measure_rows(pipe, current, rows["heldout"], scorer,
+                                              sampler_variants(sampler, ("model",), pipe=pipe), attack=cfg,
+                                              attack_samplers=("model",), num_seeds=args.eval_seeds, prompt=False))
+            out["heldout_attack"] = att["attack"]["model"]
+        print(f"probe model={args.model} {stage}: " + " ".join(  # noqa: T201
+            f"{k}={1e3 * v:.2f}" if k.startswith("kid") else f"{k}={v:.2f}" for k, v in out.items()), flush=True)
+        return out
+
+    result: dict[str, Any] = {"start": {"weights_changed": edit.num_params_changed(), **measure("start", edit)},
+                              "seed_similarity": {name: float(np.mean([r["diversity_similarity"] for r in b.rows]))
+                                                  for name, b in before.items()}}
+    for steps in args.steps or [200]:
+        t0 = time.time()
+        repaired = repair_edit(pipe, edit, fit_rows, steps=steps, lr=args.lr, scope=args.scope, progress=False,
+                               deleted=held, deleted_weight=args.hold if args.hold is not None else 1.0)
+        seconds = round(time.time() - t0, 1)
+        key = f"steps={steps}" + (f",hold={args.hold:g}" if args.hold is not None else "")
+        result[key] = {"weights_changed": repaired.num_params_changed(), "repair_seconds": seconds,
+                                    "loss": [repaired.meta["loss_first"], repaired.meta["loss_last"]],
+                                    **measure(key, repaired)}
+    if args.out:
+        out_path = Path(args.out)
+        done = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        key = f"{args.model}/{args.scope}" + (f"/hold={args.hold:g}" if args.hold is not None else "")
+        done[key] = {"settings": vars(args), "result": result}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(done, indent=2, sort_keys=True, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
