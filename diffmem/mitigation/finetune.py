@@ -34,6 +34,15 @@ def _training_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise DiffmemError(f"fine-tuning supports epsilon and v-prediction schedulers, not {kind!r}")
 
 
+@torch.no_grad()
+def restore_weights(denoiser: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Put every parameter back to its saved value, frozen, and the denoiser in eval mode (after a fine-tune)."""
+    for n, p in denoiser.named_parameters():
+        p.requires_grad_(False)
+        p.copy_(originals[n])
+    denoiser.eval()
+
+
 def finetune_against(
     pipe: Any,
     edit: Edit,
@@ -103,10 +112,6 @@ def finetune_against(
         denoiser.eval()
         delta = WeightDelta.between(originals, pipe, meta={"method": "adversarial-finetune", "base_edit": edit.kind})
     finally:
-        with torch.no_grad():
-            for n, p in denoiser.named_parameters():
-                p.requires_grad_(False)
-                p.copy_(originals[n])
-        denoiser.eval()
+        restore_weights(denoiser, originals)
     logger.info("adversarial fine-tuning: %d weights changed (on top of a %s)", delta.num_params_changed(), edit.kind)
     return delta

@@ -34,7 +34,9 @@ from ..errors import DiffmemError
 from ..objective import denoiser_call, encode_conditioning, initial_conditioning
 from ..reextraction import ReextractConfig
 from ..targets import get_denoiser
+from .finetune import restore_weights
 from .rows import Rows
+from .strength import _mean
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +112,9 @@ def repair_edit(
     g = torch.Generator().manual_seed(seed)
     try:
         edit.bake(pipe)
-        held = held_predict = None
-        if deleted is not None and len(deleted):
-            held = copy.deepcopy(denoiser).requires_grad_(False).eval()  # the edited model
-            held_predict = denoiser_call(held, height, width)
+        held_predict = None
+        if deleted is not None and len(deleted):  # the edited model's predictions hold the deleted rows
+            held_predict = denoiser_call(copy.deepcopy(denoiser).requires_grad_(False).eval(), height, width)
         names = [n for n, p in denoiser.named_parameters()
                  if scope == "all" or not torch.equal(p.detach(), originals[n])]
         if not names:
@@ -166,17 +167,9 @@ def repair_edit(
                 "loss_first": _mean(losses[: max(1, steps // 10)]), "loss_last": _mean(losses[-max(1, steps // 10):])}
         delta = WeightDelta.between(originals, pipe, meta=meta)
     finally:
-        with torch.no_grad():
-            for n, p in denoiser.named_parameters():
-                p.requires_grad_(False)
-                p.copy_(originals[n])
-        denoiser.eval()
+        restore_weights(denoiser, originals)
     logger.info("repair: %d steps on %d ordinary rows (%d deleted rows held), loss %.4g -> %.4g, %d weights "
                 "changed", steps, len(ordinary), meta["deleted_rows"], meta["loss_first"], meta["loss_last"],
                 delta.num_params_changed())
     return delta
-
-
-def _mean(xs: list[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else float("nan")
 
