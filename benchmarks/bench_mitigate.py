@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="share of the denoiser's weights one robust pruning round may add")
     p.add_argument("--robust-gate", action="store_true", help="robust rounds held to the quality vetoes")
     p.add_argument("--redirect", type=float, default=None, help="redirect the memorized prompts (LAMBDA)")
+    p.add_argument("--repair", type=int, default=0, help="repair steps after the deletion (0: off)")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--margin-steps", type=int, default=1)
     p.add_argument("--min-rounds", type=int, default=1)
@@ -91,6 +92,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
     run = MitigateRunConfig(model=str(path), prompts=str(path / "memorization.jsonl"), out=str(Path(args.work) / name),
                             robust=args.robust, robust_aggregate=args.robust_aggregate, folds=args.folds,
                             robust_fraction=args.robust_fraction, robust_gate=args.robust_gate, redirect=args.redirect,
+                            repair=args.repair,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
                             max_rounds=args.max_rounds, eval_num_seeds=args.eval_seeds, opt_steps=args.opt_steps,
                             scorer=args.scorer, overwrite=True)
@@ -118,6 +120,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
         "advantage": row.get("attack_advantage"),
         "drift_within_spread": row.get("drift_within_spread"),
         "drift_similarity": row.get("drift_similarity"),
+        "drift_within_spread_unseen": row.get("drift_within_spread_unseen"),
+        "drift_similarity_unseen": row.get("drift_similarity_unseen"),
         "seed_similarity": row.get("seed_similarity_before"),
         "memorized_becomes": _kid_summary(report.get("quality") or {}),
         "weights_changed": report["mitigation"]["parameters_changed"],

@@ -121,3 +121,4 @@ def test_mitigate_defaults_agree_across_the_library_the_run_config_the_cli_and_t
     for name in fields:
         assert lib[name] == run[name] == getattr(cli, name) == getattr(bench, name), name
     assert lib["robust_gate"] == run["robust_gate"] == cli.robust_gate == bench.robust_gate
+    assert lib["repair_steps"] == run["repair"] == cli.repair == bench.repair

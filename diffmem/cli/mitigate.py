@@ -25,7 +25,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
                             robust_fraction=args.robust_fraction, robust_gate=args.robust_gate,
-                            redirect=args.redirect)
+                            redirect=args.redirect, repair=args.repair)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -58,6 +58,10 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                    help="after the deletion, send the given memorized prompts to ordinary captions (a closed-form "
                         "edit of the cross-attention keys and values; LAMBDA weighs keeping the ordinary prompts, "
                         "e.g. 1): they render as plausible images instead of noise, at a drift cost")
+    p.add_argument("--repair", type=common.nonneg_int, default=0, metavar="STEPS",
+                   help="after the deletion, distil the edited model toward the unedited one on half the nonmem "
+                        "rows for STEPS steps (e.g. 100), the given memorized rows held at the edited model: less "
+                        "drift; the report gives the drift on the other half too (0: off)")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")

@@ -60,6 +60,11 @@ class MitigateConfig(DiffmemConfig):
             every cross-attention layer's keys and values, :func:`~diffmem.mitigation.redirect.fit_redirect`), so
             that they render as plausible ordinary images instead of noise; the value is ``λ``, the weight on
             keeping the ordinary prompts' text features where they are. ``None`` (default): off.
+        repair_steps: After the deletion (and its robust rounds), distil the edited denoiser toward the unedited
+            one on ordinary rows for this many steps, holding the given memorized rows at the edited model
+            (:func:`~diffmem.mitigation.repair.repair_edit`), so that ordinary prompts drift less; 0 (default): off.
+        repair_share: Share of the ``nonmem`` rows the repair fits on (every other row, evenly spread); the rest
+            stay unseen by it, so that the drift measured on them is not in-sample.
         robust_aggregate: How a saliency round combines the images: ``"sum"`` adds their scores; ``"shared"``
             normalises each (image, conditioning) term's scores and keeps only weights whose score is positive for
             at least ``robust_share`` of the terms (weights many memorized images share, the seed paper's
@@ -92,6 +97,8 @@ class MitigateConfig(DiffmemConfig):
     robust_gate: bool = False
     robust_shrinks: int = 2
     redirect: float | None = None
+    repair_steps: int = 0
+    repair_share: float = 0.5
     robust_aggregate: str = "shared"
     robust_share: float = 0.5
     attack_inits: tuple[str, ...] = ("prompt", "random")
@@ -127,6 +134,8 @@ class MitigateConfig(DiffmemConfig):
         require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
         require(self.robust_shrinks >= 0, "robust_shrinks", self.robust_shrinks, "must be >= 0")
         require(self.redirect is None or self.redirect > 0, "redirect", self.redirect, "must be > 0 (or None: off)")
+        require(self.repair_steps >= 0, "repair_steps", self.repair_steps, "must be >= 0 (0: off)")
+        require(0 < self.repair_share <= 1, "repair_share", self.repair_share, "must be in (0, 1]")
         require(self.robust_lambda >= 0, "robust_lambda", self.robust_lambda, "must be >= 0")
         require(self.ratio is None or 0 < self.ratio <= 1 or (self.method == "directions" and self.ratio >= 1),
                 "ratio", self.ratio, "must be in (0, 1] (a rank >= 1 for directions)")

@@ -20,6 +20,7 @@ from ..recording import record
 from ..sampling import image_size
 from .config import MitigateConfig, MitigationResult
 from .redirect import fit_redirect
+from .repair import repair_edit
 from .robust import harden
 from .rows import Rows, load_rows
 from .strength import QualityGate, choose_strength, locate_config, merged_stats
@@ -74,11 +75,13 @@ def mitigate(
                        config.folds)
     # the rows' training images, loaded once (the attack's targets; what a saliency round or fine-tuning keeps)
     rows = nonmem_rows = None
-    if config.robust != "none" or folds:
+    if config.robust != "none" or folds or config.repair_steps:
         size = image_size(pipe, config.sampler.height, config.sampler.width)
         rows = load_rows(locate_rows, size)
-        if config.robust != "none" and (config.robust == "finetune" or config.robust_score == "saliency"):
-            what = "robust fine-tuning" if config.robust == "finetune" else "robust pruning"
+        robust_needs = config.robust == "finetune" or (config.robust == "prune" and config.robust_score == "saliency")
+        if robust_needs or config.repair_steps:
+            what = ("robust fine-tuning" if config.robust == "finetune" else "robust pruning" if robust_needs
+                    else "the repair")
             keep = "the utility data" if config.robust == "finetune" else "what must be kept"
             if not nonmem or any(e.reference is None for e in nonmem):
                 raise DiffmemError(f"{what} needs 'nonmem' rows with reference images ({keep})")
@@ -102,6 +105,11 @@ def mitigate(
         edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
                                                  progress, gate=choice.gate)
         lap("robust")
+    repair_rows: list[int] = []
+    if config.repair_steps:
+        repair_rows = repair_split(len(nonmem), config.repair_share)
+        edit = _repair(pipe, edit, nonmem_rows.subset(repair_rows), rows, config, progress)
+        lap("repair")
     anchors = _anchors(base, nonmem) if config.redirect is not None else None
     if anchors is not None:
         edit = fit_redirect(pipe, edit, [e.prompt for e in locate_rows], anchors, keep=anchors,
@@ -110,9 +118,12 @@ def mitigate(
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
+    if config.repair_steps:
+        estimate["repair"] = {"steps": config.repair_steps, "fitted_on": [nonmem[i].prompt for i in repair_rows],
+                              "unseen": [e.prompt for i, e in enumerate(nonmem) if i not in set(repair_rows)]}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
-                                             strength, config, scorer, progress, choice.gate, anchors)
+                                             strength, config, scorer, progress, choice.gate, anchors, repair_rows)
         lap("estimate")
     given = measure_rows(pipe, edit, locate_rows, scorer, sampler_variants(config.sampler, pipe=pipe), attack=None,
                          num_seeds=config.estimate_num_seeds, seed=40_000 + config.seed, progress=False)
@@ -126,6 +137,18 @@ def mitigate(
                             estimate=estimate)
 
 
+def repair_split(count: int, share: float) -> list[int]:
+    """Indices of the ``nonmem`` rows a repair fits on: ``share`` of ``count``, evenly spread (at least one)."""
+    k = min(count, max(1, round(count * share)))
+    return sorted({int(i * count / k) for i in range(k)})
+
+
+def _repair(pipe: Any, edit: Any, ordinary: Rows, given: Rows, config: MitigateConfig, progress: bool) -> Any:
+    """The edit repaired on ``ordinary`` rows, the ``given`` memorized rows held at the edited model."""
+    return repair_edit(pipe, edit, ordinary, steps=config.repair_steps, deleted=given, seed=config.seed + 11,
+                       progress=progress)
+
+
 def _anchors(base: list[str], nonmem: list[ManifestEntry]) -> list[str]:
     """The ordinary captions a redirect sends the memorized prompts to (and keeps in place): base and ``nonmem``."""
     anchors = list(dict.fromkeys(p for p in base + [e.prompt for e in nonmem] if p.strip()))
@@ -137,10 +160,10 @@ def _anchors(base: list[str], nonmem: list[ManifestEntry]) -> list[str]:
 def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]], stats_parts: list[Any],
                stats_base: Any, base: list[str], rcfg: RecordConfig, strength: float, config: MitigateConfig,
                scorer: Any, progress: bool, gate: QualityGate | None = None,
-               anchors: list[str] | None = None) -> dict[str, Any]:
+               anchors: list[str] | None = None, repair_rows: list[int] | None = None) -> dict[str, Any]:
     """Fit the edit on all folds but one (at the chosen strength, with the same robust rounds and the quality gate of
-    their rows), measure the one left out with the prompt and under attack, at every reported sampler; rates over
-    all rows and their spread."""
+    their rows, and the same repair holding only their rows), measure the one left out with the prompt and under
+    attack, at every reported sampler; rates over all rows and their spread."""
     samplers = sampler_variants(config.sampler, pipe=pipe)
     measured: list[dict[str, Any]] = [{} for _ in range(len(rows))]
     for k, fold in enumerate(tqdm(folds, desc="cross-fit", disable=not progress)):
@@ -151,6 +174,8 @@ def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]
         if config.robust != "none":
             edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False,
                                 gate=gate.subset(kept) if gate is not None else None)
+        if repair_rows:
+            edit = _repair(pipe, edit, nonmem.subset(repair_rows), train, config, progress=False)
         if anchors is not None:
             edit = fit_redirect(pipe, edit, train.prompts, anchors, keep=anchors, preserve=float(config.redirect))
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)

@@ -52,6 +52,7 @@ class MitigateRunConfig(RunConfig):
         method, ratio, robust, target, max_rounds, min_rounds, folds, robust_aggregate, robust_fraction,
             robust_gate, redirect, margin_steps: The
             :class:`MitigateConfig` settings of the same names.
+        repair: ``MitigateConfig.repair_steps`` (0: off).
         scorer_weights: SSCD weights file.
         overwrite: Replace an earlier diffmem output at ``out``.
         eval_num_seeds: Seeds per held-out prompt in the measurement.
@@ -71,6 +72,7 @@ class MitigateRunConfig(RunConfig):
     robust_fraction: float = 0.002
     robust_gate: bool = False
     redirect: float | None = None
+    repair: int = 0
     margin_steps: int = 1
     scorer_weights: str | None = None
     overwrite: bool = False
@@ -81,6 +83,7 @@ class MitigateRunConfig(RunConfig):
     def check(self) -> None:
         super().check()
         require(self.eval_num_seeds >= 1, "eval_num_seeds", self.eval_num_seeds, "must be >= 1")
+        require(self.repair >= 0, "repair", self.repair, "must be >= 0 (0: off)")
         require(0 < self.robust_fraction <= 0.1, "robust_fraction", self.robust_fraction, "must be in (0, 0.1]")
         EvalConfig(region=self.region)  # checks the value
 
@@ -103,7 +106,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
              controls: int | None = 8, attack_rows: int | None = None,
              baseline: EvalResult | None = None, progress: bool = True,
              inits: tuple[str, ...] = ("prompt", "random"),
-             attack_samplers: tuple[str, ...] = ("model", "diffusers-default")) -> tuple[EditRow, dict[str, Any]]:
+             attack_samplers: tuple[str, ...] = ("model", "diffusers-default"),
+             unseen: list[str] | None = None) -> tuple[EditRow, dict[str, Any]]:
     """One row of the main table, and the attack's summary (with its rate-vs-steps curve).
 
     Held-out memorized rows are measured with the prompt at every sampler of
@@ -114,7 +118,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     is the held-out rate's advantage over the never-seen rate. ``controls`` caps each control set and
     ``attack_rows`` the held-out rows attacked (rows spread evenly; the prompt rates use every held-out row). The row also holds drift, size, the time to find the edit (``seconds``) and the time of this
     measurement. ``baseline`` is the unedited evaluation of the ``nonmem`` rows with the same settings; it is
-    computed when not given (pass it when measuring several edits).
+    computed when not given (pass it when measuring several edits). ``unseen``: the ``nonmem`` prompts that the
+    edit's fit did not train on (a repair's), whose drift is also reported on its own (``*_unseen``).
     """
     heldout = [e for e in entries if e.split == "heldout" and e.reference is not None]
     nonmem = [e for e in entries if e.split == "nonmem"]
@@ -171,6 +176,11 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         row["drift_similarity"] = _mean([r["drift_similarity"] for r in drift.rows])
         row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in drift.rows])
         row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in drift.rows])
+        if unseen is not None:
+            kept = [r for r in drift.rows if r["prompt"] in set(unseen)]
+            row["drift_similarity_unseen"] = _mean([r["drift_similarity"] for r in kept])
+            row["drift_within_spread_unseen"] = _mean([float(r["drift_within_seed_spread"]) for r in kept])
+            row["drift_unseen_rows"] = len(kept)
     logger.info("%s: held-out replication %s with the prompt, %s under attack; controls: once-seen %s, never-seen %s",
                 name, row["heldout_replication_prompt"], row["heldout_replication_attack"], row["control_rate"],
                 row["never_seen_rate"])
@@ -213,6 +223,7 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
                           folds=run.folds,
                           robust_aggregate=run.robust_aggregate, robust_fraction=run.robust_fraction,
                           robust_gate=run.robust_gate, redirect=run.redirect, margin_steps=run.margin_steps,
+                          repair_steps=run.repair,
                           sampler=sampler,
                           attack=ReextractConfig(opt_steps=run.opt_steps, checkpoints=(), num_seeds=2,
                                                  seed=run.seed, sample_seed=10_000 + run.seed))
@@ -228,7 +239,8 @@ def run_mitigate(run: MitigateRunConfig, progress: bool = True) -> dict[str, Any
     if heldout:
         row, attack_summary = edit_row(pipe, f"{run.method} ({run.robust})", result.edit, entries, scorer, sampler,
                                        num_seeds=run.eval_num_seeds, seconds=mitigation_s, progress=progress,
-                                       attack=final_attack_config(run.opt_steps, sampler, run.seed))
+                                       attack=final_attack_config(run.opt_steps, sampler, run.seed),
+                                       unseen=(result.estimate.get("repair") or {}).get("unseen"))
     timings = {"load": round(load_s, 1), **result.timings_s}
     if heldout:
         timings["heldout"] = _lap("held-out measurement", t_phase)

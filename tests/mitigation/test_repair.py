@@ -119,3 +119,76 @@ def test_repair_holds_the_deleted_rows_at_the_edited_model(tiny_pipe):
     assert held.meta["deleted_rows"] == 2 and free.meta["deleted_rows"] == 0
     assert _distance_to_unedited(tiny_pipe, held, deleted, other=edit) < _distance_to_unedited(
         tiny_pipe, free, deleted, other=edit)
+
+
+def test_repair_split_spreads_the_share_and_keeps_at_least_one_row():
+    from diffmem.mitigation.fit import repair_split
+
+    assert repair_split(12, 0.5) == [0, 2, 4, 6, 8, 10]
+    assert repair_split(5, 1.0) == [0, 1, 2, 3, 4]
+    assert repair_split(3, 0.01) == [0]
+    for n in range(1, 30):
+        for share in (0.1, 0.25, 0.5, 0.9):
+            idx = repair_split(n, share)
+            assert len(set(idx)) == len(idx) == min(n, max(1, round(n * share))) and 0 <= min(idx) <= max(idx) < n
+
+
+@pytest.fixture
+def repair_manifest(tiny_pipe, tmp_path):
+    """Four ``locate`` rows (references: the pipeline's own generations) and four ``nonmem`` rows."""
+    from PIL import Image
+
+    from diffmem.config import SamplerConfig
+    from diffmem.sampling import generate_images
+
+    sampler = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, height=16, width=16)
+    prompts = ["a red cat", "a blue dog on the sky", "a green bird on the sky", "a red sky"] + ORDINARY[:4]
+    images = generate_images(tiny_pipe, prompts, num_seeds=1, seed=0, sampler=sampler)
+    out = []
+    for i, p in enumerate(prompts):
+        Image.fromarray(images[i, 0]).save(tmp_path / f"ref{i}.png")
+        split = "locate" if i < 4 else "nonmem"
+        out.append(ManifestEntry(prompt=p, memorized=split == "locate", duplicates=8 if i < 4 else 1,
+                                 reference=tmp_path / f"ref{i}.png", split=split))
+    return out, sampler
+
+
+def test_mitigate_with_repair_repairs_in_every_fold_and_names_the_rows_it_fitted_on(tiny_pipe, repair_manifest,
+                                                                                     caplog):
+    import logging
+
+    from diffmem.mitigation import MitigateConfig, mitigate
+    from diffmem.score import get_scorer
+
+    caplog.set_level(logging.INFO, logger="diffmem.mitigation.repair")
+
+    entries, sampler = repair_manifest
+    cfg = MitigateConfig(ratio=0.05, folds=2, sweep_num_seeds=1, estimate_num_seeds=1, record_steps=2,
+                         sampler=sampler, repair_steps=3)
+    res = mitigate(tiny_pipe, entries, cfg, get_scorer("ssim"), progress=False)
+    assert isinstance(res.edit, WeightDelta) and res.edit.meta["method"] == "repair" and "repair" in res.timings_s
+    assert res.edit.meta["rows"] == 2 and res.edit.meta["deleted_rows"] == 4  # half the nonmem rows; every given row
+    info = res.estimate["repair"]
+    nonmem = [e.prompt for e in entries if e.split == "nonmem"]
+    assert info["fitted_on"] == nonmem[0::2] and info["unseen"] == nonmem[1::2]
+    assert "out_of_fold" in res.estimate
+    held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("repair: 3 steps on 2 ordinary")]
+    assert sum("(4 deleted rows held)" in m for m in held) == 1  # the final fit holds every given row
+    assert sum("(2 deleted rows held)" in m for m in held) == 2  # each fold's fit holds only its training rows
+    denoiser = get_denoiser(tiny_pipe)
+    with apply_edit(tiny_pipe, res.plain_edit):
+        zeroed = {n: p.detach() == 0 for n, p in denoiser.named_parameters()}
+    with apply_edit(tiny_pipe, res.edit):
+        for n, p in denoiser.named_parameters():
+            assert torch.count_nonzero(p.detach()[zeroed[n]]) == 0, n  # the deletion's zeros stay zero
+
+
+def test_mitigate_repair_needs_nonmem_rows_with_references(tiny_pipe, repair_manifest):
+    from diffmem.mitigation import MitigateConfig, mitigate
+    from diffmem.score import get_scorer
+
+    entries, sampler = repair_manifest
+    locate_only = [e for e in entries if e.split == "locate"]
+    cfg = MitigateConfig(ratio=0.05, folds=0, sweep_num_seeds=1, record_steps=2, sampler=sampler, repair_steps=3)
+    with pytest.raises(DiffmemError, match="the repair needs 'nonmem' rows"):
+        mitigate(tiny_pipe, locate_only, cfg, get_scorer("ssim"), progress=False)
