@@ -525,5 +525,8 @@ def _headline(report: dict, out: Path) -> str:
                      f"(controls: once-seen {_fmt(r['control_rate'])}, never-seen {_fmt(r.get('never_seen_rate'))})")
         if r.get("drift_within_spread") is not None:
             lines.append(f"  non-memorized drift within seed spread for {_fmt(r['drift_within_spread'])} of prompts")
+        if r.get("drift_within_spread_unseen") is not None:
+            lines.append(f"  of the {r['drift_unseen_rows']} non-memorized prompts the repair did not fit on: "
+                         f"{_fmt(r['drift_within_spread_unseen'])} within seed spread")
     lines.append(f"outputs: {out / 'pruned'}, {out / 'report.html'}")
     return "\n".join(lines)

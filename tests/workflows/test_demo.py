@@ -163,10 +163,28 @@ def test_mitigate_writes_a_clean_export_and_never_needs_heldout_images(tmp_path)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in keep))
     out = tmp_path / "clean"
     assert main(["mitigate", str(MODEL), "--prompts", str(manifest), "--out", str(out), "--ratio", "0.05",
-                 "--robust", "prune", "--max-rounds", "1", "--opt-steps", "5"]) == 0
+                 "--robust", "prune", "--max-rounds", "1", "--opt-steps", "5", "--repair", "2"]) == 0
     assert (out / "pruned" / "model_index.json").is_file() and (out / "report.html").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["mitigation"]["parameters_changed"] > 0 and report["edits"] == []
+    repair = report["mitigation"]["estimate"]["repair"]  # one of the two nonmem rows fitted on, the other unseen
+    assert repair["steps"] == 2 and len(repair["fitted_on"]) == len(repair["unseen"]) == 1
+    assert report["settings"]["repair"] == 2 and report["settings"]["mitigation"]["repair_steps"] == 2
+
+
+def test_mitigate_headline_names_the_drift_of_the_rows_the_repair_did_not_see(tmp_path):
+    from diffmem.workflows.mitigate import _headline
+
+    row = {"heldout_replication_prompt": 0.0, "heldout_replication_attack": 0.125, "control_rate": 0.0,
+           "never_seen_rate": 0.0, "drift_within_spread": 0.9, "drift_within_spread_unseen": 0.75,
+           "drift_unseen_rows": 4}
+    report = {"model": "m", "scorer": {"name": "ssim"}, "edits": [row],
+              "mitigation": {"kind": "delta", "strength": 0.1, "parameters_changed": 10, "estimate": {}}}
+    lines = _headline(report, tmp_path).splitlines()
+    assert "  non-memorized drift within seed spread for 0.900 of prompts" in lines
+    assert "  of the 4 non-memorized prompts the repair did not fit on: 0.750 within seed spread" in lines
+    row.pop("drift_within_spread_unseen")
+    assert not any("did not fit on" in line for line in _headline(report, tmp_path).splitlines())
 
 
 def test_audit_runs_the_reextraction_attack_with_references(tmp_path):

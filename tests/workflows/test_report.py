@@ -177,6 +177,7 @@ def small_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             {"name": "robust_finetune", "heldout_replication_prompt": float("nan"),
              "heldout_replication_attack": np.float32(0.25), "control_rate": np.float64(0.12),
              "drift_similarity": 0.7, "seed_similarity_before": 0.51234, "drift_within_spread": 0.5,
+             "drift_similarity_unseen": 0.64321, "drift_within_spread_unseen": 0.375, "drift_unseen_rows": 8,
              "parameters_changed": np.int64(859_520_964), "fraction_changed": 1.0, "wall_time_s": 5400.0},
         ],
         "before": summarise(rows_b),
@@ -261,6 +262,7 @@ def test_numbers_have_fixed_formats(small_report, small_page):
     assert "62.5%" in text and "87.5%" in text  # rates as percentages
     assert "0.512" in text and "0.812" in text and "0.51234" not in text  # similarities with 3 decimals
     assert "0.123%" in text  # small shares of weights
+    assert "Drift similarity, not repaired on" in text and "0.643" in text and "37.5%" in text
     assert "12.5 s" in text and "1 h 30 min" in text and "1 h 02 min" in text
     assert "No edit (baseline)" in text and "Sparse mask" in text and "Robust finetune" in text
     assert "1,000 copies in the training set" in text and "1 copy in the training set" in text
@@ -794,7 +796,7 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
                 "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
-                "robust_gate": False, "redirect": 10.0,
+                "robust_gate": False, "redirect": 10.0, "repair": 100,
                 "eval_num_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
     report: dict[str, Any] = {
         "title": "diffmem mitigate", "model": MITIGATE_MODEL,
@@ -921,6 +923,7 @@ def test_mitigate_report_sweep_rounds_images_quality_and_time(mitigate_report, m
     assert "Robust rounds held to the quality vetoes no" in given
     assert ("Memorized prompts redirected to ordinary captions yes (\u03bb = 10, weight on keeping ordinary "
             "prompts)") in given
+    assert "Ordinary prompts repaired (distillation steps) yes (100 steps on 50% of the nonmem rows)" in given
     quality = _section_text(mitigate_page, "quality")
     assert "KID on SSCD features" in quality and "FD on SSCD features" in quality
     assert "\u22120.006 \u00b1 0.014" in quality and "2.310 \u00b1 0.400" in quality and "0.046 \u00b1 0.047" in quality

@@ -25,6 +25,8 @@ _METRICS: dict[str, tuple[str, str]] = {
     "seed_similarity_before": ("Similarity between seeds of the unedited model", "similarity"),
     "drift_within_seed_spread": ("Prompts whose drift stays within the seed spread", "rate"),
     "drift_within_spread": ("Prompts whose drift stays within the seed spread", "rate"),
+    "drift_similarity_unseen": ("Similarity to the unedited image, prompts the repair did not see", "similarity"),
+    "drift_within_spread_unseen": ("Prompts the repair did not see whose drift stays within the seed spread", "rate"),
     "within_spread_fraction": ("Prompts whose drift stays within the seed spread", "rate"),
     "pixel_drift": ("Mean absolute pixel change", "rate"),
     "clip_score": ("CLIP score, image against prompt", "similarity"),
@@ -100,6 +102,8 @@ _HEADERS: dict[str, str] = {
     "drift_similarity": "Drift similarity",
     "seed_similarity_before": "Seed-to-seed similarity",
     "drift_within_spread": "Drift within seed spread",
+    "drift_similarity_unseen": "Drift similarity, not repaired on",
+    "drift_within_spread_unseen": "Drift within spread, not repaired on",
     "drift_within_seed_spread": "Drift within seed spread",
     "parameters_changed": "Parameters changed",
     "fraction_changed": "Share of weights",
@@ -112,7 +116,7 @@ _HEADERS: dict[str, str] = {
 }
 # Drift compares edited with unedited images: it exists after an edit only and gets a table of its own.
 _DRIFT_KEYS = ("drift_similarity", "seed_similarity_before", "drift_within_seed_spread", "drift_within_spread",
-               "within_spread_fraction", "pixel_drift")
+               "within_spread_fraction", "pixel_drift", "drift_similarity_unseen", "drift_within_spread_unseen")
 
 # Sampler settings every edit is measured at (diffmem.crossfit.SAMPLER_NAMES) and the attack's starts.
 _SAMPLERS: dict[str, str] = {"model": "model's settings", "diffusers-default": "diffusers defaults",

@@ -29,6 +29,7 @@ _MITIGATE_SETTINGS = (("method", "Method that locates the edit"), ("ratio", "Str
                       ("max_rounds", "Robust rounds at most"),
                       ("robust_gate", "Robust rounds held to the quality vetoes"),
                       ("redirect", "Memorized prompts redirected to ordinary captions"),
+                      ("repair", "Ordinary prompts repaired (distillation steps)"),
                       ("folds", "Cross-fitting folds"), ("opt_steps", "Optimisation steps of the attack"),
                       ("eval_num_seeds", "Seeds per held-out prompt"))
 _ROBUST = {"none": "not hardened", "prune": "robust pruning rounds", "finetune": "adversarial fine-tuning rounds"}
@@ -87,6 +88,9 @@ def _section_given(report: Mapping[str, Any]) -> Section | None:
         elif key == "redirect":
             value = ("no" if _is_missing(value)
                      else f"yes (\u03bb = {float(value):g}, weight on keeping ordinary prompts)")
+        elif key == "repair":
+            share = (settings.get("mitigation") or {}).get("repair_share", 0.5)
+            value = "no" if not value else f"yes ({int(value)} steps on {100 * float(share):.0f}% of the nonmem rows)"
         items.append((label, value, "rate" if key == "target" else "setting"))
     if items:
         blocks.append(Block("table", table=_kv_table(items, key_header="Setting", caption="Mitigation")))

@@ -28,3 +28,6 @@ class EditRow(TypedDict, total=False):
     drift_similarity: float | None  # ordinary prompts after the edit against before, same seed
     seed_similarity_before: float | None  # two seeds of the unedited model
     drift_within_spread: float | None  # share of ordinary prompts whose drift is within the seed spread
+    drift_similarity_unseen: float | None  # the same on the nonmem rows a repair did not fit on
+    drift_within_spread_unseen: float | None
+    drift_unseen_rows: int

@@ -18,8 +18,8 @@ from .plots import (_plot_duplication, _plot_iou, _plot_reextract, _plot_roc, _p
 from .settings import _has_given, _sampler_blocks, _scorer_blocks, _timings_table
 
 _EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "heldout_rows_attacked",
-                 "never_seen_rate", "attack_advantage", "control_rate", "drift_similarity", "seed_similarity_before", "drift_within_spread",
-                 "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
+                 "never_seen_rate", "attack_advantage", "control_rate", "drift_similarity", "seed_similarity_before",
+                 "drift_within_spread", "drift_similarity_unseen", "drift_within_spread_unseen", "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
 
 
 def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str, str]]:
@@ -50,6 +50,11 @@ def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str,
             "anyway. Drift similarity at or above it is smaller than changing the seed."),
         "drift_within_spread": "Share of non-memorized prompts whose drift similarity is at or above their "
                                "seed-to-seed similarity, i.e. whose change is within the natural spread.",
+        "drift_similarity_unseen": (
+            "Drift similarity on the non-memorized prompts that the repair did not fit on (the repair sees part of "
+            "the nonmem rows; on those it fitted, drift is in-sample)."),
+        "drift_within_spread_unseen": "Drift within seed spread on the non-memorized prompts the repair did not fit "
+                                      "on.",
         "parameters_changed": "Number of weights the edit changed.",
         "fraction_changed": "Those weights as a share of the weights the edit could change (the targeted layers).",
         "wall_time_s": "Time taken to find the edit (statistics, choosing its strength, robust rounds).",
