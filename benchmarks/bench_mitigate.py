@@ -182,9 +182,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {_fmt(r['in_sample_prompt'])} / {_fmt(r['in_sample_attack'])} | {est} | "
             f"{_fmt(hp.get('model'))} / {_fmt(hp.get('diffusers-default'))} / {_fmt(hp.get('high-guidance'))} | "
             f"{_fmt(ha.get('model'))} / {_fmt(ha.get('diffusers-default'))} | {_fmt(r['never_seen'])} | "
-            f"{_fmt(r['advantage'])} | {_fmt(r['drift_within_spread'])} | {r['weights_changed']:,} | "
+            f"{_fmt(r['advantage'])} | {_drift(r)} | {r['weights_changed']:,} | "
             f"{r['seconds'] / 60:.1f} min |")
     return "\n".join(lines)
+
+
+def _drift(r: dict[str, Any]) -> str:
+    """Drift within spread, with the share on the nonmem rows a repair did not fit on when there was a repair."""
+    unseen = r.get("drift_within_spread_unseen")
+    return _fmt(r["drift_within_spread"]) + ("" if unseen is None else f" (unseen {_fmt(unseen)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,7 @@ class MitigateConfig(DiffmemConfig):
             every cross-attention layer's keys and values, :func:`~diffmem.mitigation.redirect.fit_redirect`), so
             that they render as plausible ordinary images instead of noise; the value is ``λ``, the weight on
             keeping the ordinary prompts' text features where they are. ``None`` (default): off.
-        repair_steps: After the deletion (and its robust rounds), distil the edited denoiser toward the unedited
+        repair_steps: Last (after the robust rounds and the redirect), distil the edited denoiser toward the unedited
             one on ordinary rows for this many steps, holding the given memorized rows at the edited model
             (:func:`~diffmem.mitigation.repair.repair_edit`), so that ordinary prompts drift less; 0 (default): off.
         repair_share: Share of the ``nonmem`` rows the repair fits on (every other row, evenly spread); the rest

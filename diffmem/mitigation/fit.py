@@ -105,16 +105,16 @@ def mitigate(
         edit, rounds, first_adversarial = harden(pipe, edit, rows, nonmem_rows, base, rcfg, strength, config, scorer,
                                                  progress, gate=choice.gate)
         lap("robust")
-    repair_rows: list[int] = []
-    if config.repair_steps:
-        repair_rows = repair_split(len(nonmem), config.repair_share)
-        edit = _repair(pipe, edit, nonmem_rows.subset(repair_rows), rows, config, progress)
-        lap("repair")
     anchors = _anchors(base, nonmem) if config.redirect is not None else None
     if anchors is not None:
         edit = fit_redirect(pipe, edit, [e.prompt for e in locate_rows], anchors, keep=anchors,
                             preserve=float(config.redirect))
         lap("redirect")
+    repair_rows: list[int] = []
+    if config.repair_steps:
+        repair_rows = repair_split(len(nonmem), config.repair_share)
+        edit = _repair(pipe, edit, nonmem_rows.subset(repair_rows), rows, config, progress)
+        lap("repair")
     estimate: dict[str, Any] = {"folds": [[locate_rows[i].prompt for i in f] for f in folds],
                                 "memorized_kid_unedited": choice.unedited_kid,
                                 "memorized_replication_unedited": choice.unedited_replication}
@@ -174,10 +174,10 @@ def _cross_fit(pipe: Any, rows: Rows, nonmem: Rows | None, folds: list[list[int]
         if config.robust != "none":
             edit, _, _ = harden(pipe, edit, train, nonmem, base, rcfg, strength, config, scorer, progress=False,
                                 gate=gate.subset(kept) if gate is not None else None)
-        if repair_rows:
-            edit = _repair(pipe, edit, nonmem.subset(repair_rows), train, config, progress=False)
         if anchors is not None:
             edit = fit_redirect(pipe, edit, train.prompts, anchors, keep=anchors, preserve=float(config.redirect))
+        if repair_rows:
+            edit = _repair(pipe, edit, nonmem.subset(repair_rows), train, config, progress=False)
         attack = replace(config.attack, checkpoints=(), seed=config.attack.seed + 7, sample_seed=30_000 + config.seed)
         left_out = rows.subset(fold)
         out = measure_rows(pipe, edit, left_out.entries, scorer, samplers,

@@ -192,3 +192,21 @@ def test_mitigate_repair_needs_nonmem_rows_with_references(tiny_pipe, repair_man
     cfg = MitigateConfig(ratio=0.05, folds=0, sweep_num_seeds=1, record_steps=2, sampler=sampler, repair_steps=3)
     with pytest.raises(DiffmemError, match="the repair needs 'nonmem' rows"):
         mitigate(tiny_pipe, locate_only, cfg, get_scorer("ssim"), progress=False)
+
+
+def test_mitigate_repairs_after_the_redirect_and_keeps_both_edits_zeros(tiny_pipe, repair_manifest):
+    from diffmem.mitigation import MitigateConfig, mitigate
+    from diffmem.score import get_scorer
+
+    entries, sampler = repair_manifest
+    cfg = MitigateConfig(ratio=0.05, folds=0, sweep_num_seeds=1, estimate_num_seeds=1, record_steps=2,
+                         sampler=sampler, redirect=1.0, repair_steps=2)
+    res = mitigate(tiny_pipe, entries, cfg, get_scorer("ssim"), progress=False)
+    assert res.edit.meta["method"] == "repair" and res.edit.meta["base_edit"] == "weight delta"  # the redirect
+    assert list(res.timings_s).index("redirect") < list(res.timings_s).index("repair")
+    denoiser = get_denoiser(tiny_pipe)
+    with apply_edit(tiny_pipe, res.plain_edit):
+        zeroed = {n: p.detach() == 0 for n, p in denoiser.named_parameters()}
+    with apply_edit(tiny_pipe, res.edit):
+        for n, p in denoiser.named_parameters():
+            assert torch.count_nonzero(p.detach()[zeroed[n]]) == 0, n
