@@ -19,26 +19,25 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from _probe import probe_parser
+
 logger = logging.getLogger("probe_noise_norm_triggers")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="zoo member name or model folder")
+    p = probe_parser(__doc__, edit=False)
     p.add_argument("--starts", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--init", choices=["random", "prompt"], default="random")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--draws", type=int, default=4, help="noise draws per start and step")
     p.add_argument("--scorer", default="ssim")
-    p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import numpy as np
     import torch
 
     from diffmem.data import load_reference
@@ -78,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         for label, prompts in (("memorized", [e.prompt for e in memorized]), ("ordinary", ordinary)):
             d = norm(encode_conditioning(pipe, prompts)[0], args.draws, torch.Generator().manual_seed(5))
-            logger.info("noise norm of the %s prompts: mean %.3f, range %.3f-%.3f", label, float(d.mean()), float(d.min()), float(d.max()))
+            logger.info("noise norm of the %s prompts: mean %.3f, range %.3f-%.3f", label, float(d.mean()),
+                        float(d.min()), float(d.max()))
     starts = [ordinary[i % len(ordinary)] for i in range(args.starts)]
     c0, _ = initial_conditioning(pipe, starts, ReextractConfig(init=args.init, seed=0))
     token_norms = c0.norm(dim=-1, keepdim=True)

@@ -19,25 +19,19 @@ Result line::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from _probe import heldout_attack_rate, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_redirect")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--edit", required=True, help="the robust edit to start from")
+    p = probe_parser(__doc__)
     p.add_argument("--lam", type=float, action="append", help="preserve weight(s) (default 1)")
-    p.add_argument("--eval-seeds", type=int, default=2)
-    p.add_argument("--attack", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="JSON file (one key per model; earlier keys kept)")
     return p.parse_args(argv)
 
 
@@ -75,16 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             drift = evaluate(pipe, rows["nonmem"], ecfg, scorer, baseline=ordinary, progress=False)
             out["drift_within_spread"] = float(np.mean([float(r["drift_within_seed_spread"]) for r in drift.rows]))
         if args.attack:
-            from diffmem.crossfit import measure_rows, sampler_variants, summarise_rows
-            from diffmem.workflows.mitigate import final_attack_config
-
-            cfg = final_attack_config(50, sampler, 0, checkpoints=())
-            held = summarise_rows(measure_rows(pipe, current, rows["heldout"], scorer,
-                                               sampler_variants(sampler, ("model",), pipe=pipe), attack=cfg,
-                                               attack_samplers=("model",), num_seeds=args.eval_seeds, prompt=False))
-            out["heldout_attack"] = held["attack"]["model"]
-        print(f"probe model={args.model} {stage}: " + " ".join(  # noqa: T201
-            f"{k}={1e3 * v:.2f}" if k.startswith("kid") else f"{k}={v:.2f}" for k, v in out.items()), flush=True)
+            out["heldout_attack"] = heldout_attack_rate(pipe, current, rows["heldout"], scorer, sampler,
+                                                        args.eval_seeds)
+        print_stage(args.model, stage, out)
         return out
 
     result: dict[str, Any] = {"start": measure("start", edit)}
@@ -93,11 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   keep=[e.prompt for e in rows["nonmem"]] + base, preserve=lam)
         result[f"lam={lam:g}"] = {"weights_changed": redirected.num_params_changed(),
                                   **measure(f"lam={lam:g}", redirected)}
-    if args.out:
-        out_path = Path(args.out)
-        done = json.loads(out_path.read_text()) if out_path.is_file() else {}
-        done[args.model] = {"settings": vars(args), "result": result}
-        out_path.write_text(json.dumps(done, indent=2, sort_keys=True, default=str) + "\n")
+    save_result(args.out, args.model, args, result)
     return 0
 
 

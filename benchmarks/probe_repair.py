@@ -21,30 +21,24 @@ Result line::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from _probe import heldout_attack_rate, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_repair")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--edit", required=True, help="the edit to start from")
+    p = probe_parser(__doc__)
     p.add_argument("--steps", type=int, action="append", help="repair steps (default 200); repeat for several")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--scope", choices=("edited", "all"), default="edited")
     p.add_argument("--hold", type=float, default=None,
                    help="hold the locate rows at the edited model's predictions with this weight (default: off)")
-    p.add_argument("--eval-seeds", type=int, default=2)
-    p.add_argument("--attack", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="JSON file (one key per model and scope; earlier keys kept)")
     return p.parse_args(argv)
 
 
@@ -62,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffmem.quality import memorized_becomes
     from diffmem.sampling import image_size
     from diffmem.score import get_scorer
-    from diffmem.workflows.mitigate import final_attack_config
     from diffmem.zoo.members import load_zoo_model
 
     torch.set_num_threads(args.threads)
@@ -98,13 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out[f"drift_{name}"] = float(np.mean([float(r["drift_within_seed_spread"]) for r in drift.rows]))
                 out[f"drift_similarity_{name}"] = float(np.mean([r["drift_similarity"] for r in drift.rows]))
         if args.attack:
-            cfg = final_attack_config(50, sampler, 0, checkpoints=())
-            att = summarise_rows(measure_rows(pipe, current, rows["heldout"], scorer,
-                                              sampler_variants(sampler, ("model",), pipe=pipe), attack=cfg,
-                                              attack_samplers=("model",), num_seeds=args.eval_seeds, prompt=False))
-            out["heldout_attack"] = att["attack"]["model"]
-        print(f"probe model={args.model} {stage}: " + " ".join(  # noqa: T201
-            f"{k}={1e3 * v:.2f}" if k.startswith("kid") else f"{k}={v:.2f}" for k, v in out.items()), flush=True)
+            out["heldout_attack"] = heldout_attack_rate(pipe, current, rows["heldout"], scorer, sampler,
+                                                        args.eval_seeds)
+        print_stage(args.model, stage, out)
         return out
 
     result: dict[str, Any] = {"start": {"weights_changed": edit.num_params_changed(), **measure("start", edit)},
@@ -117,15 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = round(time.time() - t0, 1)
         key = f"steps={steps}" + (f",hold={args.hold:g}" if args.hold is not None else "")
         result[key] = {"weights_changed": repaired.num_params_changed(), "repair_seconds": seconds,
-                                    "loss": [repaired.meta["loss_first"], repaired.meta["loss_last"]],
-                                    **measure(key, repaired)}
-    if args.out:
-        out_path = Path(args.out)
-        done = json.loads(out_path.read_text()) if out_path.is_file() else {}
-        key = f"{args.model}/{args.scope}" + (f"/hold={args.hold:g}" if args.hold is not None else "")
-        done[key] = {"settings": vars(args), "result": result}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(done, indent=2, sort_keys=True, default=str) + "\n")
+                       "loss": [repaired.meta["loss_first"], repaired.meta["loss_last"]], **measure(key, repaired)}
+    save_result(args.out, f"{args.model}/{args.scope}" + (f"/hold={args.hold:g}" if args.hold is not None else ""),
+                args, result)
     return 0
 
 
