@@ -59,9 +59,9 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                         "edit of the cross-attention keys and values; LAMBDA weighs keeping the ordinary prompts, "
                         "e.g. 1): they render as plausible images instead of noise, at a drift cost")
     p.add_argument("--repair", type=common.nonneg_int, default=0, metavar="STEPS",
-                   help="last (after the deletion and any redirect), distil the edited model toward the unedited one on half the nonmem "
-                        "rows for STEPS steps (e.g. 100), the given memorized rows held at the edited model: less "
-                        "drift; the report gives the drift on the other half too (0: off)")
+                   help="last (after the deletion and any redirect), distil the edited model toward the unedited "
+                        "one on half the nonmem rows for STEPS steps (e.g. 100), the given memorized rows held at "
+                        "the edited model: less drift; the report gives the drift on the other half too (0: off)")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
     p.add_argument("--scorer", default="ssim")
