@@ -94,6 +94,21 @@ def render_results(results: list[dict[str, Any]] | str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mitigation_steps(meta: dict[str, Any]) -> str | None:
+    """The steps of ``diffmem mitigate`` that made an edit (from its ``mitigation`` settings), or ``None``."""
+    mit = meta.get("mitigation")
+    if not isinstance(mit, dict) or not mit.get("method"):
+        return None
+    steps = [f"{mit['method']} at strength {_cell(meta.get('strength', mit.get('ratio')))}"]
+    if mit.get("robust") not in (None, "none"):
+        steps.append(f"robust {mit['robust']} rounds")
+    if mit.get("redirect"):
+        steps.append(f"redirect of the memorized prompts (λ = {float(mit['redirect']):g})")
+    if mit.get("repair_steps"):
+        steps.append(f"repair toward the unedited model ({int(mit['repair_steps'])} steps)")
+    return "diffmem mitigate: " + ", then ".join(steps)
+
+
 def _edit_section(edit: Any) -> list[str]:
     if edit is None:
         return ["## The edit", "", "None: this export is the source model, unchanged.", ""]
@@ -114,7 +129,10 @@ def _edit_section(edit: Any) -> list[str]:
     elif d.get("num_tensors") is not None:
         rows.append(("Tensors changed", str(d["num_tensors"])))
     meta = getattr(edit, "meta", None) or {}
-    if meta.get("method"):
+    made = _mitigation_steps(meta)
+    if made:
+        rows.append(("Made by", made))
+    elif meta.get("method"):
         config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         given = ", ".join(f"{k} {_cell(config[k])}" for k in ("ratio", "rank", "explained_variance") if k in config)
         rows.append(("Located with", f"{meta['method']}" + (f" ({given})" if given else "")))

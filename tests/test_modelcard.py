@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 from diffmem.cli import main
-from diffmem.edits import MANIFEST_NAME, Mask, export_edited
+from diffmem.edits import MANIFEST_NAME, Mask, WeightDelta, export_edited
 from diffmem.errors import ConfigError, DiffmemError, PushError
 from diffmem.modelcard import hub_model_id, push_to_hub, render_results, write_model_card
 from diffmem.targets import find_targets
@@ -98,6 +98,19 @@ def test_write_model_card_on_its_own(mask, tmp_path):
     card = ModelCard.load(path)
     assert path == tmp_path / "README.md" and card.data.base_model == "someone/model"
     assert "| a | b |\n|---|---|\n| 1 | 2 |" in card.content and "| `num_inference_steps` | 20 |" in card.content
+
+
+def test_a_mitigated_edit_names_every_step_that_made_it(mask, tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    delta = WeightDelta({}, meta={"method": "repair", "strength": 0.1,
+                                  "mitigation": {"method": "wanda", "robust": "prune", "redirect": 10.0,
+                                                 "repair_steps": 100}})
+    card = ModelCard.load(write_model_card(tmp_path, delta, base_model="someone/model"))
+    assert ("| Made by | diffmem mitigate: wanda at strength 0.1, then robust prune rounds, then redirect of the "
+            "memorized prompts (λ = 10), then repair toward the unedited model (100 steps) |") in card.content
+    assert "Located with" not in card.content
+    plain = ModelCard.load(write_model_card(tmp_path, mask, base_model="someone/model"))
+    assert "| Located with | wanda (ratio 0.2) |" in plain.content and "Made by" not in plain.content
 
 
 def test_render_results():
