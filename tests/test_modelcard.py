@@ -272,7 +272,16 @@ def test_prune_pushes_the_export(model_dir, mask_file, tmp_path, recorded):
 
 
 def test_bad_repo_id_is_refused_before_the_model_loads(model_dir, mask_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("diffmem.pipelines.load_pipeline", lambda *a, **k: pytest.fail("the model must not load"))
+    import importlib
+
+    # modules that bind load_pipeline at import: imported first (with the real function), each patched for this test
+    # only; a module first imported under the patch would keep the fake for every later test in this process
+    modules = [importlib.import_module(name) for name in ("diffmem.pipelines", "diffmem.cli._common",
+                                                           "diffmem.workflows.mitigate", "diffmem.workflows.demo",
+                                                           "diffmem.workflows.audit")]
+    for module in modules:
+        if hasattr(module, "load_pipeline"):
+            monkeypatch.setattr(module, "load_pipeline", lambda *a, **k: pytest.fail("the model must not load"))
     (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a red cat", "split": "locate"}) + "\n")
     for argv in (["prune", model_dir, "--edit", mask_file, "--out", tmp_path / "o", "--push-to-hub", "bad id!"],
                  ["mitigate", model_dir, "--prompts", tmp_path / "m.jsonl", "--out", tmp_path / "o",
