@@ -263,6 +263,7 @@ def test_numbers_have_fixed_formats(small_report, small_page):
     assert "0.512" in text and "0.812" in text and "0.51234" not in text  # similarities with 3 decimals
     assert "0.123%" in text  # small shares of weights
     assert "Drift similarity, not repaired on" in text and "0.643" in text and "37.5%" in text
+    assert "Prompts not repaired on" in text and "Number of non-memorized prompts the repair did not fit on" in text
     assert "12.5 s" in text and "1 h 30 min" in text and "1 h 02 min" in text
     assert "No edit (baseline)" in text and "Sparse mask" in text and "Robust finetune" in text
     assert "1,000 copies in the training set" in text and "1 copy in the training set" in text

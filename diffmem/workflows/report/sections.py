@@ -19,7 +19,8 @@ from .settings import _has_given, _sampler_blocks, _scorer_blocks, _timings_tabl
 
 _EDIT_COLUMNS = ("heldout_replication_prompt", "heldout_replication_attack", "heldout_rows_attacked",
                  "never_seen_rate", "attack_advantage", "control_rate", "drift_similarity", "seed_similarity_before",
-                 "drift_within_spread", "drift_similarity_unseen", "drift_within_spread_unseen", "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
+                 "drift_within_spread", "drift_similarity_unseen", "drift_within_spread_unseen", "drift_unseen_rows",
+                 "parameters_changed", "fraction_changed", "wall_time_s", "measure_time_s")
 
 
 def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str, str]]:
@@ -55,6 +56,7 @@ def _edit_definitions(present: Sequence[str], threshold: str) -> list[tuple[str,
             "the nonmem rows; on those it fitted, drift is in-sample)."),
         "drift_within_spread_unseen": "Drift within seed spread on the non-memorized prompts the repair did not fit "
                                       "on.",
+        "drift_unseen_rows": "Number of non-memorized prompts the repair did not fit on (those two columns' rows).",
         "parameters_changed": "Number of weights the edit changed.",
         "fraction_changed": "Those weights as a share of the weights the edit could change (the targeted layers).",
         "wall_time_s": "Time taken to find the edit (statistics, choosing its strength, robust rounds).",
