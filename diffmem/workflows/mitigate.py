@@ -491,6 +491,14 @@ def _card_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"rows": "held-out memorized prompts", "fitted on them": "no",
                      "replication with the prompt": r["heldout_replication_prompt"],
                      "replication under attack": r["heldout_replication_attack"]})
+    for r in report["edits"]:  # what the edit does to ordinary prompts: drift against the seed-to-seed spread
+        if r.get("drift_within_spread") is not None:
+            rows.append({"rows": "ordinary prompts given (nonmem)", "fitted on them": "kept by the fit",
+                         "ordinary prompts within the seed spread": r["drift_within_spread"]})
+        if r.get("drift_within_spread_unseen") is not None:
+            rows.append({"rows": f"ordinary prompts the repair did not see ({r.get('drift_unseen_rows')})",
+                         "fitted on them": "no", "ordinary prompts within the seed spread":
+                         r["drift_within_spread_unseen"]})
     return rows
 
 

@@ -263,3 +263,18 @@ def test_reextract_skips_rows_whose_url_reference_fails(tmp_path):
     assert [r["prompt"] for r in result["rows"]] == [good["prompt"]]
     skipped = json.loads((tmp_path / "rx" / "skipped_rows.json").read_text())
     assert len(skipped) == 1 and "404" in json.dumps(skipped)
+
+
+def test_mitigate_model_card_rows_give_replication_and_the_drift_of_ordinary_prompts():
+    from diffmem.modelcard import render_results
+    from diffmem.workflows.mitigate import _card_rows
+
+    row = {"heldout_replication_prompt": 0.0, "heldout_replication_attack": 0.125, "drift_within_spread": 0.9,
+           "drift_within_spread_unseen": 0.75, "drift_unseen_rows": 4}
+    report = {"edits": [row], "mitigation": {"estimate": {}}}
+    table = render_results(_card_rows(report))
+    assert "| held-out memorized prompts | no | 0 | 0.125 | n/a |" in table
+    assert "| ordinary prompts given (nonmem) | kept by the fit | n/a | n/a | 0.9 |" in table
+    assert "| ordinary prompts the repair did not see (4) | no | n/a | n/a | 0.75 |" in table
+    row.pop("drift_within_spread_unseen")
+    assert "did not see" not in render_results(_card_rows(report))
