@@ -28,7 +28,8 @@ RESULTS = [{"setting": "unedited", "replication": 0.75, "clip_score": 31.25},
 @pytest.fixture(scope="module")
 def mask(tiny_pipe) -> Mask:
     g = torch.Generator().manual_seed(0)
-    layers = {name: torch.rand(lin.weight.shape, generator=g) < 0.2 for name, lin in find_targets(tiny_pipe.unet).items()}
+    layers = {name: torch.rand(lin.weight.shape, generator=g) < 0.2
+              for name, lin in find_targets(tiny_pipe.unet).items()}
     return Mask(layers, meta={"method": "wanda", "config": {"ratio": 0.2}})
 
 

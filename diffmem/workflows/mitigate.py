@@ -116,7 +116,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
     with the same budget, runs on two controls at the model's sampler: ``nonmem`` rows (training images seen once)
     and ``never_seen`` rows (images like the memorized ones that are in no training set). The figure that counts
     is the held-out rate's advantage over the never-seen rate. ``controls`` caps each control set and
-    ``attack_rows`` the held-out rows attacked (rows spread evenly; the prompt rates use every held-out row). The row also holds drift, size, the time to find the edit (``seconds``) and the time of this
+    ``attack_rows`` the held-out rows attacked (rows spread evenly; the prompt rates use every held-out row). The
+    row also holds drift, size, the time to find the edit (``seconds``) and the time of this
     measurement. ``baseline`` is the unedited evaluation of the ``nonmem`` rows with the same settings; it is
     computed when not given (pass it when measuring several edits). ``unseen``: the ``nonmem`` prompts that the
     edit's fit did not train on (a repair's), whose drift is also reported on its own (``*_unseen``).
@@ -349,7 +350,8 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
         sims = (scorer.similarity(list(images), [ref]).float().numpy()[:, 0].tolist() if ref is not None
                 else [None] * len(images))
         return [{"label": f"{label}, seed {j}", "image": img, "score": s,
-                 "replicated": None if s is None else bool(s >= threshold)} for j, (img, s) in enumerate(zip(images, sims))]
+                 "replicated": None if s is None else bool(s >= threshold)}
+                for j, (img, s) in enumerate(zip(images, sims))]
 
     memorized = []
     for i, e in enumerate(locate_rows):
@@ -518,7 +520,8 @@ def _headline(report: dict, out: Path) -> str:
     est = m.get("estimate") or {}
     given = est.get("in_sample") or {}
     if given:
-        lines.append(f"  on the {given.get('rows')} memorized prompts given: replication {_fmt(given['prompt'].get('model'))}"
+        lines.append(f"  on the {given.get('rows')} memorized prompts given: replication "
+                     f"{_fmt(given['prompt'].get('model'))}"
                      f" with the prompt, {_fmt((given.get('attack') or {}).get('model'))} under attack (in-sample)")
     oof = est.get("out_of_fold")
     if oof:

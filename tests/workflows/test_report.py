@@ -798,7 +798,8 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
                 "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
                 "robust_gate": False, "redirect": 10.0, "repair": 100,
-                "eval_num_seeds": 4, "seed": 0, "folds": 3, "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
+                "eval_num_seeds": 4, "seed": 0, "folds": 3,
+                "mitigation": {"method": "wanda", "strengths": [0.02, 0.05]}}
     report: dict[str, Any] = {
         "title": "diffmem mitigate", "model": MITIGATE_MODEL,
         "sampler": {"num_inference_steps": 25, "guidance_scale": 4.0, "guidance_rescale": 0.7, "height": 32,

@@ -1,6 +1,7 @@
 """Sections of a mitigation: what was given, the result with its out-of-fold estimate, robust rounds and quality.
 
-They read ``given`` (counts by split), ``settings``, ``mitigation`` (:meth:`diffmem.mitigation.MitigationResult.summary`),
+They read ``given`` (counts by split), ``settings``, ``mitigation``
+(:meth:`diffmem.mitigation.MitigationResult.summary`),
 ``edits`` (held-out rows, when measured) and ``quality`` of the report.
 """
 
