@@ -85,22 +85,9 @@ def test_redirect_refuses_what_it_cannot_fit(tiny_pipe):
 
 
 @pytest.fixture
-def manifest(tiny_pipe, tmp_path):
+def manifest(self_referenced_manifest):
     """Four ``locate`` rows (references: the pipeline's own generations) and two ``nonmem`` rows."""
-    from PIL import Image
-
-    from diffmem.data import ManifestEntry
-    from diffmem.sampling import generate_images
-
-    prompts = MEMORIZED + ORDINARY[:4]
-    images = generate_images(tiny_pipe, prompts, num_seeds=1, seed=0, sampler=SAMPLER)
-    out = []
-    for i, p in enumerate(prompts):
-        Image.fromarray(images[i, 0]).save(tmp_path / f"ref{i}.png")
-        split = "locate" if i < 4 else "nonmem"
-        out.append(ManifestEntry(prompt=p, memorized=split == "locate", duplicates=8 if i < 4 else 1,
-                                 reference=tmp_path / f"ref{i}.png", split=split))
-    return out
+    return self_referenced_manifest(MEMORIZED + ORDINARY[:2], ORDINARY[2:4], SAMPLER)
 
 
 def test_mitigate_with_redirect_returns_the_deletion_and_the_redirect_as_one_edit(tiny_pipe, manifest):

@@ -134,23 +134,13 @@ def test_repair_split_spreads_the_share_and_keeps_at_least_one_row():
 
 
 @pytest.fixture
-def repair_manifest(tiny_pipe, tmp_path):
+def repair_manifest(self_referenced_manifest):
     """Four ``locate`` rows (references: the pipeline's own generations) and four ``nonmem`` rows."""
-    from PIL import Image
-
     from diffmem.config import SamplerConfig
-    from diffmem.sampling import generate_images
 
     sampler = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, height=16, width=16)
-    prompts = ["a red cat", "a blue dog on the sky", "a green bird on the sky", "a red sky"] + ORDINARY[:4]
-    images = generate_images(tiny_pipe, prompts, num_seeds=1, seed=0, sampler=sampler)
-    out = []
-    for i, p in enumerate(prompts):
-        Image.fromarray(images[i, 0]).save(tmp_path / f"ref{i}.png")
-        split = "locate" if i < 4 else "nonmem"
-        out.append(ManifestEntry(prompt=p, memorized=split == "locate", duplicates=8 if i < 4 else 1,
-                                 reference=tmp_path / f"ref{i}.png", split=split))
-    return out, sampler
+    memorized = ["a red cat", "a blue dog on the sky", "a green bird on the sky", "a red sky"]
+    return self_referenced_manifest(memorized, ORDINARY[:4], sampler), sampler
 
 
 def test_mitigate_with_repair_repairs_in_every_fold_and_names_the_rows_it_fitted_on(tiny_pipe, repair_manifest,
