@@ -120,7 +120,7 @@ def mitigate(
                                 "memorized_replication_unedited": choice.unedited_replication}
     if config.repair_steps:
         estimate["repair"] = {"steps": config.repair_steps, "fitted_on": [nonmem[i].prompt for i in repair_rows],
-                              "unseen": [e.prompt for i, e in enumerate(nonmem) if i not in set(repair_rows)]}
+                              "unseen": [e.prompt for i, e in enumerate(nonmem) if i not in repair_rows]}
     if folds:
         estimate["out_of_fold"] = _cross_fit(pipe, rows, nonmem_rows, folds, stats_parts, stats_base, base, rcfg,
                                              strength, config, scorer, progress, choice.gate, anchors, repair_rows)

@@ -178,7 +178,8 @@ def edit_row(pipe: Any, name: str, edit: Edit | None, entries: list[ManifestEntr
         row["seed_similarity_before"] = _mean([r["seed_similarity_before"] for r in drift.rows])
         row["drift_within_spread"] = _mean([float(r["drift_within_seed_spread"]) for r in drift.rows])
         if unseen is not None:
-            kept = [r for r in drift.rows if r["prompt"] in set(unseen)]
+            wanted = set(unseen)
+            kept = [r for r in drift.rows if r["prompt"] in wanted]
             row["drift_similarity_unseen"] = _mean([r["drift_similarity"] for r in kept])
             row["drift_within_spread_unseen"] = _mean([float(r["drift_within_seed_spread"]) for r in kept])
             row["drift_unseen_rows"] = len(kept)
