@@ -227,7 +227,7 @@ def build_tiny_pipeline(
     """Build a seeded, randomly initialised tiny ``StableDiffusionPipeline`` (about 1 M UNet parameters).
 
     Args:
-        tokenizer_dir: Where to write the tokenizer vocabulary; a temporary folder when ``None``.
+        tokenizer_dir: Where to write the tokenizer vocabulary; a temporary folder, removed once loaded, when ``None``.
         words: Words the tokenizer spells as single tokens.
         seed: Seed of the weight initialisation.
         sample_size: Latent size of the UNet (the image is ``sample_size * 2`` px with this VAE).
@@ -245,9 +245,13 @@ def build_tiny_pipeline(
     from transformers import CLIPTokenizer
 
     if tokenizer_dir is None:
-        tokenizer_dir = tempfile.mkdtemp(prefix="diffmem-tok-")
-    write_word_vocab(tokenizer_dir, words)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        # the tokenizer holds its vocabulary in memory once loaded: the folder is removed again
+        with tempfile.TemporaryDirectory(prefix="diffmem-tok-") as tmp:
+            write_word_vocab(tmp, words)
+            tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    else:
+        write_word_vocab(tokenizer_dir, words)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
     torch.manual_seed(seed)
     unet = tiny_unet(sample_size, block_out_channels, cross_attention_dim or text_dim)

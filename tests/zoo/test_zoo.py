@@ -60,6 +60,24 @@ def test_word_vocab_spells_each_word_as_one_token(tmp_path):
     assert len(tok) < 600
 
 
+def test_tiny_pipeline_without_tokenizer_dir_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from diffmem.zoo.tiny import build_tiny_pipeline
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    pipe = build_tiny_pipeline()
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("diffmem")] == []
+    ids = pipe.tokenizer("a red circle", add_special_tokens=False).input_ids
+    pipe.save_pretrained(tmp_path / "saved")  # the tokenizer saves from memory, not from the removed folder
+    from transformers import CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(str(tmp_path / "saved" / "tokenizer"))(
+        "a red circle", add_special_tokens=False).input_ids == ids
+
+
 def test_training_script_writes_pipeline_and_resumes(tmp_path, caplog):
     """A few steps of the real script: a plain-diffusers pipeline, its config, ground truth, and a resume."""
     from diffusers import StableDiffusionPipeline
