@@ -141,11 +141,18 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _kid_summary(quality: dict[str, Any]) -> dict[str, Any] | None:
-    """What the memorized prompts render as after the edit: KID to ordinary generations, edited and unedited."""
+    """What the memorized prompts render as after the edit: KID to the unedited model's ordinary generations, the
+    same prompts and seeds before the edit (``before_*``: the like-for-like yardstick), and KID to the edited model's
+    own ordinary generations (``vs_edited_*``)."""
     mem = quality.get("memorized")
     if not isinstance(mem, dict) or "kid_mean" not in mem:
         return None
-    return {k: mem.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
+    out = {k: mem.get(k) for k in ("kid_name", "kid_mean", "kid_std", "baseline_kid_mean", "baseline_kid_std")}
+    for key, prefix in (("memorized_before", "before"), ("memorized_vs_edited", "vs_edited")):
+        other = quality.get(key)
+        if isinstance(other, dict):
+            out.update({f"{prefix}_kid_mean": other.get("kid_mean"), f"{prefix}_kid_std": other.get("kid_std")})
+    return out
 
 
 def _unedited(path: Path, run: Any, args: argparse.Namespace) -> dict[str, Any]:

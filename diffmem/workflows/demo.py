@@ -362,7 +362,7 @@ def _quality(shown: list, before: Any, after: Any) -> dict[str, Any]:
     flat = lambda a, idx: a[idx].reshape(-1, *a.shape[2:]) if idx else a[:0].reshape(0, *a.shape[2:])  # noqa: E731
     return quality_block({"nonmem_prompts": [shown[i].prompt for i in ordinary for _ in range(seeds)],
                           "nonmem_before": flat(before.images, ordinary), "nonmem_after": flat(after.images, ordinary),
-                          "locate_after": flat(after.images, mem)})
+                          "locate_before": flat(before.images, mem), "locate_after": flat(after.images, mem)})
 
 
 def _fmt(x: Any) -> str:

@@ -29,7 +29,7 @@ from diffmem.evaluation import EvalConfig, EvalResult, evaluate
 from diffmem.files import replace_dir
 from diffmem.mitigation import MitigateConfig, mitigate
 from diffmem.pipelines import load_pipeline
-from diffmem.quality import get_feature_extractor, memorized_becomes, quality_report
+from diffmem.quality import get_feature_extractor, image_features, memorized_becomes, quality_report
 from diffmem.reextraction import ReextractConfig, ReextractItem, reextract
 from diffmem.score import ScorerUnavailableError, get_scorer
 from diffmem.workflows.report.rows import EditRow
@@ -319,7 +319,8 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
 
     Returns:
         The gallery (see :func:`diffmem.workflows.report.render_html`) and the images kept for the quality metrics:
-        ``{"nonmem_prompts", "nonmem_before", "nonmem_after", "locate_after", "summary"}`` (uint8 ``[N, H, W, 3]``
+        ``{"nonmem_prompts", "nonmem_before", "nonmem_after", "locate_before", "locate_after", "summary"}`` (uint8
+        ``[N, H, W, 3]``
         arrays; ``summary`` holds the JSON-ready counts and mean drift).
     """
     locate_rows = [e for e in entries if e.split == "locate" and e.reference is not None][:rows]
@@ -327,7 +328,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     shown = locate_rows + nonmem
     empty = np.zeros((0, 1, 1, 3), np.uint8)
     kept: dict[str, Any] = {"nonmem_prompts": [], "nonmem_before": empty, "nonmem_after": empty,
-                            "locate_after": empty, "summary": {"num_seeds": num_seeds}}
+                            "locate_before": empty, "locate_after": empty, "summary": {"num_seeds": num_seeds}}
     if not shown:
         return [], kept
     ecfg = EvalConfig(num_seeds=num_seeds, seed=seed, sampler=sampler, region=region)
@@ -400,7 +401,7 @@ def report_images(pipe: Any, edit: Edit, entries: list[ManifestEntry], scorer: A
     n_loc = len(locate_rows)
     kept.update(nonmem_prompts=[e.prompt for e in nonmem for _ in range(num_seeds)],
                 nonmem_before=flat(before.images[n_loc:]), nonmem_after=flat(after.images[n_loc:]),
-                locate_after=flat(after.images[:n_loc]))
+                locate_before=flat(before.images[:n_loc]), locate_after=flat(after.images[:n_loc]))
     summary = kept["summary"]
     summary.update(locate_rows=n_loc, attacked_rows=len(targets), nonmem_rows=len(nonmem))
     if drift_rows:
@@ -457,9 +458,14 @@ def quality_block(shown: dict[str, Any]) -> dict[str, Any]:
 
     ``ordinary``: :func:`diffmem.quality.quality_report` of the ordinary prompts after the edit against before;
     ``memorized``: :func:`diffmem.quality.memorized_becomes` of the given memorized prompts after the edit against
-    the unedited model's ordinary images. Without SSCD weights, or with too few images, a one-line ``note`` instead.
+    the unedited model's ordinary images; with the same prompts' images before the edit (``locate_before``), also
+    ``memorized_before`` (those images against the same ordinary images: the like-for-like yardstick, same prompts,
+    seeds and ordinary set) and ``memorized_vs_edited`` (after the edit, against the edited model's own ordinary
+    images: whether they render like what the edited model draws for ordinary prompts). Without SSCD weights, or with
+    too few images, a one-line ``note`` instead.
     """
     before, after, mem = shown["nonmem_before"], shown["nonmem_after"], shown["locate_after"]
+    mem_before = shown.get("locate_before")
     if len(before) < 2:
         return {"note": "quality not measured: it needs at least one ordinary (nonmem) prompt"}
     try:
@@ -469,8 +475,13 @@ def quality_block(shown: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         out["ordinary"] = quality_report(before, after, shown["nonmem_prompts"], extractor=extractor)
-        if len(mem) >= 2:
-            out["memorized"] = memorized_becomes(mem, before, extractor=extractor)
+        if len(mem) >= 2:  # features once per image set: each enters up to three comparisons
+            f_before, f_after = image_features(list(before), extractor), image_features(list(after), extractor)
+            f_mem = image_features(list(mem), extractor)
+            out["memorized"] = memorized_becomes(f_mem, f_before)
+            out["memorized_vs_edited"] = memorized_becomes(f_mem, f_after)
+            if mem_before is not None and len(mem_before) == len(mem):
+                out["memorized_before"] = memorized_becomes(image_features(list(mem_before), extractor), f_before)
     except ValueError as err:
         out["note"] = f"quality not measured: {err}"
     return out

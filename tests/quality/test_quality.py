@@ -369,3 +369,28 @@ def test_memorized_prompts_rendering_noise_are_far_from_ordinary_images() -> Non
     # Plausible images sit within the spread of two halves of the ordinary set.
     assert abs(near["kid_mean"]) < abs(near["baseline_kid_mean"]) + 5.0 * near["baseline_kid_std"] + near["kid_std"]
     json.dumps(far)
+
+
+@needs_sscd
+def test_quality_block_compares_memorized_prompts_like_for_like() -> None:
+    """The report's quality block measures the memorized prompts before the edit on the same ordinary images, so the
+    verdict compares like with like; and against the edited model's own ordinary images."""
+    from diffmem.workflows.mitigate import quality_block
+    from diffmem.workflows.report.mitigation import plausibility_verdict
+
+    ordinary = shape_images(16, 64, seed=1)
+    shown = {"nonmem_prompts": [f"p{i}" for i in range(16)], "nonmem_before": ordinary, "nonmem_after": ordinary,
+             "locate_before": shape_images(12, 64, seed=2), "locate_after": dark_noise_images(12, 64, seed=3)}
+    q = quality_block(shown)
+    assert {"ordinary", "memorized", "memorized_before", "memorized_vs_edited"} <= set(q)
+    # the edited model's ordinary images are the unedited ones here: both comparisons see the same features
+    assert q["memorized_vs_edited"]["kid_mean"] == q["memorized"]["kid_mean"]
+    was, now = q["memorized_before"], q["memorized"]
+    assert now["kid_mean"] > was["kid_mean"] + 2.0 * was["kid_std"]
+    assert plausibility_verdict(now, was).startswith("Less plausible than before")
+    # an edit that renders plausible images instead passes
+    q = quality_block({**shown, "locate_after": shape_images(12, 64, seed=4)})
+    assert plausibility_verdict(q["memorized"], q["memorized_before"]).startswith("Plausible")
+    # without the images before the edit there is no like-for-like figure and no verdict
+    q = quality_block({k: v for k, v in shown.items() if k != "locate_before"})
+    assert "memorized_before" not in q and plausibility_verdict(q["memorized"], None) is None

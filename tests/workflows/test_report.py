@@ -794,6 +794,10 @@ def mitigate_report() -> tuple[dict[str, Any], list[dict[str, Any]]]:
                       "baseline_kid_subset_size": 4,
                       "notes": [fd_note, "FD_sscd is a Fréchet distance on sscd features, not FID: it is not on "
                                 "FID's scale"]},
+        "memorized_before": {**distances, "fd": 0.2, "kid_mean": 0.00041, "kid_std": 0.0002, "n_memorized": 16,
+                             "n_ordinary": 16},
+        "memorized_vs_edited": {**distances, "fd": 0.5, "kid_mean": 0.00187, "kid_std": 0.0003, "n_memorized": 16,
+                                "n_ordinary": 16},
     }
     settings = {"model": MITIGATE_MODEL, "prompts": "/data/m.jsonl", "out": "runs/m", "method": "wanda",
                 "ratio": None, "robust": "prune", "target": 0.05, "max_rounds": 3, "scorer": "ssim", "opt_steps": 50,
@@ -929,6 +933,9 @@ def test_mitigate_report_sweep_rounds_images_quality_and_time(mitigate_report, m
     quality = _section_text(mitigate_page, "quality")
     assert "KID on SSCD features" in quality and "FD on SSCD features" in quality
     assert "\u22120.006 \u00b1 0.014" in quality and "2.310 \u00b1 0.400" in quality and "0.046 \u00b1 0.047" in quality
+    assert "The same prompts and seeds before the edit" in quality and "0.410 \u00b1 0.200" in quality
+    assert "the edited model's own ordinary images" in quality and "1.870 \u00b1 0.300" in quality
+    assert "Less plausible than before" in quality and "2.310 against 0.410 \u00b1 0.200" in quality
     assert "not on FID's scale" in quality and "biased upward at small n" in quality
     assert "CLIP score not computed: this run was given no CLIP weights." in quality
     for phase in ("Load the model", "Record activation statistics", "Choose the strength", "Robust rounds",

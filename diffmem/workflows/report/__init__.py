@@ -71,7 +71,9 @@ def render_html(report: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]] 
               ``parameters_changed``, ``locate_replication`` and optionally ``out_of_fold_replication``,
               ``heldout_replication``, ``drift_similarity``, ``seed_similarity_before``, ``drift_within_spread``;
             - ``quality``: ``ordinary`` (:func:`diffmem.quality.quality_report`), ``memorized``
-              (:func:`diffmem.quality.memorized_becomes`) and / or a one-line ``note``;
+              (:func:`diffmem.quality.memorized_becomes`), optionally ``memorized_before`` (the same prompts and
+              seeds before the edit: the page's plausibility verdict compares the two) and
+              ``memorized_vs_edited``, and / or a one-line ``note``;
             - ``detection``: ``auc``, ``tpr_at_1pct_fpr``, ``roc`` (``fpr``, ``tpr``), ``scores``
               (``prompt``, ``score``, ``memorized``);
             - ``iou_subsets``: ``overall``, ``chance_overall``, ``per_layer`` (layer -> IoU);

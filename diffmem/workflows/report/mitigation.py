@@ -293,6 +293,24 @@ def _quality_note(note: str, block: Mapping[str, Any]) -> str:
     return note[:1].upper() + note[1:] + ("" if note.endswith(".") else ".")
 
 
+def plausibility_verdict(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str | None:
+    """One sentence comparing the memorized prompts' KID after the edit with the same prompts' before it (same seeds,
+    same ordinary images): within two standard deviations of the latter, or not; ``None`` when either is missing."""
+    if not before:
+        return None
+    a, b, sd = after.get("kid_mean"), before.get("kid_mean"), before.get("kid_std")
+    if _is_missing(a) or _is_missing(b) or _is_missing(sd):
+        return None
+    a, b, sd = float(a), float(b), float(sd)
+    if a <= b + 2.0 * sd:
+        return ("Plausible: after the edit the memorized prompts render no further from ordinary images than they "
+                f"did before it ({_kid_text(a, None)} against {_kid_text(b, None)} \u00b1 {_kid_text(sd, None)} "
+                "\u00d710\u207b\u00b3, within two standard deviations).")
+    return ("Less plausible than before: after the edit the memorized prompts render further from ordinary images "
+            f"than they did before it ({_kid_text(a, None)} against {_kid_text(b, None)} \u00b1 "
+            f"{_kid_text(sd, None)} \u00d710\u207b\u00b3, beyond two standard deviations).")
+
+
 def _section_quality(report: Mapping[str, Any]) -> Section | None:
     q = report.get("quality")
     if not isinstance(q, Mapping) or not q:
@@ -322,8 +340,18 @@ def _section_quality(report: Mapping[str, Any]) -> Section | None:
         kid = _metric_name(becomes.get("kid_name"), becomes.get("features"))
         fd = _metric_name(becomes.get("fd_name"), becomes.get("features"))
         rows = [[Cell(f"{kid} \u00d710\u00b3 between memorized prompts after the edit and ordinary images"),
-                 Cell(_kid_text(becomes.get("kid_mean"), becomes.get("kid_std")), numeric=True)],
-                [Cell(f"Yardstick: {kid} \u00d710\u00b3 between two halves of the ordinary images"),
+                 Cell(_kid_text(becomes.get("kid_mean"), becomes.get("kid_std")), numeric=True)]]
+        was = q.get("memorized_before") if isinstance(q.get("memorized_before"), Mapping) else None
+        if was:
+            rows.append([Cell(f"The same prompts and seeds before the edit: {kid} \u00d710\u00b3 to the same "
+                              "ordinary images"), Cell(_kid_text(was.get("kid_mean"), was.get("kid_std")),
+                                                        numeric=True)])
+        own = q.get("memorized_vs_edited") if isinstance(q.get("memorized_vs_edited"), Mapping) else None
+        if own:
+            rows.append([Cell(f"{kid} \u00d710\u00b3 between memorized prompts after the edit and the edited "
+                              "model's own ordinary images"), Cell(_kid_text(own.get("kid_mean"), own.get("kid_std")),
+                                                                    numeric=True)])
+        rows += [[Cell(f"Yardstick: {kid} \u00d710\u00b3 between two halves of the ordinary images"),
                  Cell(_kid_text(becomes.get("baseline_kid_mean"), becomes.get("baseline_kid_std")), numeric=True)],
                 [Cell(fd), _num_cell(becomes.get("fd"), "similarity")],
                 [Cell("Images compared (memorized, ordinary)"),
@@ -331,6 +359,9 @@ def _section_quality(report: Mapping[str, Any]) -> Section | None:
                       numeric=True)]]
         blocks.append(Block("table", table=Table(["Quantity", "Value"], rows, [False, True],
                                                  "What a memorized prompt becomes")))
+        verdict = plausibility_verdict(becomes, was)
+        if verdict:
+            blocks.append(Block("note", text=verdict))
         notes += [_quality_note(str(n), becomes) for n in becomes.get("notes") or []]
     if q.get("note"):
         notes.insert(0, _quality_note(str(q["note"]), {}))
