@@ -386,7 +386,7 @@ def test_quality_block_compares_memorized_prompts_like_for_like() -> None:
     # the edited model's ordinary images are the unedited ones here: both comparisons see the same features
     assert q["memorized_vs_edited"]["kid_mean"] == q["memorized"]["kid_mean"]
     was, now = q["memorized_before"], q["memorized"]
-    assert now["kid_mean"] > was["kid_mean"] + 2.0 * was["kid_std"]
+    assert now["kid_mean"] > was["kid_mean"] + 2.0 * now["kid_std"]
     assert plausibility_verdict(now, was).startswith("Less plausible than before")
     # an edit that renders plausible images instead passes
     q = quality_block({**shown, "locate_after": shape_images(12, 64, seed=4)})

@@ -935,7 +935,7 @@ def test_mitigate_report_sweep_rounds_images_quality_and_time(mitigate_report, m
     assert "\u22120.006 \u00b1 0.014" in quality and "2.310 \u00b1 0.400" in quality and "0.046 \u00b1 0.047" in quality
     assert "The same prompts and seeds before the edit" in quality and "0.410 \u00b1 0.200" in quality
     assert "the edited model's own ordinary images" in quality and "1.870 \u00b1 0.300" in quality
-    assert "Less plausible than before" in quality and "2.310 against 0.410 \u00b1 0.200" in quality
+    assert "Less plausible than before" in quality and "2.310 \u00b1 0.400 against 0.410 \u00d7" in quality
     assert "not on FID's scale" in quality and "biased upward at small n" in quality
     assert "CLIP score not computed: this run was given no CLIP weights." in quality
     for phase in ("Load the model", "Record activation statistics", "Choose the strength", "Robust rounds",

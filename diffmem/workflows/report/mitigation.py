@@ -295,20 +295,20 @@ def _quality_note(note: str, block: Mapping[str, Any]) -> str:
 
 def plausibility_verdict(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str | None:
     """One sentence comparing the memorized prompts' KID after the edit with the same prompts' before it (same seeds,
-    same ordinary images): within two standard deviations of the latter, or not; ``None`` when either is missing."""
+    same ordinary images), the strength choice's test: at most the figure before plus two standard deviations of the
+    figure after (its estimate's noise over the KID subsets), or not; ``None`` when either is missing."""
     if not before:
         return None
-    a, b, sd = after.get("kid_mean"), before.get("kid_mean"), before.get("kid_std")
+    a, sd, b = after.get("kid_mean"), after.get("kid_std"), before.get("kid_mean")
     if _is_missing(a) or _is_missing(b) or _is_missing(sd):
         return None
-    a, b, sd = float(a), float(b), float(sd)
+    a, sd, b = float(a), float(sd), float(b)
+    figures = f"{_kid_text(a, sd)} against {_kid_text(b, None)} \u00d710\u207b\u00b3"
     if a <= b + 2.0 * sd:
         return ("Plausible: after the edit the memorized prompts render no further from ordinary images than they "
-                f"did before it ({_kid_text(a, None)} against {_kid_text(b, None)} \u00b1 {_kid_text(sd, None)} "
-                "\u00d710\u207b\u00b3, within two standard deviations).")
+                f"did before it ({figures}, within two standard deviations).")
     return ("Less plausible than before: after the edit the memorized prompts render further from ordinary images "
-            f"than they did before it ({_kid_text(a, None)} against {_kid_text(b, None)} \u00b1 "
-            f"{_kid_text(sd, None)} \u00d710\u207b\u00b3, beyond two standard deviations).")
+            f"than they did before it ({figures}, beyond two standard deviations).")
 
 
 def _section_quality(report: Mapping[str, Any]) -> Section | None:
