@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["probe_parser", "heldout_attack_rate", "print_stage", "save_result"]
+__all__ = ["probe_parser", "open_model", "heldout_attack_rate", "print_stage", "save_result"]
 
 
 def probe_parser(doc: str, *, edit: bool = True) -> argparse.ArgumentParser:
@@ -24,6 +25,18 @@ def probe_parser(doc: str, *, edit: bool = True) -> argparse.ArgumentParser:
                                                               "from a random start)")
         p.add_argument("--out", default=None, help="JSON file to add the result to (earlier keys kept)")
     return p
+
+
+def open_model(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any]]:
+    """Start a probe: INFO logging, ``args.threads`` torch threads, and the zoo member (or model folder)
+    ``args.model`` as ``(path, pipe, sampler, manifest entries)``."""
+    import torch
+
+    from diffmem.zoo.members import load_zoo_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    return load_zoo_model(args.model)
 
 
 def heldout_attack_rate(pipe: Any, edit: Any, heldout: list[Any], scorer: Any, sampler: Any, num_seeds: int) -> float:

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from _probe import print_stage, probe_parser, save_result
+from _probe import open_model, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_drift")
 
@@ -56,17 +56,14 @@ def within_spread(after: Any, before: Any, scorer: Any, seeds: int) -> list[bool
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
     import torch
 
     from diffmem.edits import apply_edit, load_edit
     from diffmem.evaluation import EvalConfig, evaluate
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import load_zoo_model
 
-    torch.set_num_threads(args.threads)
-    _, pipe, sampler, entries = load_zoo_model(args.model)
+    _, pipe, sampler, entries = open_model(args)
     ordinary = [e for e in entries if e.split == "nonmem"]
     scorer = get_scorer("ssim")
     ecfg = EvalConfig(num_seeds=args.eval_seeds, seed=0, sampler=sampler)

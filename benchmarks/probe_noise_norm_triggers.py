@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from _probe import probe_parser
+from _probe import open_model, probe_parser
 
 logger = logging.getLogger("probe_noise_norm_triggers")
 
@@ -37,7 +37,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
     from diffmem.data import load_reference
@@ -46,10 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffmem.sampling import generate_images, image_size
     from diffmem.score import get_scorer
     from diffmem.targets import get_denoiser
-    from diffmem.zoo.members import load_zoo_model
 
-    torch.set_num_threads(args.threads)
-    _, pipe, sampler, entries = load_zoo_model(args.model)
+    _, pipe, sampler, entries = open_model(args)
     memorized = [e for e in entries if e.split in ("locate", "heldout") and e.reference is not None]
     ordinary = [e.prompt for e in entries if e.split == "nonmem"]
     h, w = image_size(pipe)

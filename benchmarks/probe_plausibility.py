@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from _probe import print_stage, probe_parser, save_result
+from _probe import open_model, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_plausibility")
 
@@ -44,7 +44,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
     import torch
 
@@ -52,10 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffmem.evaluation import EvalConfig, evaluate
     from diffmem.quality import get_feature_extractor, image_features, kernel_inception_distance
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import load_zoo_model
 
-    torch.set_num_threads(args.threads)
-    _, pipe, sampler, entries = load_zoo_model(args.model)
+    _, pipe, sampler, entries = open_model(args)
     rows = {s: [e for e in entries if e.split == s] for s in ("locate", "heldout")}
     ordinary = [e for e in entries if e.split == "nonmem"]
     scorer = get_scorer("ssim")

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from _probe import heldout_attack_rate, print_stage, probe_parser, save_result
+from _probe import heldout_attack_rate, open_model, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_redirect")
 
@@ -37,7 +37,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
     import torch
 
@@ -46,10 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffmem.evaluation import EvalConfig, evaluate
     from diffmem.quality import memorized_becomes
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import load_zoo_model
 
-    torch.set_num_threads(args.threads)
-    path, pipe, sampler, entries = load_zoo_model(args.model)
+    path, pipe, sampler, entries = open_model(args)
     rows = {s: [e for e in entries if e.split == s] for s in ("locate", "heldout", "nonmem")}
     base = [ln.strip() for ln in (path / "base_prompts.txt").read_text().splitlines() if ln.strip()]
     scorer = get_scorer("ssim")

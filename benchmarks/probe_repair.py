@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from _probe import heldout_attack_rate, print_stage, probe_parser, save_result
+from _probe import heldout_attack_rate, open_model, print_stage, probe_parser, save_result
 
 logger = logging.getLogger("probe_repair")
 
@@ -44,7 +44,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import numpy as np
     import torch
 
@@ -56,10 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffmem.quality import memorized_becomes
     from diffmem.sampling import image_size
     from diffmem.score import get_scorer
-    from diffmem.zoo.members import load_zoo_model
 
-    torch.set_num_threads(args.threads)
-    _, pipe, sampler, entries = load_zoo_model(args.model)
+    _, pipe, sampler, entries = open_model(args)
     rows = {s: [e for e in entries if e.split == s] for s in ("locate", "heldout", "nonmem")}
     fit, unseen = rows["nonmem"][0::2], rows["nonmem"][1::2]
     scorer = get_scorer("ssim")
