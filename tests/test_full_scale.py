@@ -455,13 +455,12 @@ def build_sd15_pipeline(tokenizer_dir: Path, seed: int = 0):
     so its scale factor is 8 as in SD-1.5; it never runs, since recording stops before decoding.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffmem.zoo.tiny import DEFAULT_WORDS, write_word_vocab
+    from diffmem.zoo.tiny import DEFAULT_WORDS, word_tokenizer
 
     unet = materialise(ARCHS["sd15"], seed=seed)
-    write_word_vocab(tokenizer_dir, DEFAULT_WORDS)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = word_tokenizer(DEFAULT_WORDS, tokenizer_dir)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -9,13 +9,14 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "bytes_to_unicode", "write_word_vocab", "tiny_unet", "tiny_vae", "tiny_text_encoder", "tiny_t5_encoder",
+    "bytes_to_unicode", "write_word_vocab", "word_tokenizer", "tiny_unet", "tiny_vae", "tiny_text_encoder", "tiny_t5_encoder",
     "tiny_pixart", "build_tiny_pipeline",
     "DEFAULT_WORDS",
 ]
@@ -99,6 +100,18 @@ def write_word_vocab(folder: str | Path, words: Iterable[str]) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True))
     return folder
 
+
+def word_tokenizer(words: Iterable[str], folder: str | Path | None = None) -> Any:
+    """A ``CLIPTokenizer`` spelling each of ``words`` as one token (:func:`write_word_vocab`), its files written to
+    ``folder``, or to a temporary folder removed once loaded (the tokenizer keeps its vocabulary in memory)."""
+    import contextlib
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with (tempfile.TemporaryDirectory(prefix="diffmem-tok-") if folder is None
+          else contextlib.nullcontext(folder)) as target:
+        return CLIPTokenizer.from_pretrained(str(write_word_vocab(target, words)))
 
 def tiny_unet(sample_size: int, block_out_channels: tuple[int, ...], cross_attention_dim: int):
     """A ``UNet2DConditionModel`` with one layer per block, cross-attention below the first level.
@@ -239,19 +252,9 @@ def build_tiny_pipeline(
     Returns:
         A ``StableDiffusionPipeline`` on the CPU in fp32.
     """
-    import tempfile
-
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
-    if tokenizer_dir is None:
-        # the tokenizer holds its vocabulary in memory once loaded: the folder is removed again
-        with tempfile.TemporaryDirectory(prefix="diffmem-tok-") as tmp:
-            write_word_vocab(tmp, words)
-            tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    else:
-        write_word_vocab(tokenizer_dir, words)
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = word_tokenizer(words, tokenizer_dir)
 
     torch.manual_seed(seed)
     unet = tiny_unet(sample_size, block_out_channels, cross_attention_dim or text_dim)

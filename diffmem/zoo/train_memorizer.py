@@ -46,12 +46,9 @@ def _images_tensor(samples: list[Sample]) -> torch.Tensor:
 
 
 def _build_models(config: TrainConfig, tokenizer_dir: Path, words: list[str]):
-    from transformers import CLIPTokenizer
+    from diffmem.zoo.tiny import tiny_pixart, tiny_t5_encoder, tiny_text_encoder, tiny_unet, tiny_vae, word_tokenizer
 
-    from diffmem.zoo.tiny import tiny_pixart, tiny_t5_encoder, tiny_text_encoder, tiny_unet, tiny_vae, write_word_vocab
-
-    write_word_vocab(tokenizer_dir, words)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = word_tokenizer(words, tokenizer_dir)
     torch.manual_seed(config.seed)
     size = config.dataset.image_size
     vae = tiny_vae(size, tuple(config.vae_channels))
