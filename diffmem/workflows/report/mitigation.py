@@ -374,7 +374,8 @@ def _section_quality(report: Mapping[str, Any]) -> Section | None:
                    "images against the unedited model's at the same seeds: near zero means ordinary images are as "
                    "before. For memorized prompts, what they render after the edit against the unedited model's "
                    "ordinary images: near the yardstick means plausible new images, far above it means something "
-                   "unlike them, such as dark noise.", blocks)
+                   "unlike them, such as dark noise; the same prompts before the edit, measured the same way, say "
+                   "whether the edit made them less plausible.", blocks)
 
 
 def _held_out_sampler_table(edits: Sequence[EditRow]) -> Table | None:
